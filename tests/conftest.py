@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random GPT-NeoX / Llama models and the paths of ../shared/data."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+needs_shared = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason="../shared/data is absent (only present in the project's workspace)"
+)
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def tiny_config(arch: str, vocab_size: int = 128, num_layers: int = 3, hidden: int = 32):
+    """A config for a tiny randomly initialised causal LM of the given architecture."""
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
+            num_attention_heads=4, intermediate_size=4 * hidden, max_position_embeddings=512,
+            bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False,
+        )
+    if arch == "llama":
+        return LlamaConfig(
+            vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers,
+            num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * hidden,
+            max_position_embeddings=512, bos_token_id=0, eos_token_id=0, pad_token_id=0,
+        )
+    raise ValueError(f"unknown arch {arch!r}")
+
+
+def tiny_model(arch: str, seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw))
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=["gpt_neox", "llama"])
+def arch(request) -> str:
+    return request.param
