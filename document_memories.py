@@ -1,0 +1,235 @@
+"""The document memory: a small trainable module on the output of one frozen LM block.
+
+For a hidden state x (batch x tokens x d) and a document key k (key_dim numbers):
+
+    a = act(W_up x + b_up)              token side: which of the m entries the token wants
+    s = key_act(W_gate k + b_gate)      document side: the document's memory selection
+    y = x + act(W_out (W_down (a * s) + b_down) + b_out)
+
+With no key the `* s` factor is left out and the module is one shared memory.
+The non-linear variant replaces W_gate by an MLP. Keys are the rows of an orthogonally
+initialised (num_docs x key_dim) matrix, fixed by default (the released code) or trainable.
+
+Saved as `memory.safetensors` + `memory_config.json` (never pickle).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.activations import ACT2FN
+
+MODULE_TYPES = ("linear", "nonlinear")
+BUILTIN_KEY_ACTIVATIONS = ("tanh", "relu", "sigmoid", "swiglu")
+WEIGHTS_NAME = "memory.safetensors"
+CONFIG_NAME = "memory_config.json"
+
+
+def activation_names() -> tuple[str, ...]:
+    """Every activation name accepted for --lm_act / --key_activation (swiglu only for keys)."""
+    return tuple(sorted(set(ACT2FN.keys()) | {"tanh", "relu", "sigmoid"}))
+
+
+def get_activation(name: str) -> nn.Module:
+    if name == "tanh":
+        return nn.Tanh()
+    if name == "sigmoid":
+        return nn.Sigmoid()
+    if name == "relu":
+        return nn.ReLU()
+    if name not in ACT2FN:
+        raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(activation_names())}")
+    return ACT2FN[name]
+
+
+class SwiGLU(nn.Module):
+    """silu(first half) * second half: the gate then emits 2m numbers for m entries."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        gate, value = z.chunk(2, dim=-1)
+        return nn.functional.silu(gate) * value
+
+
+@dataclass
+class MemoryConfig:
+    hidden_size: int
+    num_docs: int
+    memory_dim: int = 32
+    key_dim: int = 2
+    key_activation: str = "tanh"
+    lm_act: str = "gelu"
+    module_type: str = "linear"
+    key_internal_dim: int = 64
+    key_internal_layers: int = 2
+    key_internal_activation: str = "relu"
+    learn_doc_keys: bool = False
+    use_keys: bool = True  # False: a shared memory, trained without keys (the paper's baseline)
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_docs", "memory_dim", "key_dim", "key_internal_dim", "key_internal_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MemoryConfig.{name} must be a positive integer, got {value!r}")
+        if self.module_type not in MODULE_TYPES:
+            raise ValueError(f"module_type must be one of {MODULE_TYPES}, got {self.module_type!r}")
+        if self.key_activation != "swiglu":
+            get_activation(self.key_activation)
+        get_activation(self.lm_act)
+        get_activation(self.key_internal_activation)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown memory config fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _orthogonal_(layer: nn.Linear) -> nn.Linear:
+    nn.init.orthogonal_(layer.weight, gain=math.sqrt(2))
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+class DocumentMemory(nn.Module):
+    def __init__(self, config: MemoryConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        # Building the layers draws on the global RNG (default init); fork it, since
+        # reset_parameters sets every value anyway.
+        with torch.random.fork_rng(devices=[]):
+            self.config = config
+            d, m = config.hidden_size, config.memory_dim
+            self.act = get_activation(config.lm_act)
+            self.up = nn.Linear(d, m)
+            self.down = nn.Linear(m, d)
+            self.out = nn.Linear(d, d)
+            gate_out = 2 * m if config.key_activation == "swiglu" else m
+            if config.module_type == "linear":
+                self.gate: nn.Module = nn.Linear(config.key_dim, gate_out)
+            else:
+                layers: list[nn.Module] = []
+                width_in = config.key_dim
+                for _ in range(config.key_internal_layers - 1):
+                    layers += [nn.Linear(width_in, config.key_internal_dim), get_activation(config.key_internal_activation)]
+                    width_in = config.key_internal_dim
+                layers.append(nn.Linear(width_in, gate_out))
+                self.gate = nn.Sequential(*layers)
+            self.key_act = SwiGLU() if config.key_activation == "swiglu" else get_activation(config.key_activation)
+            # The documents' keys (DocReps); fixed unless learn_doc_keys.
+            self.doc_keys = nn.Parameter(torch.empty(config.num_docs, config.key_dim), requires_grad=config.learn_doc_keys)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        # nn.init draws from the global RNG: with a generator, fork it so the result is fixed by
+        # the generator and the caller's random stream is left alone.
+        if generator is None:
+            self._init_weights()
+            return
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                _orthogonal_(module)
+        nn.init.orthogonal_(self.doc_keys, gain=math.sqrt(2))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def selection(self, keys: torch.Tensor) -> torch.Tensor:
+        """s = key_act(gate(k)): (..., key_dim) -> (..., m)."""
+        return self.key_act(self.gate(keys.to(self.doc_keys.dtype)))
+
+    def keys_for(self, doc_ids: torch.Tensor | list[int]) -> torch.Tensor:
+        ids = torch.as_tensor(doc_ids, dtype=torch.long, device=self.doc_keys.device)
+        return self.doc_keys[ids]
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, d). keys: None, (key_dim,) for every row, or (B, key_dim), one per row."""
+        dtype = x.dtype
+        h = x.to(self.up.weight.dtype)
+        a = self.act(self.up(h))
+        if keys is not None and self.config.use_keys:
+            s = self.selection(keys.to(h.device))
+            if s.dim() == 1:
+                s = s.unsqueeze(0)
+            if s.shape[0] != a.shape[0]:
+                if s.shape[0] == 0 or a.shape[0] % s.shape[0]:
+                    raise ValueError(f"{s.shape[0]} keys for a batch of {a.shape[0]} rows")
+                # generate() may expand the batch (several sequences per prompt).
+                s = s.repeat_interleave(a.shape[0] // s.shape[0], dim=0)
+            a = a * s.unsqueeze(1).to(a.dtype)
+        y = h + self.act(self.out(self.down(a)))
+        return y.to(dtype)
+
+    def readout(self, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """What the memory adds when every entry is fully wanted (a = 1): (n, d).
+
+        The logit lens projects this to the vocabulary (the released code fed the key itself
+        into W_down, which only works when key_dim == m)."""
+        if keys is None or not self.config.use_keys:
+            s = torch.ones(1, self.config.memory_dim, device=self.doc_keys.device)
+        else:
+            s = self.selection(keys)
+        return self.act(self.out(self.down(s)))
+
+    # ---- saving and loading: safetensors + JSON, no pickle -------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        return directory
+
+
+class MemoryFileError(ValueError):
+    """A memory file that is missing, corrupt, or does not match what it is loaded into."""
+
+
+def load_memory(directory: str | Path, device: str | torch.device = "cpu",
+                expect_hidden_size: int | None = None, expect_num_docs: int | None = None) -> DocumentMemory:
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise MemoryFileError(f"{path}: file not found")
+    try:
+        config = MemoryConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise MemoryFileError(f"{config_path}: invalid memory config ({err})") from err
+    if expect_hidden_size is not None and config.hidden_size != expect_hidden_size:
+        raise MemoryFileError(f"{config_path}: hidden_size {config.hidden_size} does not match the LM's {expect_hidden_size}")
+    if expect_num_docs is not None and config.num_docs != expect_num_docs:
+        raise MemoryFileError(f"{config_path}: num_docs {config.num_docs} does not match {expect_num_docs} documents")
+    memory = DocumentMemory(config)
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError) as err:
+        raise MemoryFileError(f"{weights_path}: unreadable safetensors file ({err})") from err
+    expected = memory.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise MemoryFileError(f"{weights_path}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, tensor in state.items():
+        if tensor.shape != expected[name].shape:
+            raise MemoryFileError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(expected[name].shape)}")
+    memory.load_state_dict(state)
+    return memory.to(device)

@@ -1,0 +1,31 @@
+"""The frozen foundation LMs docmem puts a document memory into (Pythia, Llama-2, SmolLM2, any --lm_path)."""
+from .common import (
+    Foundation,
+    FoundationUnavailableError,
+    block_device,
+    find_blocks,
+    freeze,
+    from_model,
+    prepare_tokenizer,
+)
+from .devices import gpu_count, split_device_map
+from .load import load_foundation, load_pretrained
+from .registry import MODEL_SIZES, NUM_LAYERS, check_name_size, hub_id
+
+__all__ = [
+    "Foundation",
+    "FoundationUnavailableError",
+    "MODEL_SIZES",
+    "NUM_LAYERS",
+    "block_device",
+    "check_name_size",
+    "find_blocks",
+    "freeze",
+    "from_model",
+    "gpu_count",
+    "hub_id",
+    "load_foundation",
+    "load_pretrained",
+    "prepare_tokenizer",
+    "split_device_map",
+]

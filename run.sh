@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Experiment presets.
+#   bash run.sh                  the paper's configuration (Pythia-1B from the Hub, WikiText-103)
+#   bash run.sh demo             offline on a CPU in a few minutes (SmolLM2-135M, fictional articles)
+#   bash run.sh PRESET [FLAGS]   extra flags go after the preset's own, so they override them
+set -euo pipefail
+cd "$(dirname "$0")"
+preset="paper"
+if [[ $# -gt 0 && "$1" != --* ]]; then preset="$1"; shift; fi
+PYTHON="${PYTHON:-python}"
+
+case "$preset" in
+  paper)
+    # --- LLM Related ---
+    lm_name=pythia; lm_size=1b; num_gpus=1; lm_cache_dir=none; data_cache_dir=none
+    # --- Data Related ---
+    max_labels=10; max_segements=10; segment_length=128; max_length=256
+    # --- Document Memory Related ---
+    key_dim=2            # dimension of random document representation
+    key_activation=tanh  # inductive bias of document memory selection
+    hook_memory_dim=32   # how many memories
+    hook_memory_layer=15 # location of the memory
+    lm_act=gelu; negative_key_type=other; document_key_module_type=linear
+    target_negative_ce=4.5
+    guidance=0.1         # alpha (guidance parameter)
+    # --- Training Related ---
+    batch_size=16; lr=1e-3; num_accumulation_steps=1; grad_clip_coeff=5; num_epochs=500; save_freq=10; seed=1
+    save_dir="outputs/$lm_name/$lm_size"
+    exec "$PYTHON" train_guidance.py \
+      --lm_name "$lm_name" --lm_size "$lm_size" --num_gpus "$num_gpus" \
+      --lm_cache_dir "$lm_cache_dir" --data_cache_dir "$data_cache_dir" \
+      --dataset wikitext-103-v1 --max_labels "$max_labels" --max_segements "$max_segements" \
+      --segment_length "$segment_length" --max_length "$max_length" \
+      --key_dim "$key_dim" --key_activation "$key_activation" --hook_memory_dim "$hook_memory_dim" \
+      --hook_memory_layer "$hook_memory_layer" --lm_act "$lm_act" --negative_key_type "$negative_key_type" \
+      --document_key_module_type "$document_key_module_type" --target_negative_ce "$target_negative_ce" \
+      --guidance "$guidance" --batch_size "$batch_size" --lr "$lr" \
+      --num_accumulation_steps "$num_accumulation_steps" --grad_clip_coeff "$grad_clip_coeff" \
+      --num_epochs "$num_epochs" --save_freq "$save_freq" --seed "$seed" --save_dir "$save_dir" "$@"
+    ;;
+  demo)
+    # SmolLM2-135M (installed by pip, weights inside), five fictional articles nobody can know.
+    exec "$PYTHON" train_guidance.py \
+      --lm_name smollm2 --lm_size 135m --num_gpus 0 \
+      --dataset synthetic --synthetic_articles 20 --max_labels 5 --max_segments 3 --segment_length 48 \
+      --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim 32 --hook_memory_layer 27 \
+      --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 \
+      --batch_size 16 --lr 3e-3 --num_epochs 60 --save_freq 10 --seed 1 --save_dir outputs/demo "$@"
+    ;;
+  *)
+    echo "run.sh: unknown preset '$preset' (allowed: paper, demo)" >&2
+    exit 2
+    ;;
+esac

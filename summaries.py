@@ -1,0 +1,59 @@
+"""The periodic summary of a run: loss curves, every document's memory selection, the logit
+lens of every document's memory readout, and GIFs of those over time.
+
+    run_N/summaries/epoch_0010/{losses.png, selection.png, selection.json, logit_lens.png, logit_lens.json}
+    run_N/{losses.gif, docreps.gif, logits.gif}
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import plots
+from config import TrainConfig
+from document_memories import DocumentMemory
+from foundations import Foundation
+from utils import final_norm, logit_lens
+
+
+class SummaryWriter:
+    def __init__(self, run_dir: Path, foundation: Foundation, memory: DocumentMemory, titles: list[str],
+                 config: TrainConfig) -> None:
+        self.run_dir, self.foundation, self.memory, self.titles, self.config = run_dir, foundation, memory, titles, config
+        self.frames: dict[str, list[Path]] = {"losses": [], "docreps": [], "logits": []}
+        # a fixed colour scale where the selection is bounded, so GIF frames compare
+        self.vmax = 1.0 if memory.config.key_activation in ("tanh", "sigmoid") else None
+
+    @torch.no_grad()
+    def write(self, epoch: int, history: list[dict]) -> Path:
+        folder = self.run_dir / "summaries" / f"epoch_{epoch:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = self.config.target_negative_ce if self.config.guidance_active else None
+        self.frames["losses"].append(plots.plot_losses(history, folder / "losses.png", title=f"epoch {epoch}",
+                                                       target=target))
+
+        keys = self.memory.doc_keys if self.memory.config.use_keys else None
+        if keys is not None:
+            selections = self.memory.selection(keys).float().cpu()
+            (folder / "selection.json").write_text(json.dumps(
+                {"epoch": epoch, "titles": self.titles, "selections": selections.tolist()}) + "\n")
+            self.frames["docreps"].append(
+                plots.plot_selection_heatmap(selections.numpy(), self.titles, folder / "selection.png", epoch=epoch,
+                                             vmax=self.vmax))
+
+        readouts = self.memory.readout(keys)
+        decoder = self.foundation.decoder()
+        top = logit_lens(readouts, final_norm(decoder), self.foundation.model.get_output_embeddings(),
+                         self.foundation.tokenizer, top_k=self.config.top_k_tokens)
+        names = self.titles if keys is not None else ["shared memory"]
+        (folder / "logit_lens.json").write_text(json.dumps(
+            {"epoch": epoch, "documents": [{"title": t, "top_tokens": [{"token": tok, "logit": v} for tok, v in row]}
+                                           for t, row in zip(names, top)]}, ensure_ascii=False, indent=1) + "\n")
+        self.frames["logits"].append(plots.plot_logit_lens(top, names, folder / "logit_lens.png", epoch=epoch))
+
+        for name, frames in self.frames.items():
+            if frames:
+                plots.make_gif(frames, self.run_dir / f"{name}.gif")
+        return folder

@@ -1,0 +1,162 @@
+"""Tests of plots.py: every picture is written, opens with PIL, and survives awkward input."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageChops
+
+import plots
+
+AWKWARD_TOKENS = [" the", "\n", "\n\n", "$", " $", "$x^2$", "  ", "", "é", "中文", "€", "\t", "\r\n",
+                  "\\", "\x00", "<|endoftext|>", " Ω", "a_b^c", "averyveryverylongtokenindeed", "{}%#"]
+
+
+def _open(path: Path) -> tuple[str, tuple[int, int], int]:
+    with Image.open(path) as im:
+        return im.format, im.size, getattr(im, "n_frames", 1)
+
+
+def _history(n: int, with_negative: bool = True) -> list[dict[str, float]]:
+    hist = []
+    for e in range(n):
+        h = {"epoch": float(e * 10), "loss": 8.0 * np.exp(-e / 5) + 0.05, "ce_positive": 8.0 * np.exp(-e / 5)}
+        if with_negative:
+            h["ce_negative"] = 4.5 + np.exp(-e / 3)
+            h["guidance_term"] = 0.1 * np.exp(-e / 3)
+        hist.append(h)
+    return hist
+
+
+def _lens(n_docs: int, k: int = 20, seed: int = 0) -> list[list[tuple[str, float]]]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n_docs):
+        toks = [AWKWARD_TOKENS[j] for j in rng.permutation(len(AWKWARD_TOKENS))][:k]
+        scores = np.sort(rng.uniform(0, 30, len(toks)))[::-1]
+        out.append(list(zip(toks, scores.tolist())))
+    return out
+
+
+def test_plot_losses(tmp_path: Path) -> None:
+    path = plots.plot_losses(_history(50), tmp_path / "a" / "b" / "loss.png", title="run $1$", target=4.5)
+    assert path == tmp_path / "a" / "b" / "loss.png"
+    fmt, (w, h), _ = _open(path)
+    assert fmt == "PNG" and 400 <= w <= 2000 and 300 <= h <= 2000
+
+
+def test_plot_losses_without_negative(tmp_path: Path) -> None:
+    # guidance 0: no ce_negative / guidance_term at all, or present but None
+    hist = _history(5, with_negative=False)
+    hist[2]["ce_negative"] = None  # type: ignore[assignment]
+    path = plots.plot_losses(hist, tmp_path / "loss.png")
+    assert _open(path)[0] == "PNG"
+
+
+def test_plot_losses_single_epoch_and_gaps(tmp_path: Path) -> None:
+    hist = _history(4)
+    hist[1]["loss"] = None  # type: ignore[assignment]
+    del hist[3]["guidance_term"]
+    assert _open(plots.plot_losses(hist[:1], tmp_path / "one.png", target=4.5))[0] == "PNG"
+    assert _open(plots.plot_losses(hist, tmp_path / "gaps.png"))[0] == "PNG"
+
+
+@pytest.mark.parametrize("act", ["tanh", "relu", "sigmoid"])
+def test_selection_heatmap(tmp_path: Path, act: str) -> None:
+    x = np.random.default_rng(0).standard_normal((10, 32))
+    sel = {"tanh": np.tanh(x), "relu": np.maximum(x, 0), "sigmoid": 1 / (1 + np.exp(-x))}[act]
+    titles = [f"Article {i} $about$ something with a rather long title" for i in range(10)]
+    path = plots.plot_selection_heatmap(sel, titles, tmp_path / "sel" / "heat.png", epoch=10)
+    fmt, (w, h), _ = _open(path)
+    assert fmt == "PNG" and 500 <= w <= 2500 and 200 <= h <= 2500
+
+
+def test_selection_heatmap_many_docs_stays_small(tmp_path: Path) -> None:
+    sel = np.random.default_rng(1).uniform(-1, 1, (500, 32))
+    path = plots.plot_selection_heatmap(sel, [f"doc {i}" for i in range(500)], tmp_path / "heat.png", epoch=0)
+    _, (w, h), _ = _open(path)
+    assert w <= 2500 and h <= 2500
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 1), (4, 1024)])
+def test_selection_heatmap_odd_shapes(tmp_path: Path, shape: tuple[int, int]) -> None:
+    sel = np.zeros(shape)  # all-zero selections must not divide by zero in the colour scale
+    path = plots.plot_selection_heatmap(sel, ["x"] * shape[0], tmp_path / "heat.png")
+    _, (w, h), _ = _open(path)
+    assert w <= 2500 and h <= 2500
+
+
+def test_selection_heatmap_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        plots.plot_selection_heatmap(np.zeros(5), ["a"] * 5, tmp_path / "x.png")
+    with pytest.raises(ValueError):
+        plots.plot_selection_heatmap(np.zeros((5, 2)), ["a"] * 4, tmp_path / "x.png")
+
+
+def test_logit_lens_awkward_tokens(tmp_path: Path) -> None:
+    titles = ["Valkyria Chronicles III", "Cicely Mary Barker $5", "中文 title", "x\ny"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. a missing glyph or a mathtext parse problem
+        path = plots.plot_logit_lens(_lens(4), titles, tmp_path / "lens" / "lens.png", epoch=3)
+    fmt, (w, h), _ = _open(path)
+    assert fmt == "PNG" and 300 <= w <= 3000 and 300 <= h <= 3000
+
+
+def test_logit_lens_many_docs_and_ragged(tmp_path: Path) -> None:
+    lens = _lens(40)
+    lens[5] = lens[5][:3]  # fewer tokens than the others
+    lens[7] = []
+    path = plots.plot_logit_lens(lens, [f"doc {i}" for i in range(40)], tmp_path / "lens.png", max_docs=16)
+    _, (w, h), _ = _open(path)
+    assert w <= 3000 and h <= 3000
+
+
+def test_visible_token() -> None:
+    charmap = plots._font_charmap(plots.TOKEN_FONT)
+    assert plots._visible_token("\n", charmap) == "\\n"
+    assert plots._visible_token(" the", charmap) == "␣the"
+    assert plots._visible_token("  ", charmap) == "␣␣"
+    assert plots._visible_token("", charmap) == "∅"
+    assert plots._visible_token("$", charmap) == "$"
+    assert "\\u4e2d" in plots._visible_token("中", charmap)
+
+
+def _frames(tmp_path: Path, n: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    titles = [f"doc {i}" for i in range(6)]
+    return [plots.plot_selection_heatmap(np.tanh(rng.standard_normal((6, 8)) * (e + 1)), titles,
+                                         tmp_path / f"f{e}.png", epoch=e, vmax=1.0) for e in range(n)]
+
+
+def test_make_gif(tmp_path: Path) -> None:
+    frames = _frames(tmp_path, 4)
+    path = plots.make_gif(frames, tmp_path / "gif" / "sel.gif", duration_ms=200)
+    with Image.open(path) as im:
+        assert im.format == "GIF" and im.n_frames == 4
+        assert im.info.get("loop") == 0
+        with Image.open(frames[0]) as first:
+            assert im.size == first.size
+        pics = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            pics.append(im.convert("RGB"))
+    assert all(ImageChops.difference(a, b).getbbox() is not None for a, b in zip(pics, pics[1:]))
+
+
+def test_make_gif_mixed_sizes(tmp_path: Path) -> None:
+    sizes = [(200, 100), (210, 96), (150, 120)]
+    frames = []
+    for i, size in enumerate(sizes):
+        p = tmp_path / f"m{i}.png"
+        Image.new("RGBA", size, (40 * i, 100, 200, 255)).save(p)
+        frames.append(p)
+    path = plots.make_gif(frames, tmp_path / "mixed.gif")
+    with Image.open(path) as im:
+        assert im.size == (200, 100) and im.n_frames == 3
+
+
+def test_make_gif_empty(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        plots.make_gif([], tmp_path / "x.gif")
