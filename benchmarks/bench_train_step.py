@@ -1,0 +1,393 @@
+"""Time one training step of a document memory three ways (METHOD.md section 7, issue 3.6).
+
+    python benchmarks/bench_train_step.py --shape pythia-70m --batch 4 --seq 128
+    python benchmarks/bench_train_step.py --shape pythia-1b --layer 15 --device cuda --precision bf16
+
+Paths (same training step for all, only the engine differs):
+  released         two full forward+backward passes of the hooked LM (ReferenceEngine) with the
+                   LM's parameters left trainable: their gradients are computed and thrown
+                   away every step, as the released code did (LM in eval mode, so losses match)
+  frozen_two_pass  the same two passes with the LM frozen (ReferenceEngine as it is)
+  fast             prefix cache + one batched suffix pass + chunked CE (FastEngine); its cache
+                   is filled in the warm-up step, as every epoch after the first reuses it
+
+One step = losses under the positive and an `other` negative key, loss = ce_pos + 0.1 *
+clamped_mse guidance (tau 4.5), backward, grad-norm clip 5, AdamW. Random weights and random
+token batches (some rows left padded). Human-readable lines first, ONE JSON object last.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import ctypes
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from config import TrainConfig  # noqa: E402
+from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
+from engines import Batch, FastEngine, ReferenceEngine  # noqa: E402
+from foundations import Foundation, from_model  # noqa: E402
+from train_guidance import train_step_losses  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+PATHS = ("released", "frozen_two_pass", "fast")
+PATH_ALIASES = {"a": "released", "b": "frozen_two_pass", "c": "fast"}
+
+# Real Pythia / Llama-2 dimensions (random weights). (arch, hidden, layers, heads, intermediate, vocab)
+SHAPES: dict[str, tuple[str, int, int, int, int, int]] = {
+    "tiny": ("gpt_neox", 64, 2, 4, 256, 512),
+    "pythia-70m": ("gpt_neox", 512, 6, 8, 2048, 50304),
+    "pythia-160m": ("gpt_neox", 768, 12, 12, 3072, 50304),
+    "pythia-410m": ("gpt_neox", 1024, 24, 16, 4096, 50304),
+    "pythia-1b": ("gpt_neox", 2048, 16, 8, 8192, 50304),
+    "pythia-1.4b": ("gpt_neox", 2048, 24, 16, 8192, 50304),
+    "pythia-2.8b": ("gpt_neox", 2560, 32, 32, 10240, 50304),
+    "llama-7b-like": ("llama", 4096, 32, 32, 11008, 32000),
+}
+# above this many parameters the fp32 equality check runs on `tiny` instead of the shape itself
+MAX_FP32_CHECK_PARAMS = 2_000_000_000
+
+
+# ---- model and data ------------------------------------------------------------------------------
+
+def model_config(shape: str):
+    from transformers import GPTNeoXConfig, LlamaConfig
+
+    arch, hidden, layers, heads, inter, vocab = SHAPES[shape]
+    common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=inter, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
+    if arch == "gpt_neox":  # Pythia: rotary on a quarter of each head, parallel residual
+        return GPTNeoXConfig(max_position_embeddings=2048, rotary_pct=0.25, use_parallel_residual=True,
+                             layer_norm_eps=1e-5, **common)
+    return LlamaConfig(num_key_value_heads=heads, max_position_embeddings=4096, rms_norm_eps=1e-5, **common)
+
+
+def count_params(shape: str) -> int:
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(shape))
+    return sum(p.numel() for p in model.parameters())
+
+
+class _Tokenizer:  # the engines never tokenize; from_model only needs pad/eos and the padding side
+    eos_token = pad_token = "<eos>"
+    eos_token_id = pad_token_id = 0
+    padding_side = "left"
+
+
+def build_foundation(shape: str, device: str, dtype: torch.dtype, seed: int) -> Foundation:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):  # initialise straight on the device, in the LM's dtype
+        model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
+    return from_model(model, _Tokenizer(), name=shape)  # frozen, eval mode
+
+
+def make_batches(num_batches: int, batch: int, seq: int, vocab: int, num_docs: int, device: str,
+                 seed: int) -> list[Batch]:
+    """Random tokens, one document per batch; odd rows are left padded by varying amounts."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for j in range(num_batches):
+        ids = torch.randint(1, vocab, (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        for row in range(1, batch, 2):
+            pad = min(seq - 2, (seq // 8) * (1 + (row // 2) % 3))
+            ids[row, :pad] = 0
+            mask[row, :pad] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        doc = torch.full((batch,), j % num_docs, dtype=torch.long)
+        out.append(Batch(j, doc, ids.to(device), mask.to(device), labels.to(device)))
+    return out
+
+
+# ---- measuring -----------------------------------------------------------------------------------
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def release_memory(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    else:
+        try:  # hand freed heap back to the OS so the next path's RSS starts clean (glibc only)
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
+def _rss_bytes(field: str) -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class PeakMemory:
+    """Peak memory of one path. CUDA: max_memory_allocated (reset per path). CPU: the resident-set
+    high-water mark VmHWM, reset per path through /proc/self/clear_refs; where that is not
+    allowed, the process-lifetime ru_maxrss (not per path)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.kind = "cuda_max_memory_allocated"
+        if not device.startswith("cuda"):
+            self.kind = "cpu_peak_rss_vmhwm_reset_per_path" if self._reset_hwm() else "cpu_lifetime_ru_maxrss"
+
+    @staticmethod
+    def _reset_hwm() -> bool:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            return _rss_bytes("VmHWM") is not None
+        except OSError:
+            return False
+
+    def start(self) -> int:
+        """Resets the peak; returns the memory in use now."""
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            return torch.cuda.memory_allocated()
+        if self.kind == "cpu_peak_rss_vmhwm_reset_per_path":
+            self._reset_hwm()
+        return _rss_bytes("VmRSS") or 0
+
+    def peak(self) -> int:
+        if self.device.startswith("cuda"):
+            return torch.cuda.max_memory_allocated()
+        if self.kind == "cpu_peak_rss_vmhwm_reset_per_path":
+            return _rss_bytes("VmHWM") or 0
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ---- one path ------------------------------------------------------------------------------------
+
+def run_path(path: str, foundation: Foundation, memory0: DocumentMemory, batches: list[Batch], layer: int,
+             dtype: torch.dtype, config: TrainConfig, steps: int, seed: int, device: str,
+             meter: PeakMemory | None = None) -> dict:
+    """warm-up + timed training steps of one path from a fresh copy of the memory."""
+    model = foundation.model
+    memory = copy.deepcopy(memory0)
+    if path == "released":
+        model.requires_grad_(True)  # the released code never froze the LM
+    engine = (FastEngine if path == "fast" else ReferenceEngine)(foundation, memory, layer, dtype)
+    params = memory.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=config.lr)
+    generator = torch.Generator().manual_seed(seed)  # same negative draws on every path
+    start_mem = meter.start() if meter else 0
+    times, losses = [], []
+    try:
+        for step in range(steps):
+            batch = batches[step % len(batches)]
+            sync(device)
+            t0 = time.perf_counter()
+            loss, parts = train_step_losses(engine, memory, batch, config, generator)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.grad_clip_coeff)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if path == "released":
+                model.zero_grad(set_to_none=False)  # LM gradients: computed, zeroed, never used
+            sync(device)
+            times.append(time.perf_counter() - t0)
+            losses.append((parts.loss, parts.ce_positive, parts.ce_negative))
+        peak = meter.peak() if meter else 0
+    finally:
+        model.requires_grad_(False)
+        model.zero_grad(set_to_none=True)
+        engine.forget()
+    state = {k: v.detach().float().cpu().clone() for k, v in memory.state_dict().items()}
+    del engine, optimizer, memory
+    release_memory(device)
+    return {"times": times, "losses": losses, "state": state, "peak": peak, "start_mem": start_mem}
+
+
+def rel_diffs(a: dict, b: dict) -> tuple[float, float]:
+    """Largest relative difference of per-step losses, and of parameters (||a-b|| / ||a|| per tensor)."""
+    loss = max(abs(x - y) / max(abs(x), 1e-30) for ra, rb in zip(a["losses"], b["losses"]) for x, y in zip(ra, rb))
+    par = 0.0
+    for name, ta in a["state"].items():
+        tb = b["state"][name]
+        par = max(par, ((ta - tb).norm() / ta.norm().clamp_min(1e-30)).item())
+    return loss, par
+
+
+def new_memory(foundation: Foundation, args, seed: int) -> DocumentMemory:
+    cfg = MemoryConfig(hidden_size=foundation.hidden_size, num_docs=args.num_docs, memory_dim=args.memory_dim,
+                       key_dim=args.key_dim)
+    device = next(foundation.block(args.layer).parameters()).device
+    return DocumentMemory(cfg, generator=torch.Generator().manual_seed(seed)).to(device)  # fp32
+
+
+def fp32_check(shape: str, args, config: TrainConfig, steps: int) -> tuple[float, float]:
+    """(b) vs (c) in fp32 on `shape`, untimed: max relative loss and parameter differences."""
+    foundation = build_foundation(shape, args.device, torch.float32, args.seed)
+    layer = args.layer if shape == args.shape else foundation.num_blocks - 1
+    sub = argparse.Namespace(**{**vars(args), "layer": layer})
+    memory0 = new_memory(foundation, sub, args.seed + 1)
+    batches = make_batches(args.num_batches, args.batch, args.seq, foundation.model.config.vocab_size,
+                           args.num_docs, args.device, args.seed + 2)
+    runs = [run_path(p, foundation, memory0, batches, layer, torch.float32, config, steps, args.seed + 3,
+                     args.device) for p in ("frozen_two_pass", "fast")]
+    del foundation
+    release_memory(args.device)
+    return rel_diffs(*runs)
+
+
+# ---- main ----------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", default="pythia-70m", choices=sorted(SHAPES))
+    p.add_argument("--layer", type=int, default=None, help="0-based hooked block (default: the last)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="fp32", choices=sorted(DTYPES),
+                   help="LM weight dtype; the memory stays fp32 under autocast")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per path before the timed ones")
+    p.add_argument("--memory_dim", type=int, default=32)
+    p.add_argument("--key_dim", type=int, default=2)
+    p.add_argument("--num_docs", type=int, default=4, help="documents (keys) the negatives are drawn from")
+    p.add_argument("--num_batches", type=int, default=1, help="distinct batches cycled through (one document each)")
+    p.add_argument("--paths", default=",".join(PATHS), help="comma list of released,frozen_two_pass,fast (or a,b,c)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args(argv)
+    args.paths = [PATH_ALIASES.get(x.strip(), x.strip()) for x in args.paths.split(",") if x.strip()]
+    bad = [x for x in args.paths if x not in PATHS]
+    if bad or not args.paths:
+        p.error(f"--paths: unknown {bad}; allowed: {', '.join(PATHS)} (or a, b, c)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA GPU here")
+    if args.num_docs < 2:
+        p.error("--num_docs must be >= 2 (negative keys of type 'other')")
+    if min(args.steps, args.batch, args.seq, args.num_batches) < 1 or args.seq < 4 or args.warmup < 0:
+        p.error("--steps, --batch, --num_batches must be >= 1, --seq >= 4, --warmup >= 0")
+    return args
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = DTYPES[args.precision]
+    # the fast path fills its cache once per batch: warm up at least one pass over the batches
+    warmup = max(args.warmup, args.num_batches)
+    config = TrainConfig(negative_key_type="other", guidance=0.1, target_negative_ce=4.5,
+                         guidance_loss="clamped_mse", grad_clip_coeff=5.0, lr=1e-3,
+                         key_dim=args.key_dim, hook_memory_dim=args.memory_dim)
+
+    t0 = time.perf_counter()
+    foundation = build_foundation(args.shape, args.device, dtype, args.seed)
+    if args.layer is None:
+        args.layer = foundation.num_blocks - 1
+    foundation.block(args.layer)  # raises on an out-of-range layer
+    n_params = sum(p.numel() for p in foundation.model.parameters())
+    print(f"{args.shape}: {n_params / 1e6:.1f}M params, {foundation.num_blocks} blocks, hook at block {args.layer}, "
+          f"{args.precision} on {args.device} ({device_name(args.device)}, {torch.get_num_threads()} threads), "
+          f"built in {time.perf_counter() - t0:.1f} s", flush=True)
+    memory0 = new_memory(foundation, args, args.seed + 1)
+    batches = make_batches(args.num_batches, args.batch, args.seq, foundation.model.config.vocab_size,
+                           args.num_docs, args.device, args.seed + 2)
+    meter = PeakMemory(args.device)
+
+    results: dict[str, dict] = {}
+    for path in args.paths:
+        release_memory(args.device)
+        r = run_path(path, foundation, memory0, batches, args.layer, dtype, config, warmup + args.steps,
+                     args.seed + 3, args.device, meter)
+        r["median"] = median(r["times"][warmup:])
+        results[path] = r
+        print(f"{path:>16}: {r['median']:.4f} s/step (median of {args.steps}; first step {r['times'][0]:.4f} s), "
+              f"peak memory {r['peak'] / 2**20:.0f} MiB, loss {r['losses'][-1][0]:.4f}", flush=True)
+
+    def ratio(a: str, b: str) -> float | None:
+        return results[a]["median"] / results[b]["median"] if a in results and b in results else None
+
+    # equality of (b) and (c) in fp32: from the timed runs when they are fp32, else a separate run
+    if args.precision == "fp32" and {"frozen_two_pass", "fast"} <= set(results):
+        check = {"precision": "fp32", "shape": args.shape, "source": "timed_runs", "steps": warmup + args.steps}
+        diff_loss, diff_params = rel_diffs(results["frozen_two_pass"], results["fast"])
+    else:
+        check_shape = args.shape if count_params(args.shape) <= MAX_FP32_CHECK_PARAMS else "tiny"
+        del foundation, memory0, batches
+        release_memory(args.device)
+        check = {"precision": "fp32", "shape": check_shape, "source": "separate_fp32_run", "steps": warmup + 2}
+        diff_loss, diff_params = fp32_check(check_shape, args, config, warmup + 2)
+    print(f"fp32 check ({check['source']}, {check['shape']}): max rel diff loss {diff_loss:.2e}, "
+          f"params {diff_params:.2e}")
+    extra = {}
+    if args.precision == "fp32" and {"released", "frozen_two_pass"} <= set(results):
+        extra["max_rel_diff_loss_released_vs_frozen"] = rel_diffs(results["released"], results["frozen_two_pass"])[0]
+
+    report = {
+        "released_s_per_step": results.get("released", {}).get("median"),
+        "frozen_two_pass_s_per_step": results.get("frozen_two_pass", {}).get("median"),
+        "fast_s_per_step": results.get("fast", {}).get("median"),
+        "fast_first_step_s": results["fast"]["times"][0] if "fast" in results else None,
+        "speedup_vs_released": ratio("released", "fast"),
+        "speedup_vs_frozen_two_pass": ratio("frozen_two_pass", "fast"),
+        "peak_memory_bytes": {p: r["peak"] for p, r in results.items()},
+        "memory_at_path_start_bytes": {p: r["start_mem"] for p, r in results.items()},
+        "peak_memory_kind": meter.kind,
+        "max_rel_diff_loss": diff_loss,
+        "max_rel_diff_params": diff_params,
+        "equality_check": check,
+        **extra,
+        "step_times_s": {p: r["times"] for p, r in results.items()},
+        "warmup_steps": warmup, "timed_steps": args.steps,
+        "device": args.device, "device_name": device_name(args.device), "num_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
+        "shape": args.shape, "num_params": n_params, "layer": args.layer, "batch": args.batch, "seq": args.seq,
+        "precision": args.precision, "memory_dim": args.memory_dim, "key_dim": args.key_dim,
+        "paths": args.paths, "torch_version": torch.__version__,
+    }
+    for name in ("vs_released", "vs_frozen_two_pass"):
+        if report[f"speedup_{name}"] is not None:
+            print(f"fast path speed-up {name}: {report[f'speedup_{name}']:.2f}x")
+    print(json.dumps(report), flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
