@@ -54,9 +54,29 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _mean_ce(per_token: torch.Tensor, row_of_token: torch.Tensor, rows: slice) -> torch.Tensor:
-    pick = (row_of_token >= rows.start) & (row_of_token < rows.stop)
-    return per_token[pick].mean()
+def _reduce(per_token: torch.Tensor, row_of_token: torch.Tensor, doc_ids: torch.Tensor, num_sets: int,
+            per_document: bool) -> list[torch.Tensor]:
+    """Per-token losses of num_sets stacked copies of a batch -> per key set, the token mean over
+    the batch (a scalar) or, with per_document, over each document's rows ((G,) in row order)."""
+    rows = doc_ids.shape[0]
+    device = per_token.device
+    _, group_of_row = torch.unique_consecutive(doc_ids.cpu(), return_inverse=True)
+    groups = int(group_of_row.max()) + 1 if per_document else 1
+    group_of_row = group_of_row.to(device) if per_document else torch.zeros(rows, dtype=torch.long, device=device)
+    set_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
+    bucket = set_of_token * groups + group_of_row[row_of_token % rows]
+    sums = torch.zeros(num_sets * groups, device=device).index_add(0, bucket, per_token)
+    counts = torch.zeros(num_sets * groups, device=device).index_add(0, bucket, torch.ones_like(per_token))
+    means = (sums / counts).view(num_sets, groups)
+    return [m if per_document else m[0] for m in means]
+
+
+def _targets(labels: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Targets of a (num_sets x B, T) stack: token t predicts label t+1; -100 is ignored."""
+    targets = labels[:, 1:].repeat(num_sets, 1)
+    valid = targets != -100
+    row_of_token = torch.arange(targets.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[valid]
+    return targets, valid, row_of_token
 
 
 class ReferenceEngine:
@@ -65,19 +85,23 @@ class ReferenceEngine:
     def __init__(self, foundation: Foundation, memory: DocumentMemory, layer: int, dtype: torch.dtype) -> None:
         self.foundation, self.memory, self.layer, self.dtype = foundation, memory, layer, dtype
 
-    def losses(self, batch: Batch, key_sets: Sequence[KeySet]) -> list[torch.Tensor]:
+    def losses(self, batch: Batch, key_sets: Sequence[KeySet], per_document: bool = False) -> list[torch.Tensor]:
         model = self.foundation.model
-        batch = batch.to(self.foundation.input_device)
-        out: list[torch.Tensor] = []
+        on_device = batch.to(self.foundation.input_device)
+        per_token = []
         with attach_memory(self.foundation.block(self.layer), self.memory) as hook:
             for keys in key_sets:
                 hook.enabled = not (isinstance(keys, str) and keys == NO_MEMORY)
                 hook.keys = keys if isinstance(keys, torch.Tensor) else None
-                with _autocast(batch.input_ids.device, self.dtype):
-                    result = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                   labels=batch.labels, use_cache=False)
-                out.append(result.loss.float())
-        return out
+                with _autocast(on_device.input_ids.device, self.dtype):
+                    logits = model(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask,
+                                   use_cache=False).logits
+                targets, valid, _ = _targets(on_device.labels.to(logits.device), 1)
+                per_token.append(nn.functional.cross_entropy(logits[:, :-1][valid].float(), targets[valid],
+                                                             reduction="none"))
+        device = per_token[0].device
+        targets, valid, row_of_token = _targets(batch.labels.to(device), len(key_sets))
+        return _reduce(torch.cat(per_token), row_of_token, batch.doc_ids, len(key_sets), per_document)
 
     def forget(self) -> None:
         pass
@@ -145,33 +169,28 @@ class FastEngine:
         self.cache.clear()
         self.cached_bytes = 0
 
-    def losses(self, batch: Batch, key_sets: Sequence[KeySet]) -> list[torch.Tensor]:
+    def losses(self, batch: Batch, key_sets: Sequence[KeySet], per_document: bool = False) -> list[torch.Tensor]:
         hidden = self.prefix(batch)
-        rows = hidden.shape[0]
         device = hidden.device
         mask = batch.attention_mask.to(device)
-        labels = batch.labels.to(device)
+        n = len(key_sets)
         with _autocast(device, self.dtype):
-            parts = []
-            for keys in key_sets:
-                if isinstance(keys, str) and keys == NO_MEMORY:
-                    parts.append(hidden)
-                else:
-                    parts.append(self.memory(hidden, keys if isinstance(keys, torch.Tensor) else None))
+            if all(isinstance(keys, torch.Tensor) for keys in key_sets):
+                # one memory call for every key set (one forward for DistributedDataParallel)
+                mixed = self.memory(hidden.repeat(n, 1, 1), torch.cat([k.to(device) for k in key_sets]))
+            else:
+                mixed = torch.cat([hidden if isinstance(keys, str) and keys == NO_MEMORY
+                                   else self.memory(hidden, keys if isinstance(keys, torch.Tensor) else None)
+                                   for keys in key_sets])
             upper = nn.ModuleList(list(self.foundation.blocks)[self.layer + 1:])
             with self._decoder_slice(upper, keep_norm=True) as decoder:
-                final = decoder(inputs_embeds=torch.cat(parts), attention_mask=mask.repeat(len(key_sets), 1),
-                                use_cache=False).last_hidden_state
-        # token t predicts label t+1; padding labels are -100
-        targets = labels[:, 1:].repeat(len(key_sets), 1)
-        valid = targets != -100
-        row_of_token = torch.arange(final.shape[0], device=device).unsqueeze(1).expand_as(targets)[valid]
+                final = decoder(inputs_embeds=mixed, attention_mask=mask.repeat(n, 1), use_cache=False).last_hidden_state
         head_device = self.head.weight.device
+        targets, valid, row_of_token = _targets(batch.labels.to(device), n)
         per_token = linear_cross_entropy(final[:, :-1][valid].to(head_device), self.head.weight,
                                          targets[valid].to(head_device), bias=self.head.bias,
                                          chunk_size=self.chunk_size)
-        row_of_token = row_of_token.to(head_device)
-        return [_mean_ce(per_token, row_of_token, slice(i * rows, (i + 1) * rows)) for i in range(len(key_sets))]
+        return _reduce(per_token, row_of_token.to(head_device), batch.doc_ids, n, per_document)
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:

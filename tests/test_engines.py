@@ -137,3 +137,27 @@ def test_chunked_linear_cross_entropy_matches_plain():
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="frozen"):
         linear_cross_entropy(hidden, weight.requires_grad_(), targets)
+
+
+def test_per_document_means_of_a_mixed_batch(arch):
+    """Rows of several documents in one batch, each with its own key: the per-document means
+    equal separate per-document passes (what --docs_per_step relies on)."""
+    foundation, memory = setup(arch, 2)
+    parts = make_batches(True)
+    mixed = Batch(9, torch.cat([b.doc_ids for b in parts]), torch.cat([b.input_ids for b in parts]),
+                  torch.cat([b.attention_mask for b in parts]), torch.cat([b.labels for b in parts]))
+    gen = torch.Generator().manual_seed(0)
+    neg = negative_keys("other", mixed.doc_ids, memory.doc_keys, gen)
+    for engine in (ReferenceEngine(foundation, memory, 2, torch.float32), FastEngine(foundation, memory, 2, torch.float32)):
+        with torch.no_grad():
+            pos_means, neg_means = engine.losses(mixed, [memory.keys_for(mixed.doc_ids), neg], per_document=True)
+            assert pos_means.shape == (3,)
+            for i, part in enumerate(parts):
+                rows = slice(2 * i, 2 * i + 2)
+                alone_pos, alone_neg = engine.losses(part, [memory.keys_for(part.doc_ids), neg[rows]])
+                torch.testing.assert_close(pos_means[i], alone_pos, rtol=1e-5, atol=0)
+                torch.testing.assert_close(neg_means[i], alone_neg, rtol=1e-5, atol=0)
+            # the scalar form is the token-weighted mean over the whole batch
+            whole = engine.losses(mixed, [memory.keys_for(mixed.doc_ids)])[0]
+            tokens = torch.tensor([(p.labels[:, 1:] != -100).sum().item() for p in parts], dtype=torch.float32)
+            torch.testing.assert_close(whole, (pos_means * tokens).sum() / tokens.sum(), rtol=1e-5, atol=0)
