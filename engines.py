@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -36,10 +36,14 @@ class Batch:
     input_ids: torch.Tensor  # (B, T), left padded
     attention_mask: torch.Tensor  # (B, T)
     labels: torch.Tensor  # (B, T), -100 on padding
+    # With --docs_per_step / several processes, a step's global batch is a group of chunks (one
+    # document's segments each); every process builds the whole group and keeps its own chunks.
+    chunk_doc_ids: torch.Tensor | None = None  # (C,) document of every chunk of the global group
+    chunk_of_row: torch.Tensor | None = None  # (B,) which of those chunks each local row belongs to
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(self.index, self.doc_ids, self.input_ids.to(device), self.attention_mask.to(device),
-                     self.labels.to(device))
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       labels=self.labels.to(device))
 
     def num_bytes_hidden(self, hidden_size: int, dtype: torch.dtype) -> int:
         return self.input_ids.numel() * hidden_size * torch.tensor([], dtype=dtype).element_size()

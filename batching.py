@@ -1,0 +1,62 @@
+"""Turning documents into the fixed sequence of training batches.
+
+docs_per_step = 1, one process (the released order): each document's segments in batches of
+`batch_size`, documents in order, one key per batch.
+
+docs_per_step = K over P processes: a step's *global* batch is a group of K x P chunks (a chunk
+= up to `batch_size` segments of one document), taken round-robin over documents so a group
+holds different documents; the last group wraps around to the first chunks so every group is
+full (every process then has work in every step). Every process builds each group whole,
+padded to the group's longest chunk, and keeps the rows of its own K chunks, so P processes
+with K documents each see exactly the batches of one process with K x P.
+"""
+from __future__ import annotations
+
+import torch
+
+import wikitext
+from engines import Batch
+
+
+def _chunks(documents: list, tokenizer, batch_size: int, max_length: int) -> list[list[dict[str, torch.Tensor]]]:
+    out = []
+    for doc in documents:
+        tokens = wikitext.tokenize_segments(tokenizer, doc.segments, max_length)
+        out.append([{name: t[start:start + batch_size] for name, t in tokens.items()}
+                    for start in range(0, len(doc.segments), batch_size)])
+    return out
+
+
+def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value)
+
+
+def make_batches(documents: list, tokenizer, batch_size: int, max_length: int, docs_per_step: int = 1,
+                 rank: int = 0, world_size: int = 1) -> list[Batch]:
+    per_doc = _chunks(documents, tokenizer, batch_size, max_length)
+    group_size = docs_per_step * world_size
+    if group_size == 1:
+        order = [(d, c) for d, chunks in enumerate(per_doc) for c in range(len(chunks))]
+    else:
+        rounds = max(len(chunks) for chunks in per_doc)
+        order = [(d, r) for r in range(rounds) for d in range(len(per_doc)) if r < len(per_doc[d])]
+        order += order[: (-len(order)) % group_size]  # wrap around: every group full
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = []
+    for g in range(0, len(order), group_size):
+        group = order[g:g + group_size]
+        length = max(per_doc[d][c]["input_ids"].shape[1] for d, c in group)
+        mine = group[rank * docs_per_step:(rank + 1) * docs_per_step]
+        parts = [per_doc[d][c] for d, c in mine]
+        rows = [p["input_ids"].shape[0] for p in parts]
+        batches.append(Batch(
+            index=len(batches),
+            doc_ids=torch.cat([torch.full((n,), d, dtype=torch.long) for (d, _), n in zip(mine, rows)]),
+            input_ids=torch.cat([_left_pad(p["input_ids"], length, pad_id) for p in parts]),
+            attention_mask=torch.cat([_left_pad(p["attention_mask"], length, 0) for p in parts]),
+            labels=torch.cat([_left_pad(p["labels"], length, -100) for p in parts]),
+            chunk_doc_ids=torch.tensor([d for d, _ in group], dtype=torch.long),
+            chunk_of_row=torch.cat([torch.full((n,), rank * docs_per_step + i, dtype=torch.long)
+                                    for i, n in enumerate(rows)]),
+        ))
+    return batches

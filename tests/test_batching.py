@@ -1,0 +1,59 @@
+"""Batches: the released per-document order, and K documents per step / P processes."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from batching import make_batches
+from conftest import SHARED_DATA, needs_shared
+from wikitext import Document
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    if not SHARED_DATA.is_dir():
+        pytest.skip("../shared/data is absent: needs the real Pythia tokenizer")
+    from transformers import AutoTokenizer
+
+    from foundations import prepare_tokenizer
+
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(SHARED_DATA / "tokenizers" / "gpt-neox-20b")))
+
+
+def docs(n: int = 5, segments: int = 3) -> list[Document]:
+    return [Document(index=i, article_index=i, title=f"doc {i}",
+                     segments=[" ".join(f"w{i}x{s}y{k}" for k in range(4 + s + i)) for s in range(segments)])
+            for i in range(n)]
+
+
+@needs_shared
+def test_default_order_is_per_document(tokenizer):
+    batches = make_batches(docs(3, 5), tokenizer, batch_size=2, max_length=64)
+    assert [b.doc_ids.tolist() for b in batches] == [[0, 0], [0, 0], [0], [1, 1], [1, 1], [1], [2, 2], [2, 2], [2]]
+    assert [b.index for b in batches] == list(range(9))
+    assert all(b.chunk_doc_ids.tolist() == [b.doc_ids[0].item()] for b in batches)
+
+
+@needs_shared
+def test_docs_per_step_groups_different_documents_and_wraps(tokenizer):
+    batches = make_batches(docs(5, 3), tokenizer, batch_size=3, max_length=64, docs_per_step=2)
+    groups = [b.chunk_doc_ids.tolist() for b in batches]
+    assert groups == [[0, 1], [2, 3], [4, 0]]  # the last group wraps around to document 0
+    for b in batches:
+        assert len(set(b.doc_ids.tolist())) == 2
+        assert b.input_ids.shape == b.attention_mask.shape == b.labels.shape
+        assert torch.equal(b.labels == -100, b.attention_mask == 0)
+        assert (b.attention_mask[:, -1] == 1).all()  # left padding
+
+
+@needs_shared
+def test_processes_split_the_single_process_batches(tokenizer):
+    whole = make_batches(docs(5, 2), tokenizer, batch_size=1, max_length=64, docs_per_step=4)
+    shards = [make_batches(docs(5, 2), tokenizer, batch_size=1, max_length=64, docs_per_step=2, rank=r, world_size=2)
+              for r in range(2)]
+    assert len(whole) == len(shards[0]) == len(shards[1])
+    for w, a, b in zip(whole, *shards):
+        assert torch.equal(w.input_ids, torch.cat([a.input_ids, b.input_ids]))
+        assert torch.equal(w.labels, torch.cat([a.labels, b.labels]))
+        assert torch.equal(w.chunk_doc_ids, a.chunk_doc_ids) and torch.equal(w.chunk_doc_ids, b.chunk_doc_ids)
+        assert torch.equal(w.chunk_of_row, torch.cat([a.chunk_of_row, b.chunk_of_row]))
