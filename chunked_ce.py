@@ -17,18 +17,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
         need_grad = ctx.needs_input_grad[0]
         losses = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad = torch.empty_like(hidden) if need_grad else None
+        grad = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device) if need_grad else None
         for start in range(0, hidden.shape[0], chunk_size):
-            h = hidden[start:start + chunk_size]
-            logits = torch.nn.functional.linear(h, weight, bias).float()
-            t = targets[start:start + chunk_size]
-            lse = torch.logsumexp(logits, dim=-1)
-            losses[start:start + chunk_size] = lse - logits.gather(1, t.unsqueeze(1)).squeeze(1)
+            stop = start + chunk_size
+            t = targets[start:stop]
+            # one fused log_softmax, then softmax in place: the fewest passes over N x V numbers
+            logp = torch.log_softmax(torch.nn.functional.linear(hidden[start:stop], weight, bias).float(), dim=-1)
+            losses[start:stop] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
             if need_grad:
-                probs = torch.exp(logits - lse.unsqueeze(1))
+                probs = logp.exp_()
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                grad[start:start + chunk_size] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
-        ctx.save_for_backward(grad if need_grad else None)
+                if probs.dtype == weight.dtype:
+                    torch.mm(probs, weight, out=grad[start:stop])
+                else:
+                    grad[start:stop] = probs.to(weight.dtype) @ weight
+        ctx.save_for_backward(grad.to(hidden.dtype) if need_grad else None)
         return losses
 
     @staticmethod
