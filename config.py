@@ -2,13 +2,19 @@
 
 `parse_args(argv)` builds the config from flags (every field is a flag with its default and a
 one-line meaning); `TrainConfig.validate()` checks it before any model or data loads and
-raises `ConfigError` naming the flag, the value and what is allowed.
+raises `ConfigError` naming the flag, the value and what is allowed. With `--resume RUN_DIR`
+the run's own saved config.yaml is used, and a flag given on the command line that differs
+from it is an error (only the flags in RESUME_MAY_CHANGE may change).
 """
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
+import re
 import sys
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,6 +36,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 DOCUMENT_MEMORIES = ("keyed", "shared")
 MEMORY_MODULES = ("linear",)
+# Flags that may differ from the saved config on --resume: they change neither the numbers nor
+# the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
+# and debugging only).
+RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb")
+RUN_CONFIG_NAME = "config.yaml"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class ConfigError(ValueError):
@@ -102,8 +114,14 @@ class TrainConfig:
     cache_budget_gb: float = _help("memory allowed for the prefix cache on the LM's device (GiB); above it: pinned CPU, then recompute", default=8.0)
     # --- outputs ---
     save_dir: str = _help("runs are written to save_dir/run_N (N = first free number)", default="outputs/pythia/1b")
-    save_freq: int = _help("write a summary (pictures, logit lens) every this many epochs", default=10)
+    save_freq: int = _help("write a summary (pictures, logit lens) and a checkpoint every this many epochs", default=10)
     top_k_tokens: int = _help("tokens listed per document in the logit lens", default=20)
+    resume: str | None = _help("continue the interrupted run in this folder (save_dir/run_N) from its checkpoint, "
+                               "with its own config.yaml; only --num_epochs (to extend it), --detect_anomaly and "
+                               "--cache_budget_gb may be given differently", default=None)
+    # --- debugging ---
+    detect_anomaly: bool = _help("torch.autograd anomaly detection: name the operation whose backward gives NaN (slow)",
+                                 default=False)
 
     # ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -129,19 +147,26 @@ class TrainConfig:
         return self.uses_keys and self.guidance > 0
 
     def validate(self) -> "TrainConfig":
-        """Checks that need no model or data; raises ConfigError on the first bad flag."""
+        """Checks that need no model or data; raises ConfigError on the first bad flag.
+
+        Reads nothing bigger than a model folder's config.json, and writes nothing."""
+        from foundations.registry import MODEL_SIZES, NUM_LAYERS
+
+        self._check_types()
+
         def choice(flag: str, allowed: tuple[str, ...]) -> None:
             if getattr(self, flag) not in allowed:
                 raise ConfigError(flag, getattr(self, flag), "allowed: " + ", ".join(allowed))
 
         def at_least(flag: str, low: float, strict: bool = False) -> None:
             value = getattr(self, flag)
-            if value != value or (value <= low if strict else value < low):  # value != value: NaN
-                raise ConfigError(flag, value, f"must be {'>' if strict else '>='} {low}")
+            finite = isinstance(value, int) or math.isfinite(value)  # (a huge int overflows isfinite)
+            if not finite or (value <= low if strict else value < low):
+                raise ConfigError(flag, value, f"must be a finite number {'>' if strict else '>='} {low}")
 
         if self.lm_path is None:
-            choice("lm_name", LM_NAMES)
-            choice("lm_size", LM_SIZES[self.lm_name])
+            choice("lm_name", tuple(MODEL_SIZES))
+            choice("lm_size", MODEL_SIZES[self.lm_name])
         choice("dataset", DATASETS)
         choice("precision", PRECISIONS)
         choice("document_memory", DOCUMENT_MEMORIES)
@@ -160,24 +185,167 @@ class TrainConfig:
                      "top_k_tokens", "synthetic_articles"):
             at_least(flag, 1)
         at_least("key_internal_layers", 2)
-        for flag in ("num_gpus", "num_warmup_steps", "hook_memory_layer"):
+        for flag in ("num_gpus", "num_warmup_steps", "hook_memory_layer", "seed"):
             at_least(flag, 0)
+        if self.seed >= 2**63:
+            raise ConfigError("seed", self.seed, "must be < 2**63")
         at_least("lr", 0, strict=True)
         for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb"):
             at_least(flag, 0)
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not _DEVICE.fullmatch(self.device):
             raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N")
+        if self.device.startswith("cuda") and self.num_gpus > 0:
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError("device", self.device, "CUDA is not available here: use --device auto or cpu, "
+                                                         "or --num_gpus 0")
+        if not self.data_split.strip():
+            raise ConfigError("data_split", self.data_split, "must name a split, e.g. train")
         if self.negative_key_type == "other" and self.guidance_active and self.max_labels < 2:
             raise ConfigError("max_labels", self.max_labels, "--negative_key_type other needs at least 2 documents")
-        if self.data_path is not None and not Path(self.data_path).exists():
+        if self.dataset == "synthetic":
+            if self.data_path is not None:
+                raise ConfigError("data_path", self.data_path, "not used with --dataset synthetic (its articles are "
+                                                               "generated); leave it out")
+            if self.max_labels > self.synthetic_articles:
+                raise ConfigError("max_labels", self.max_labels,
+                                  f"at most --synthetic_articles ({self.synthetic_articles})")
+        if self.data_path is not None and not Path(self.data_path).expanduser().exists():
             raise ConfigError("data_path", self.data_path, "no such file or folder")
-        if self.dataset == "synthetic" and self.max_labels > self.synthetic_articles:
-            raise ConfigError("max_labels", self.max_labels, f"at most --synthetic_articles ({self.synthetic_articles})")
+        if self.lm_path is None:
+            blocks = NUM_LAYERS[self.lm_name][self.lm_size]
+            if self.hook_memory_layer >= blocks:
+                raise ConfigError("hook_memory_layer", self.hook_memory_layer,
+                                  f"{self.lm_name}-{self.lm_size} has blocks 0..{blocks - 1}")
+        else:
+            self._check_lm_path()
+        _check_writable("save_dir", self.save_dir)
+        if self.resume is not None:
+            _check_run_dir(self.resume)
         return self
 
+    def _check_types(self) -> None:
+        """Every field has its declared type (flags are typed by argparse; a config.yaml may not be)."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kind = str(f.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, str) and (value != "" or "None" in kind)
+            if not ok:
+                raise ConfigError(f.name, value, f"must be {'a non-empty string' if kind.startswith('str') else kind}")
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    def _check_lm_path(self) -> None:
+        """A local model folder needs a config.json; its block count bounds --hook_memory_layer.
+        Anything else must look like a Hub id (owner/name), checked when it downloads."""
+        path = Path(self.lm_path).expanduser()
+        if path.is_dir():
+            config_file = path / "config.json"
+            if not config_file.is_file():
+                raise ConfigError("lm_path", self.lm_path, "the folder holds no config.json: save a causal LM there "
+                                                           "with save_pretrained()")
+            try:
+                model_config = json.loads(config_file.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise ConfigError("lm_path", self.lm_path, f"unreadable {config_file} ({err})") from err
+            blocks = _num_blocks(model_config)
+            if blocks is not None and self.hook_memory_layer >= blocks:
+                raise ConfigError("hook_memory_layer", self.hook_memory_layer,
+                                  f"the model in {self.lm_path} has blocks 0..{blocks - 1}")
+        elif path.exists() or self.lm_path.startswith(("/", ".", "~")) or self.lm_path.count("/") > 1:
+            raise ConfigError("lm_path", self.lm_path, "no such folder (nor a Hub id like owner/name)")
+
+
+def _num_blocks(model_config: object) -> int | None:
+    """The block count a transformers config.json declares, if it declares one."""
+    if not isinstance(model_config, dict):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
+        value = model_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    text_config = model_config.get("text_config")
+    return _num_blocks(text_config) if text_config is not None else None
+
+
+def _check_writable(flag: str, folder: str) -> None:
+    """The folder, or the nearest existing folder above it, can take new files (nothing is written)."""
+    path = Path(folder).expanduser()
+    probe = path
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(flag, folder, f"{probe} is a file, not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(flag, folder, f"{probe} is not writable")
+
+
+def _check_run_dir(run_dir: str) -> None:
+    path = Path(run_dir).expanduser()
+    if not path.is_dir():
+        raise ConfigError("resume", run_dir, "no such run folder (give save_dir/run_N of an earlier run)")
+    if not (path / RUN_CONFIG_NAME).is_file():
+        raise ConfigError("resume", run_dir, f"not a run folder: it has no {RUN_CONFIG_NAME}")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError("resume", run_dir, "the run folder is not writable")
+
+
+def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
+    """The TrainConfig saved in run_dir/config.yaml (checked), and the whole file as a dict."""
+    path = Path(run_dir).expanduser() / RUN_CONFIG_NAME
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        message = " ".join(str(err).split())
+        raise ConfigError("resume", str(run_dir), f"unreadable {path} ({message})") from err
+    if not isinstance(data, dict):
+        raise ConfigError("resume", str(run_dir), f"{path} does not hold a run config")
+    try:
+        saved = TrainConfig.from_dict(data)
+        saved._check_types()
+    except (TypeError, ConfigError) as err:
+        raise ConfigError("resume", str(run_dir), f"{path} holds an invalid config ({err})") from err
+    return saved, data
+
+
+def resume_config(given: TrainConfig, explicit: set[str] | None = None) -> TrainConfig:
+    """The config of a resumed run: its saved config.yaml, with the changes RESUME_MAY_CHANGE allows.
+
+    `explicit` holds the flags given on the command line: each of them must equal the saved value
+    (or be one that may change). None (a config built in Python) compares every field."""
+    if given.resume is None:
+        raise ValueError("resume_config needs a config with resume set")
+    _check_run_dir(given.resume)
+    saved, _ = load_run_config(given.resume)
+    names = {f.name for f in fields(TrainConfig)} if explicit is None else set(explicit)
+    for name in sorted(names - set(RESUME_MAY_CHANGE)):
+        if getattr(given, name) != getattr(saved, name):
+            raise ConfigError(name, getattr(given, name),
+                              f"the run in {given.resume} was started with {getattr(saved, name)!r}, and a resumed "
+                              f"run keeps its config (only --{', --'.join(RESUME_MAY_CHANGE[1:])} may change)")
+    changes = {name: getattr(given, name) for name in RESUME_MAY_CHANGE if name in names}
+    changes["resume"] = given.resume
+    return replace(saved, **changes).validate()
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line (unknown flag, bad type) in one stderr line, exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see --help)")
+
+
+def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
+    """The command line. explicit_only: no defaults, so parsing gives only the flags actually given."""
+    parser = OneLineArgumentParser(
         prog="train_guidance.py",
         description="Train a document-wise memory with guidance on a frozen causal LM (Park & Choi, IJCAI 2024).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -187,14 +355,15 @@ def build_parser() -> argparse.ArgumentParser:
         flags = [f"--{f.name}"]
         if f.name == "max_segments":
             flags.append("--max_segements")  # the released (misspelt) flag
-        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": f.default, "dest": f.name}
+        default = argparse.SUPPRESS if explicit_only else f.default
+        kwargs: dict[str, Any] = {"help": f.metadata["help"], "default": default, "dest": f.name}
         if f.type in ("bool", bool):
             kwargs["action"] = argparse.BooleanOptionalAction
         elif f.type in ("int", int):
             kwargs["type"] = int
         elif f.type in ("float", float):
             kwargs["type"] = float
-        elif f.name in ("lm_path", "lm_cache_dir", "data_path", "data_cache_dir"):
+        elif f.name in ("lm_path", "lm_cache_dir", "data_path", "data_cache_dir", "resume"):
             kwargs["type"] = _none_if_none
         else:
             kwargs["type"] = str
@@ -203,9 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
-    """Flags -> validated TrainConfig. argparse itself exits 2 on unknown flags and bad types."""
+    """Flags -> validated TrainConfig. Unknown flags and bad types exit 2 with one stderr line.
+
+    With --resume: the run's saved config, checked against the flags given (resume_config)."""
     namespace = build_parser().parse_args(argv)
-    return TrainConfig(**vars(namespace)).validate()
+    config = TrainConfig(**vars(namespace))
+    if config.resume is None:
+        return config.validate()
+    explicit = set(vars(build_parser(explicit_only=True).parse_args(argv)))
+    return resume_config(config, explicit)
 
 
 def resolve_device(config: TrainConfig) -> str:
@@ -218,8 +393,9 @@ def resolve_device(config: TrainConfig) -> str:
     return config.device
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
+def fail(message: str, code: int = 2, label: str = "error") -> NoReturn:
     """One line on stderr, no traceback."""
-    sys.stderr.write(f"train_guidance.py: error: {message}\n")
+    sys.stderr.write(f"train_guidance.py: {label}: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
     raise SystemExit(code)
 

@@ -9,8 +9,10 @@ and writes into RUN/eval/:
     recall.json, recall.png            ROUGE-1/2/L (recall, precision, F1) of greedy continuations
                                        of each segment's first --prompt_tokens tokens against its
                                        true next tokens, under each condition:
-                                         keyed run:  right_key, other_keys, no_key, no_memory
+                                         keyed run:  right_key, other_keys (up to --max_other_keys
+                                                     other documents' keys each), no_key, no_memory
                                          shared run: memory, no_memory
+                                       each continuation is as long as its reference, in tokens
     ce_matrix.json, ce_matrix.png      mean token CE of each document (rows) under each document's
                                        key (columns), plus no_key and no_memory columns
     length_vs_l0.json, .png            per document: L0 of its selection and its length in tokens,
@@ -60,24 +62,27 @@ class EvalError(RuntimeError):
 class EvalOptions:
     prompt_tokens: int = 32  # tokens of each segment given as the prompt
     new_tokens: int = 64  # tokens generated (and of reference text scored against)
-    grid: int = 10  # landscape: grid x grid keys
+    grid: int = 10  # landscape: grid x grid keys (0: none; it is the costliest part: grid^2 passes per document)
     l0_threshold: float = 1e-2  # an entry is in use when |s| exceeds this
     max_docs: int | None = None  # evaluate the first N documents only
     max_other_keys: int = 4  # other_keys: at most this many other documents' keys per document
     gen_batch_size: int = 64  # rows per generate() call
     key_sets_per_pass: int = 16  # CE: key sets batched into one suffix pass
     device: str = "auto"  # auto: the run's GPU if it had one and one is here, else cpu
+    threads: int = 0  # CPU threads for torch (0: torch's default)
 
     def validate(self) -> "EvalOptions":
-        for name in ("prompt_tokens", "new_tokens", "grid", "gen_batch_size", "key_sets_per_pass"):
+        for name in ("prompt_tokens", "new_tokens", "gen_batch_size", "key_sets_per_pass"):
             if getattr(self, name) < 1:
                 raise EvalError(f"--{name} {getattr(self, name)}: must be >= 1")
-        if self.grid < 2:
-            raise EvalError(f"--grid {self.grid}: must be >= 2")
+        if self.grid < 2 and self.grid != 0:
+            raise EvalError(f"--grid {self.grid}: must be >= 2 (or 0: no landscape)")
         if self.max_other_keys < 1:
             raise EvalError(f"--max_other_keys {self.max_other_keys}: must be >= 1")
         if self.max_docs is not None and self.max_docs < 1:
             raise EvalError(f"--max_docs {self.max_docs}: must be >= 1")
+        if self.threads < 0:
+            raise EvalError(f"--threads {self.threads}: must be >= 0")
         if not self.l0_threshold >= 0:
             raise EvalError(f"--l0_threshold {self.l0_threshold}: must be >= 0")
         return self
@@ -325,16 +330,20 @@ def _stop_ids(foundation: Any) -> set[int]:
 
 @torch.no_grad()
 def generate_greedy(foundation: Any, memory: Any, layer: int, prompts: Sequence[Sequence[int]], keys: Any,
-                    new_tokens: int, batch_size: int = 64) -> list[list[int]]:
+                    new_tokens: int | Sequence[int], batch_size: int = 64) -> list[list[int]]:
     """Greedy continuations (new token ids, cut at the first end-of-text) with the memory on `layer`.
 
     keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key), or
-    engines.NO_MEMORY (the plain LM)."""
+    engines.NO_MEMORY (the plain LM). new_tokens: one count for all rows, or one per row (each
+    batch then generates only as far as its longest row needs)."""
     from engines import NO_MEMORY
     from hook_lm import attach_memory
 
     if isinstance(keys, torch.Tensor) and keys.shape[0] != len(prompts):
         raise ValueError(f"{keys.shape[0]} keys for {len(prompts)} prompts")
+    wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
+    if len(wanted) != len(prompts):
+        raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
     pad_id = foundation.tokenizer.pad_token_id
     stop = _stop_ids(foundation)
     out: list[list[int]] = []
@@ -347,11 +356,11 @@ def generate_greedy(foundation: Any, memory: Any, layer: int, prompts: Sequence[
             device = foundation.input_device
             generated = foundation.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                max_new_tokens=new_tokens, min_new_tokens=0, pad_token_id=pad_id, num_beams=1,
+                max_new_tokens=max(1, max(wanted[start: start + len(rows)])), min_new_tokens=0, pad_token_id=pad_id, num_beams=1,
                 temperature=None, top_p=None, top_k=None)
-            for row in generated[:, ids.shape[1]:].tolist():
+            for n, row in zip(wanted[start: start + len(rows)], generated[:, ids.shape[1]:].tolist()):
                 cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                out.append(row[:cut])
+                out.append(row[:min(cut, n)])
     return out
 
 
@@ -392,11 +401,11 @@ def evaluate_recall(run: LoadedRun, documents: Sequence, options: EvalOptions) -
     for condition, (rows, keys) in plans.items():
         started = time.time()
         texts = [prompts[i].ids for i, _ in rows]
+        # generate (and score) as many tokens as the reference has: a segment near its end has fewer
+        # than new_tokens left, and a longer continuation would only dilute precision
         continuations = generate_greedy(foundation, memory, config.hook_memory_layer, texts, keys,
-                                        options.new_tokens, options.gen_batch_size)
-        # score as many tokens as the reference has: a longer continuation would only dilute precision
-        decoded = [tokenizer.decode(c[: len(prompts[i].reference_ids)], skip_special_tokens=True)
-                   for c, (i, _) in zip(continuations, rows)]
+                                        [len(prompts[i].reference_ids) for i, _ in rows], options.gen_batch_size)
+        decoded = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
         scores = rouge_scores(decoded, [prompts[i].reference for i, _ in rows])
         for d in range(n_docs):
             mine = [s for s, (i, _) in zip(scores, rows) if prompts[i].doc == d]
@@ -419,7 +428,7 @@ def evaluate_recall(run: LoadedRun, documents: Sequence, options: EvalOptions) -
     return {
         "settings": {"prompt_tokens": options.prompt_tokens, "new_tokens": options.new_tokens,
                      "max_other_keys": options.max_other_keys, "decoding": "greedy",
-                     "scored_tokens": "the continuation is cut to the reference's token count before scoring",
+                     "scored_tokens": "each continuation is as many tokens as its reference (up to new_tokens)",
                      "rouge": "rouge-score RougeScorer(rouge1, rouge2, rougeL), no stemming"},
         "conditions": list(plans),
         "segments_scored": len(prompts), "segments_skipped_too_short": skipped,
@@ -515,6 +524,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     from utils import selection_stats
 
     options.validate()
+    run.memory.eval()
     started = time.time()
     out = run.run_dir / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -580,6 +590,8 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     landscape_summary: dict[str, Any] | None = None
     if not keyed:
         _write_json(out / "landscape.json", {"skipped": True, "reason": "a shared memory has no keys"})
+    elif options.grid == 0:
+        _write_json(out / "landscape.json", {"skipped": True, "reason": "--grid 0"})
     elif memory.config.key_dim != 2:
         _write_json(out / "landscape.json", {"skipped": True, "reason": f"key_dim is {memory.config.key_dim}; the "
                                              "landscape is drawn over a plane of keys and needs key_dim 2"})
@@ -648,6 +660,13 @@ def _summarise(run: LoadedRun, options: EvalOptions, recall: dict, ce: dict, fin
     }
 
 
+def evaluate_trained(run_dir: str | Path, config: Any, foundation: Any, memory: Any, documents: list,
+                     dtype: torch.dtype, options: EvalOptions | None = None) -> dict[str, Any]:
+    """Evaluate right after training (train_guidance.py --eval_at_end), reusing the loaded LM."""
+    run = LoadedRun(Path(run_dir), config, {}, foundation, memory, documents, dtype)
+    return evaluate_loaded(run, options or EvalOptions())
+
+
 def evaluate_run(run_dir: str | Path, options: EvalOptions, foundations: FoundationCache | None = None
                  ) -> dict[str, Any]:
     run = load_run(resolve_run_dir(run_dir), options.validate(), foundations)
@@ -661,17 +680,32 @@ def differing_fields(configs: Sequence[dict]) -> list[str]:
     from config import TrainConfig
 
     names = [f.name for f in fields(TrainConfig) if f.name not in NON_SEMANTIC_FIELDS]
-    return [n for n in names if len({json.dumps(c.get(n), sort_keys=True) for c in configs}) > 1]
+    return [n for n in names if len({json.dumps(_field(c, n), sort_keys=True) for c in configs}) > 1]
+
+
+def _field(config: dict, name: str) -> Any:
+    """A config value; a field the run predates reads as TrainConfig's default."""
+    from config import TrainConfig
+
+    if name in config:
+        return config[name]
+    default = TrainConfig.__dataclass_fields__.get(name)
+    return None if default is None else default.default
 
 
 def run_labels(configs: Sequence[dict], names: Sequence[str]) -> list[str]:
-    """Each run labelled by the fields where it departs from the most common value among the runs;
-    a run that departs nowhere is the 'baseline'. Duplicate labels get the run's name."""
+    """Each run labelled by the fields where it departs from the most common value among the runs
+    (a field without a single most common value is named in every label); a run that departs
+    nowhere is the 'baseline'. Duplicate labels get the run's name."""
     varying = differing_fields(configs)
-    modes = {f: Counter(json.dumps(c.get(f), sort_keys=True) for c in configs).most_common(1)[0][0] for f in varying}
+    modes: dict[str, str | None] = {}
+    for f in varying:
+        counts = Counter(json.dumps(_field(c, f), sort_keys=True) for c in configs).most_common()
+        # no single most common value (e.g. two runs): name the field in every label
+        modes[f] = counts[0][0] if len(counts) == 1 or counts[0][1] > counts[1][1] else None
     labels = []
     for c in configs:
-        parts = [f"{f}={c.get(f)}" for f in varying if json.dumps(c.get(f), sort_keys=True) != modes[f]]
+        parts = [f"{f}={_field(c, f)}" for f in varying if json.dumps(_field(c, f), sort_keys=True) != modes[f]]
         labels.append(", ".join(parts) if parts else "baseline")
     counts = Counter(labels)
     return [f"{label} [{name}]" if counts[label] > 1 else label for label, name in zip(labels, names)]
@@ -716,7 +750,7 @@ def compare(run_paths: Sequence[str | Path], out: str | Path, options: EvalOptio
         sel = summary.get("selection_final") or {}
         rows.append({
             "label": label, "run_dir": str(run_dir),
-            "config": {f: config.get(f) for f in differing_fields(configs)},
+            "config": {f: _field(config, f) for f in differing_fields(configs)},
             "rougeL_recall": {c: summary["rougeL_recall"].get(c) for c in conditions},
             "ce_diagonal_mean": ce.get("diagonal_mean", ce.get("memory_mean")),
             "ce_off_diagonal_mean": ce.get("off_diagonal_mean"),
@@ -775,7 +809,7 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = EvalOptions()
     parser.add_argument("--prompt_tokens", type=int, default=defaults.prompt_tokens, help="segment tokens given as the prompt")
     parser.add_argument("--new_tokens", type=int, default=defaults.new_tokens, help="tokens generated greedily and scored")
-    parser.add_argument("--grid", type=int, default=defaults.grid, help="landscape: grid x grid keys (key_dim 2)")
+    parser.add_argument("--grid", type=int, default=defaults.grid, help="landscape: grid x grid keys (key_dim 2); 0 = no landscape")
     parser.add_argument("--l0_threshold", type=float, default=defaults.l0_threshold, help="entries with |s| above this are in use")
     parser.add_argument("--max_docs", type=int, default=None, help="evaluate only the first N documents")
     parser.add_argument("--max_other_keys", type=int, default=defaults.max_other_keys,
@@ -784,6 +818,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--key_sets_per_pass", type=int, default=defaults.key_sets_per_pass,
                         help="CE: key sets batched into one pass over the upper blocks")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="CPU threads for torch; 0 = torch's default (on a busy machine 1 can be much faster)")
     return parser
 
 
@@ -795,9 +831,11 @@ def main(argv: list[str] | None = None) -> int:
     options = EvalOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, grid=args.grid,
                           l0_threshold=args.l0_threshold, max_docs=args.max_docs, max_other_keys=args.max_other_keys,
                           gen_batch_size=args.gen_batch_size, key_sets_per_pass=args.key_sets_per_pass,
-                          device=args.device)
+                          device=args.device, threads=args.threads)
     try:
         options.validate()
+        if options.threads:
+            torch.set_num_threads(options.threads)
         if args.compare:
             if not args.out:
                 raise EvalError("--compare needs --out DIR")

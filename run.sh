@@ -47,8 +47,36 @@ case "$preset" in
       --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 \
       --batch_size 16 --lr 3e-3 --num_epochs 60 --save_freq 10 --seed 1 --save_dir outputs/demo "$@"
     ;;
+  ablations)
+    # The paper's comparisons at demo scale, each a demo run with one change, then one report:
+    # key activation tanh / relu / sigmoid; linear vs 2, 3, 4-layer key generator; guidance 0, 0.1,
+    # 0.5; negative keys other / random / zero / perturb; a shared memory without keys.
+    # The baseline (tanh, linear, guidance 0.1, other) is run once. 40 epochs instead of the
+    # demo's 60 keep 12 runs affordable on a CPU; extra FLAGS go to every run (and override).
+    # ABLATIONS_DIR (outputs/ablations) holds <name>/run_N and report/; EVAL_ARGS go to the
+    # evaluation (default --grid 5: the landscape is its costliest part).
+    root="${ABLATIONS_DIR:-outputs/ablations}"
+    names=(baseline act_relu act_sigmoid keygen_2layer keygen_3layer keygen_4layer
+           guidance_0 guidance_0.5 neg_random neg_zero neg_perturb shared)
+    flags=("" "--key_activation relu" "--key_activation sigmoid"
+           "--document_key_module_type nonlinear --key_internal_layers 2"
+           "--document_key_module_type nonlinear --key_internal_layers 3"
+           "--document_key_module_type nonlinear --key_internal_layers 4"
+           "--guidance 0" "--guidance 0.5"
+           "--negative_key_type random" "--negative_key_type zero" "--negative_key_type perturb"
+           "--document_memory shared")
+    runs=()
+    for i in "${!names[@]}"; do
+      echo "=== ablation ${names[$i]}: ${flags[$i]:-(demo settings)}" >&2
+      # shellcheck disable=SC2086  # the flags are meant to split into words
+      bash ./run.sh demo --num_epochs 40 --save_freq 20 ${flags[$i]} --save_dir "$root/${names[$i]}" "$@"
+      runs+=("$root/${names[$i]}")
+    done
+    # shellcheck disable=SC2086
+    exec "$PYTHON" evaluate_memory.py --compare "${runs[@]}" --out "$root/report" ${EVAL_ARGS:---grid 5}
+    ;;
   *)
-    echo "run.sh: unknown preset '$preset' (allowed: paper, demo)" >&2
+    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations)" >&2
     exit 2
     ;;
 esac

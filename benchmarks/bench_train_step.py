@@ -13,7 +13,9 @@ Paths (same training step for all, only the engine differs):
 
 One step = losses under the positive and an `other` negative key, loss = ce_pos + 0.1 *
 clamped_mse guidance (tau 4.5), backward, grad-norm clip 5, AdamW. Random weights and random
-token batches (some rows left padded). Human-readable lines first, ONE JSON object last.
+token batches (some rows left padded). By default the paths run interleaved on CPU (one step of
+each in turn, so a shared machine's drifting load hits all alike) and one after another on CUDA
+(--order). Human-readable lines first, ONE JSON object last.
 """
 from __future__ import annotations
 
@@ -33,8 +35,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _p in (ROOT, ROOT / "benchmarks"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 from config import TrainConfig  # noqa: E402
 from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
@@ -145,15 +148,16 @@ def _rss_bytes(field: str) -> int | None:
 
 
 class PeakMemory:
-    """Peak memory of one path. CUDA: max_memory_allocated (reset per path). CPU: the resident-set
-    high-water mark VmHWM, reset per path through /proc/self/clear_refs; where that is not
-    allowed, the process-lifetime ru_maxrss (not per path)."""
+    """Peak memory of one path's extra, untimed step. CUDA: max_memory_allocated (reset before it).
+    CPU: the resident-set high-water mark VmHWM, reset before it through /proc/self/clear_refs;
+    where that is not allowed, the process-lifetime ru_maxrss (not per path). Both include the
+    weights."""
 
     def __init__(self, device: str) -> None:
         self.device = device
-        self.kind = "cuda_max_memory_allocated"
+        self.kind = "cuda_max_memory_allocated_over_one_step"
         if not device.startswith("cuda"):
-            self.kind = "cpu_peak_rss_vmhwm_reset_per_path" if self._reset_hwm() else "cpu_lifetime_ru_maxrss"
+            self.kind = "cpu_peak_rss_vmhwm_over_one_step" if self._reset_hwm() else "cpu_lifetime_ru_maxrss"
 
     @staticmethod
     def _reset_hwm() -> bool:
@@ -168,14 +172,14 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             return torch.cuda.memory_allocated()
-        if self.kind == "cpu_peak_rss_vmhwm_reset_per_path":
+        if self.kind == "cpu_peak_rss_vmhwm_over_one_step":
             self._reset_hwm()
         return _rss_bytes("VmRSS") or 0
 
     def peak(self) -> int:
         if self.device.startswith("cuda"):
             return torch.cuda.max_memory_allocated()
-        if self.kind == "cpu_peak_rss_vmhwm_reset_per_path":
+        if self.kind == "cpu_peak_rss_vmhwm_over_one_step":
             return _rss_bytes("VmHWM") or 0
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
@@ -194,44 +198,84 @@ def device_name(device: str) -> str:
 
 # ---- one path ------------------------------------------------------------------------------------
 
-def run_path(path: str, foundation: Foundation, memory0: DocumentMemory, batches: list[Batch], layer: int,
-             dtype: torch.dtype, config: TrainConfig, steps: int, seed: int, device: str,
-             meter: PeakMemory | None = None) -> dict:
-    """warm-up + timed training steps of one path from a fresh copy of the memory."""
-    model = foundation.model
-    memory = copy.deepcopy(memory0)
-    if path == "released":
-        model.requires_grad_(True)  # the released code never froze the LM
-    engine = (FastEngine if path == "fast" else ReferenceEngine)(foundation, memory, layer, dtype)
-    params = memory.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=config.lr)
-    generator = torch.Generator().manual_seed(seed)  # same negative draws on every path
-    start_mem = meter.start() if meter else 0
-    times, losses = [], []
-    try:
-        for step in range(steps):
-            batch = batches[step % len(batches)]
-            sync(device)
+class PathRunner:
+    """One path's engine, memory copy, optimizer and negative-key generator; step() = one timed training step."""
+
+    def __init__(self, path: str, foundation: Foundation, memory0: DocumentMemory, layer: int, dtype: torch.dtype,
+                 config: TrainConfig, seed: int, device: str, chunk_size: int = 1024) -> None:
+        self.path, self.foundation, self.config, self.device = path, foundation, config, device
+        self.memory = copy.deepcopy(memory0)  # every path starts from the same memory
+        if path == "fast":
+            self.engine = FastEngine(foundation, self.memory, layer, dtype, chunk_size=chunk_size)
+        else:
+            self.engine = ReferenceEngine(foundation, self.memory, layer, dtype)
+        self.params = self.memory.trainable_parameters()
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
+        self.generator = torch.Generator().manual_seed(seed)  # same negative draws on every path
+        self.times: list[float] = []
+        self.losses: list[tuple[float, float, float]] = []
+
+    def step(self, batch: Batch, record: bool = True) -> None:
+        """One training step; record=False: untimed and not kept (the memory-measuring step)."""
+        model = self.foundation.model
+        if self.path == "released":
+            model.requires_grad_(True)  # the released code never froze the LM
+        try:
+            sync(self.device)
             t0 = time.perf_counter()
-            loss, parts = train_step_losses(engine, memory, batch, config, generator)
+            loss, parts = train_step_losses(self.engine, self.memory, batch, self.config, self.generator)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip_coeff)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if path == "released":
-                model.zero_grad(set_to_none=False)  # LM gradients: computed, zeroed, never used
-            sync(device)
-            times.append(time.perf_counter() - t0)
-            losses.append((parts.loss, parts.ce_positive, parts.ce_negative))
-        peak = meter.peak() if meter else 0
-    finally:
-        model.requires_grad_(False)
-        model.zero_grad(set_to_none=True)
-        engine.forget()
-    state = {k: v.detach().float().cpu().clone() for k, v in memory.state_dict().items()}
-    del engine, optimizer, memory
+            torch.nn.utils.clip_grad_norm_(self.params, self.config.grad_clip_coeff)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.path == "released":
+                model.zero_grad(set_to_none=True)  # LM gradients: computed, then thrown away
+            sync(self.device)
+            elapsed = time.perf_counter() - t0
+        finally:
+            model.requires_grad_(False)
+            model.zero_grad(set_to_none=True)
+        if record:
+            self.times.append(elapsed)
+            self.losses.append((parts.loss, parts.ce_positive, parts.ce_negative))
+
+    def finish(self, batch: Batch, meter: PeakMemory | None) -> dict:
+        """Snapshot the memory's parameters, then measure peak memory over one more (untimed) step
+        from a trimmed heap, so the timed steps run on the allocator's ordinary steady state."""
+        state = {k: v.detach().float().cpu().clone() for k, v in self.memory.state_dict().items()}
+        peak = start = 0
+        if meter:
+            release_memory(self.device)
+            start = meter.start()
+            self.step(batch, record=False)
+            peak = meter.peak()
+        self.engine.forget()
+        return {"times": self.times, "losses": self.losses, "state": state, "peak": peak, "start_mem": start}
+
+
+def run_paths(paths: list[str], foundation: Foundation, memory0: DocumentMemory, batches: list[Batch], layer: int,
+              dtype: torch.dtype, config: TrainConfig, steps: int, seed: int, device: str,
+              meter: PeakMemory | None = None, chunk_size: int = 1024, interleave: bool = False) -> dict[str, dict]:
+    """`steps` training steps of each path: path after path, or (interleave) round-robin step by step,
+    so that a shared machine's changing load hits every path alike."""
+    results: dict[str, dict] = {}
+    if interleave:
+        runners = [PathRunner(p, foundation, memory0, layer, dtype, config, seed, device, chunk_size) for p in paths]
+        for i in range(steps):
+            for r in runners:
+                r.step(batches[i % len(batches)])
+        for r in runners:
+            results[r.path] = r.finish(batches[steps % len(batches)], meter)
+    else:
+        for p in paths:
+            release_memory(device)
+            r = PathRunner(p, foundation, memory0, layer, dtype, config, seed, device, chunk_size)
+            for i in range(steps):
+                r.step(batches[i % len(batches)])
+            results[p] = r.finish(batches[steps % len(batches)], meter)
+            del r
     release_memory(device)
-    return {"times": times, "losses": losses, "state": state, "peak": peak, "start_mem": start_mem}
+    return results
 
 
 def rel_diffs(a: dict, b: dict) -> tuple[float, float]:
@@ -259,11 +303,11 @@ def fp32_check(shape: str, args, config: TrainConfig, steps: int) -> tuple[float
     memory0 = new_memory(foundation, sub, args.seed + 1)
     batches = make_batches(args.num_batches, args.batch, args.seq, foundation.model.config.vocab_size,
                            args.num_docs, args.device, args.seed + 2)
-    runs = [run_path(p, foundation, memory0, batches, layer, torch.float32, config, steps, args.seed + 3,
-                     args.device) for p in ("frozen_two_pass", "fast")]
+    runs = run_paths(["frozen_two_pass", "fast"], foundation, memory0, batches, layer, torch.float32, config, steps,
+                     args.seed + 3, args.device, chunk_size=args.fast_chunk_size)
     del foundation
     release_memory(args.device)
-    return rel_diffs(*runs)
+    return rel_diffs(runs["frozen_two_pass"], runs["fast"])
 
 
 # ---- main ----------------------------------------------------------------------------------------
@@ -285,6 +329,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num_batches", type=int, default=1, help="distinct batches cycled through (one document each)")
     p.add_argument("--paths", default=",".join(PATHS), help="comma list of released,frozen_two_pass,fast (or a,b,c)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--order", default=None, choices=("sequential", "interleaved"),
+                   help="paths one after another, or round-robin step by step (default: interleaved on CPU, "
+                        "where other processes' load drifts; sequential on CUDA)")
+    p.add_argument("--fast_chunk_size", type=int, default=1024, help="tokens per chunk of the fast path's linear+CE")
+    p.add_argument("--prototype_ce", action="store_true",
+                   help="run the fast path with benchmarks/proto_linear_ce.py patched into engines.py (investigation)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     args.paths = [PATH_ALIASES.get(x.strip(), x.strip()) for x in args.paths.split(",") if x.strip()]
@@ -295,6 +345,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
+    if args.order is None:
+        args.order = "sequential" if args.device.startswith("cuda") else "interleaved"
     if args.num_docs < 2:
         p.error("--num_docs must be >= 2 (negative keys of type 'other')")
     if min(args.steps, args.batch, args.seq, args.num_batches) < 1 or args.seq < 4 or args.warmup < 0:
@@ -310,6 +362,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.prototype_ce:  # swap the fast path's linear+CE for the prototype, for this process only
+        import engines
+        from proto_linear_ce import linear_cross_entropy
+
+        engines.linear_cross_entropy = linear_cross_entropy
     dtype = DTYPES[args.precision]
     # the fast path fills its cache once per batch: warm up at least one pass over the batches
     warmup = max(args.warmup, args.num_batches)
@@ -331,13 +388,10 @@ def main(argv: list[str] | None = None) -> dict:
                            args.num_docs, args.device, args.seed + 2)
     meter = PeakMemory(args.device)
 
-    results: dict[str, dict] = {}
-    for path in args.paths:
-        release_memory(args.device)
-        r = run_path(path, foundation, memory0, batches, args.layer, dtype, config, warmup + args.steps,
-                     args.seed + 3, args.device, meter)
+    results = run_paths(args.paths, foundation, memory0, batches, args.layer, dtype, config, warmup + args.steps,
+                        args.seed + 3, args.device, meter, args.fast_chunk_size, args.order == "interleaved")
+    for path, r in results.items():
         r["median"] = median(r["times"][warmup:])
-        results[path] = r
         print(f"{path:>16}: {r['median']:.4f} s/step (median of {args.steps}; first step {r['times'][0]:.4f} s), "
               f"peak memory {r['peak'] / 2**20:.0f} MiB, loss {r['losses'][-1][0]:.4f}", flush=True)
 
@@ -380,7 +434,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(), "load_average_1m": os.getloadavg()[0],
         "shape": args.shape, "num_params": n_params, "layer": args.layer, "batch": args.batch, "seq": args.seq,
         "precision": args.precision, "memory_dim": args.memory_dim, "key_dim": args.key_dim,
-        "paths": args.paths, "torch_version": torch.__version__,
+        "paths": args.paths, "order": args.order, "fast_chunk_size": args.fast_chunk_size,
+        "prototype_ce": args.prototype_ce, "torch_version": torch.__version__,
     }
     for name in ("vs_released", "vs_frozen_two_pass"):
         if report[f"speedup_{name}"] is not None:

@@ -1,0 +1,140 @@
+"""A tiny Pythia-shaped model (3 blocks, hidden 32, the real GPT-NeoX tokenizer) saved to a folder,
+so `train_guidance.py --lm_path` runs a whole training in seconds; and helpers to run it.
+
+Import the fixtures into a test module (`from fixtures_tiny import tiny_lm_dir`); the folder is
+built once per test session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, SHARED_DATA
+
+TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "gpt-neox-20b"
+TRAIN_SCRIPT = ROOT / "train_guidance.py"
+_BUILT: dict[str, Path] = {}
+
+
+def build_tiny_lm(folder: Path) -> Path:
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=False)
+    GPTNeoXForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    if not TOKENIZER_DIR.is_dir():
+        pytest.skip("../shared/data/tokenizers/gpt-neox-20b is absent (only present in the project's workspace)")
+    if "lm" not in _BUILT:
+        _BUILT["lm"] = build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+    return _BUILT["lm"]
+
+
+def tiny_argv(lm_dir: Path, save_dir: Path, *extra: str, num_epochs: int = 6, save_freq: int = 2) -> list[str]:
+    """A complete, quick training command line (3 documents, 3 batches an epoch)."""
+    return ["--lm_path", str(lm_dir), "--dataset", "synthetic", "--synthetic_articles", "10", "--max_labels", "3",
+            "--max_segments", "2", "--segment_length", "32", "--max_length", "64", "--hook_memory_layer", "2",
+            "--num_epochs", str(num_epochs), "--save_freq", str(save_freq), "--num_gpus", "0", "--lr", "1e-2",
+            "--save_dir", str(save_dir), *extra]
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONHASHSEED": "0"})
+    env.update(extra)
+    return env
+
+
+def start_training(argv: list[str], log: Path, **env: str) -> subprocess.Popen:
+    """A training process in the background, its stderr going to `log` (a pipe could fill up and
+    stall it while nobody reads). Wait for it with finish()."""
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, str(TRAIN_SCRIPT), *argv], cwd=ROOT, env=subprocess_env(**env),
+                                stdout=subprocess.DEVNULL, stderr=stderr, text=True)
+    proc.log = log
+    return proc
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
+    """Wait for the process; returns its stderr."""
+    proc.wait(timeout=timeout)
+    return proc.log.read_text()
+
+
+def run_training(argv: list[str], timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(TRAIN_SCRIPT), *argv], cwd=ROOT, env=subprocess_env(**env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def wait_for_lines(path: Path, count: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the file has `count` lines (or more), while the process runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (exit {proc.returncode}) before {path} had {count} lines: "
+                                 f"{proc.log.read_text()[-2000:]}")
+        time.sleep(0.01)
+    raise AssertionError(f"{path} did not reach {count} lines in {timeout} s")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    """Two run folders hold the same training: memory weights bitwise, metrics lines, summaries."""
+    wa, wb = load_tensors(a / "memory" / "memory.safetensors"), load_tensors(b / "memory" / "memory.safetensors")
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert wa[name].dtype == wb[name].dtype and torch.equal(wa[name], wb[name]), name
+    assert (a / "metrics.jsonl").read_text().splitlines() == (b / "metrics.jsonl").read_text().splitlines()
+    sa, sb = json.loads((a / "summary.json").read_text()), json.loads((b / "summary.json").read_text())
+    for key in ("wall_seconds", "run_dir"):
+        sa.pop(key), sb.pop(key)
+    assert sa == sb
+    folders = sorted(p.name for p in (a / "summaries").iterdir())
+    assert folders == sorted(p.name for p in (b / "summaries").iterdir())
+    for folder in folders:
+        for name in ("selection.json", "logit_lens.json"):
+            assert (a / "summaries" / folder / name).read_text() == (b / "summaries" / folder / name).read_text()
+    from PIL import Image
+
+    for name in ("losses.gif", "docreps.gif", "logits.gif"):
+        with Image.open(a / name) as ga, Image.open(b / name) as gb:
+            assert ga.n_frames == gb.n_frames, name
+
+
+@pytest.fixture(scope="session")
+def reference_runs(tiny_lm_dir, tmp_path_factory) -> list[Path]:
+    """Two uninterrupted training processes with the same flags and different PYTHONHASHSEED,
+    started at the same moment into one --save_dir. Returns their run folders."""
+    if "reference" not in _BUILT:
+        folder = tmp_path_factory.mktemp("reference")
+        save_dir = folder / "runs"
+        procs = [start_training(tiny_argv(tiny_lm_dir, save_dir), folder / f"log_{seed}", PYTHONHASHSEED=seed)
+                 for seed in ("1", "2")]
+        for proc in procs:
+            err = finish(proc)
+            assert proc.returncode == 0, err[-3000:]
+        runs = sorted(save_dir.iterdir())
+        assert [r.name for r in runs] == ["run_0", "run_1"]
+        _BUILT["reference"] = save_dir
+    return sorted(_BUILT["reference"].iterdir())
