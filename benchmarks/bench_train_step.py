@@ -333,8 +333,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="paths one after another, or round-robin step by step (default: interleaved on CPU, "
                         "where other processes' load drifts; sequential on CUDA)")
     p.add_argument("--fast_chunk_size", type=int, default=1024, help="tokens per chunk of the fast path's linear+CE")
-    p.add_argument("--prototype_ce", action="store_true",
-                   help="run the fast path with benchmarks/proto_linear_ce.py patched into engines.py (investigation)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)
     args.paths = [PATH_ALIASES.get(x.strip(), x.strip()) for x in args.paths.split(",") if x.strip()]
@@ -362,11 +360,6 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.prototype_ce:  # swap the fast path's linear+CE for the prototype, for this process only
-        import engines
-        from proto_linear_ce import linear_cross_entropy
-
-        engines.linear_cross_entropy = linear_cross_entropy
     dtype = DTYPES[args.precision]
     # the fast path fills its cache once per batch: warm up at least one pass over the batches
     warmup = max(args.warmup, args.num_batches)
@@ -435,7 +428,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": args.shape, "num_params": n_params, "layer": args.layer, "batch": args.batch, "seq": args.seq,
         "precision": args.precision, "memory_dim": args.memory_dim, "key_dim": args.key_dim,
         "paths": args.paths, "order": args.order, "fast_chunk_size": args.fast_chunk_size,
-        "prototype_ce": args.prototype_ce, "torch_version": torch.__version__,
+        "torch_version": torch.__version__,
     }
     for name in ("vs_released", "vs_frozen_two_pass"):
         if report[f"speedup_{name}"] is not None:

@@ -3,9 +3,8 @@
     python benchmarks/profile_fast_step.py --shape pythia-70m --batch 4 --seq 128
 
 Times, as medians over --repeats rounds (every item once per round, so drifting load on a shared
-machine hits all alike): the fast step (loss + backward) with chunked_ce and with the prototype
-proto_linear_ce, the frozen two-pass step, two plain no-grad forwards, the linear+CE alone at
-several chunk sizes, and the bare matmuls the linear+CE cannot avoid (logits and the
+machine hits all alike): the fast step (loss + backward), the frozen two-pass step, two plain no-grad
+forwards, the linear+CE alone at several chunk sizes, and the bare matmuls the linear+CE cannot avoid (logits and the
 hidden-state gradient), so the overhead above that floor is visible. Lines, then one JSON object.
 """
 from __future__ import annotations
@@ -22,8 +21,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_step as bench  # noqa: E402
 import chunked_ce  # noqa: E402
-import engines  # noqa: E402
-import proto_linear_ce  # noqa: E402
 from config import TrainConfig  # noqa: E402
 from engines import FastEngine, ReferenceEngine  # noqa: E402
 from train_guidance import train_step_losses  # noqa: E402
@@ -63,13 +60,9 @@ def main() -> None:
     fast = FastEngine(f, memory, layer, torch.float32)
     ref = ReferenceEngine(f, memory, layer, torch.float32)
 
-    def step(engine, ce=chunked_ce.linear_cross_entropy):
-        engines.linear_cross_entropy = ce
-        try:
-            loss, _ = train_step_losses(engine, memory, batch, config, gen)
-            loss.backward()
-        finally:
-            engines.linear_cross_entropy = chunked_ce.linear_cross_entropy
+    def step(engine):
+        loss, _ = train_step_losses(engine, memory, batch, config, gen)
+        loss.backward()
         memory.zero_grad(set_to_none=True)
 
     def two_forwards():
@@ -89,12 +82,10 @@ def main() -> None:
         return lambda: fn(hidden, w, t, bias=head.bias, chunk_size=chunk).mean().backward()
 
     fns = {"fast_step": lambda: step(fast),
-           "fast_step_proto_ce": lambda: step(fast, proto_linear_ce.linear_cross_entropy),
            "frozen_two_pass_step": lambda: step(ref),
            "two_full_forwards_no_grad": two_forwards}
     for chunk in (256, 1024, 4096):
         fns[f"linear_ce_chunk{chunk}"] = ce(chunked_ce.linear_cross_entropy, chunk)
-    fns["linear_ce_proto_chunk1024"] = ce(proto_linear_ce.linear_cross_entropy, 1024)
     fns["matmul_floor_logits_plus_grad"] = lambda: (hidden.detach() @ w.t(), probs @ w)
     out: dict[str, float | int] = dict(timed_round_robin(fns, args.repeats))
     out["valid_tokens_in_head"] = len(t)
