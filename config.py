@@ -39,7 +39,7 @@ MEMORY_MODULES = ("linear",)
 # Flags that may differ from the saved config on --resume: they change neither the numbers nor
 # the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
 # and debugging only).
-RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb")
+RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end")
 RUN_CONFIG_NAME = "config.yaml"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -112,10 +112,15 @@ class TrainConfig:
     # --- speed ---
     reference_loop: bool = _help("compute the loss the literal way (two full hooked passes per step) instead of the prefix cache", default=False)
     cache_budget_gb: float = _help("memory allowed for the prefix cache on the LM's device (GiB); above it: pinned CPU, then recompute", default=8.0)
+    docs_per_step: int = _help("documents per optimizer step, each row with its own key and negative (1 = the released order); "
+                               "under torchrun, per process", default=1)
     # --- outputs ---
     save_dir: str = _help("runs are written to save_dir/run_N (N = first free number)", default="outputs/pythia/1b")
     save_freq: int = _help("write a summary (pictures, logit lens) and a checkpoint every this many epochs", default=10)
     top_k_tokens: int = _help("tokens listed per document in the logit lens", default=20)
+    l0_threshold: float = _help("a memory entry counts as selected (L0) when |s_i| exceeds this", default=1e-2)
+    eval_at_end: bool = _help("run evaluate_memory.py's measurements (recall, CE matrix, landscape) when training ends",
+                              default=False)
     resume: str | None = _help("continue the interrupted run in this folder (save_dir/run_N) from its checkpoint, "
                                "with its own config.yaml; only --num_epochs (to extend it), --detect_anomaly and "
                                "--cache_budget_gb may be given differently", default=None)
@@ -182,7 +187,7 @@ class TrainConfig:
             choice(flag, activation_names())
         for flag in ("max_labels", "max_segments", "segment_length", "max_length", "key_dim", "hook_memory_dim",
                      "key_internal_dim", "batch_size", "num_accumulation_steps", "num_epochs", "save_freq",
-                     "top_k_tokens", "synthetic_articles"):
+                     "top_k_tokens", "synthetic_articles", "docs_per_step"):
             at_least(flag, 1)
         at_least("key_internal_layers", 2)
         for flag in ("num_gpus", "num_warmup_steps", "hook_memory_layer", "seed"):
@@ -190,8 +195,16 @@ class TrainConfig:
         if self.seed >= 2**63:
             raise ConfigError("seed", self.seed, "must be < 2**63")
         at_least("lr", 0, strict=True)
-        for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb"):
+        for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb", "l0_threshold"):
             at_least(flag, 0)
+        if self.docs_per_step > self.max_labels:
+            raise ConfigError("docs_per_step", self.docs_per_step, f"at most --max_labels ({self.max_labels})")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+            if self.reference_loop:
+                raise ConfigError("reference_loop", True, "not available under torchrun (it runs the memory twice "
+                                                          "per step); use the default fast path")
+            if self.resume is not None:
+                raise ConfigError("resume", self.resume, "resuming under torchrun is not supported yet")
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N")
         if self.device.startswith("cuda") and self.num_gpus > 0:

@@ -41,6 +41,11 @@ class Batch:
     chunk_doc_ids: torch.Tensor | None = None  # (C,) document of every chunk of the global group
     chunk_of_row: torch.Tensor | None = None  # (B,) which of those chunks each local row belongs to
 
+    @property
+    def group_ids(self) -> torch.Tensor:
+        """What per-document means group by: a chunk is one document's segments."""
+        return self.chunk_of_row if self.chunk_of_row is not None else self.doc_ids
+
     def to(self, device: torch.device | str) -> "Batch":
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        labels=self.labels.to(device))
@@ -61,7 +66,8 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 def _reduce(per_token: torch.Tensor, row_of_token: torch.Tensor, doc_ids: torch.Tensor, num_sets: int,
             per_document: bool) -> list[torch.Tensor]:
     """Per-token losses of num_sets stacked copies of a batch -> per key set, the token mean over
-    the batch (a scalar) or, with per_document, over each document's rows ((G,) in row order)."""
+    the batch (a scalar) or, with per_document, over each run of rows with the same id ((G,) in
+    row order; the ids are the batch's chunks where it has them, else its documents)."""
     rows = doc_ids.shape[0]
     device = per_token.device
     _, group_of_row = torch.unique_consecutive(doc_ids.cpu(), return_inverse=True)
@@ -105,7 +111,7 @@ class ReferenceEngine:
                                                              reduction="none"))
         device = per_token[0].device
         targets, valid, row_of_token = _targets(batch.labels.to(device), len(key_sets))
-        return _reduce(torch.cat(per_token), row_of_token, batch.doc_ids, len(key_sets), per_document)
+        return _reduce(torch.cat(per_token), row_of_token, batch.group_ids, len(key_sets), per_document)
 
     def forget(self) -> None:
         pass
@@ -148,7 +154,7 @@ class FastEngine:
     def prefix(self, batch: Batch) -> torch.Tensor:
         """Hidden state after the hooked block, memory not applied: (B, T, d)."""
         cached = self.cache.get(batch.index)
-        if cached is not None:
+        if cached is not None and cached.shape[:2] == batch.input_ids.shape:
             return cached.to(self.block_device, non_blocking=True)
         on_device = batch.to(self.foundation.input_device)
         lower = nn.ModuleList(list(self.foundation.blocks)[: self.layer + 1])
@@ -194,7 +200,7 @@ class FastEngine:
         per_token = linear_cross_entropy(final[:, :-1][valid].to(head_device), self.head.weight,
                                          targets[valid].to(head_device), bias=self.head.bias,
                                          chunk_size=self.chunk_size)
-        return _reduce(per_token, row_of_token.to(head_device), batch.doc_ids, n, per_document)
+        return _reduce(per_token, row_of_token.to(head_device), batch.group_ids, n, per_document)
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:

@@ -444,7 +444,7 @@ class CETable:
 
     def __init__(self, run: LoadedRun, documents: Sequence, options: EvalOptions) -> None:
         from engines import FastEngine
-        from train_guidance import make_batches
+        from batching import make_batches
 
         self.memory = run.memory
         self.per_pass = options.key_sets_per_pass

@@ -2,7 +2,7 @@
 lens of every document's memory readout, and GIFs of those over time.
 
     run_N/summaries/epoch_0010/{losses.png, selection.png, selection.json, logit_lens.png, logit_lens.json}
-    run_N/{losses.gif, docreps.gif, logits.gif}
+    run_N/{losses.gif, docreps.gif, logits.gif, selection_stats.png}
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import analysis_plots
 import plots
 from config import TrainConfig
 from document_memories import DocumentMemory
@@ -36,6 +37,8 @@ class SummaryWriter:
 
         keys = self.memory.doc_keys if self.memory.config.use_keys else None
         if keys is not None:
+            analysis_plots.plot_selection_stats({self.run_dir.name: history}, self.run_dir / "selection_stats.png",
+                                                title=f"memory selection up to epoch {epoch}")
             selections = self.memory.selection(keys).float().cpu()
             (folder / "selection.json").write_text(json.dumps(
                 {"epoch": epoch, "titles": self.titles, "selections": selections.tolist()}) + "\n")

@@ -39,6 +39,8 @@ from checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, remov
                         restore_checkpoint, save_checkpoint)
 from config import RUN_CONFIG_NAME, ConfigError, TrainConfig, fail, parse_args, resolve_device, resume_config
 from document_memories import DocumentMemory, MemoryConfig, MemoryFileError
+from batching import make_batches
+from distributed import DistContext, init_distributed, shutdown, wrap_memory
 from engines import Batch, FastEngine, ReferenceEngine
 from utils import guidance_term, negative_keys, new_run_dir, seed_everything, selection_stats
 
@@ -71,22 +73,6 @@ def load_documents(config: TrainConfig) -> list:
                                      config.max_segments)
 
 
-def make_batches(documents: list, tokenizer, batch_size: int, max_length: int) -> list[Batch]:
-    """Each document's segments in batches of their own (one key per batch), documents in order."""
-    import wikitext
-
-    batches: list[Batch] = []
-    for doc_id, doc in enumerate(documents):
-        tokens = wikitext.tokenize_segments(tokenizer, doc.segments, max_length)
-        for start in range(0, len(doc.segments), batch_size):
-            rows = slice(start, start + batch_size)
-            ids = tokens["input_ids"][rows]
-            batches.append(Batch(index=len(batches), doc_ids=torch.full((ids.shape[0],), doc_id, dtype=torch.long),
-                                 input_ids=ids, attention_mask=tokens["attention_mask"][rows],
-                                 labels=tokens["labels"][rows]))
-    return batches
-
-
 # ---- training --------------------------------------------------------------------------------
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, total_steps: int):
@@ -115,50 +101,74 @@ class StepResult:
 
 def train_step_losses(engine, memory: DocumentMemory, batch: Batch, config: TrainConfig,
                       generator: torch.Generator) -> tuple[torch.Tensor, StepResult]:
-    """The loss of one batch (not yet backpropagated) and its parts."""
+    """The loss of one batch (not yet backpropagated) and its parts.
+
+    A batch holds one or more chunks (a chunk: one document's segments); each chunk has its own
+    key and its own negative, and the loss is the mean over chunks of CE_pos + alpha * term, so
+    P processes with K chunks each give the gradient of one process with K x P."""
     if not config.uses_keys:
-        (ce_pos,) = engine.losses(batch, [None])
-        return ce_pos, StepResult(ce_pos.item(), ce_pos.item(), None, None)
+        (ce_pos,) = engine.losses(batch, [None], per_document=True)
+        loss = ce_pos.mean()
+        return loss, StepResult(loss.item(), loss.item(), None, None)
     pos = memory.keys_for(batch.doc_ids)
     if not config.guidance_active:
-        (ce_pos,) = engine.losses(batch, [pos])
-        return ce_pos, StepResult(ce_pos.item(), ce_pos.item(), None, None)
-    neg = negative_keys(config.negative_key_type, batch.doc_ids, memory.doc_keys, generator, config.delta)
-    ce_pos, ce_neg = engine.losses(batch, [pos, neg])
+        (ce_pos,) = engine.losses(batch, [pos], per_document=True)
+        loss = ce_pos.mean()
+        return loss, StepResult(loss.item(), loss.item(), None, None)
+    if batch.chunk_doc_ids is not None:  # one draw per chunk of the global batch, every process alike
+        drawn = negative_keys(config.negative_key_type, batch.chunk_doc_ids, memory.doc_keys, generator, config.delta)
+        neg = drawn[batch.chunk_of_row.to(drawn.device)]
+    else:
+        neg = negative_keys(config.negative_key_type, batch.doc_ids, memory.doc_keys, generator, config.delta)
+    ce_pos, ce_neg = engine.losses(batch, [pos, neg], per_document=True)
     term = guidance_term(ce_pos, ce_neg, config.target_negative_ce, config.guidance_loss)
-    loss = ce_pos + config.guidance * term
-    return loss, StepResult(loss.item(), ce_pos.item(), ce_neg.item(), term.item())
+    loss = (ce_pos + config.guidance * term).mean()
+    return loss, StepResult(loss.item(), ce_pos.mean().item(), ce_neg.mean().item(), term.mean().item())
+
+
+MAX_EVAL_OTHER_KEYS = 8  # past this many documents, `other` negatives are evaluated on a sample
 
 
 @torch.no_grad()
-def evaluate(engine, memory: DocumentMemory, batches: list[Batch], config: TrainConfig) -> dict[str, float]:
+def evaluate(engine, memory: DocumentMemory, batches: list[Batch], config: TrainConfig,
+             dist_ctx: DistContext | None = None) -> dict[str, float | None]:
     """Token-weighted mean CE under each document's own key, and under negative keys: for
-    `other`, every other document's key (the expectation of the training draw); for the other
-    types, one draw from a fixed generator."""
+    `other`, every other document's key (the expectation of the training draw; a fixed sample of
+    MAX_EVAL_OTHER_KEYS of them when there are more); for the other types, one draw from a fixed
+    generator. Under torchrun every process evaluates its batches and the sums are combined."""
     n_docs = memory.config.num_docs
-    pos_sum = neg_sum = 0.0
-    pos_n = neg_n = 0
+    sums = [0.0, 0.0, 0.0, 0.0]  # positive CE x tokens, tokens, negative CE x tokens, tokens
     generator = torch.Generator().manual_seed(12345)
     for batch in batches:
-        tokens = int((batch.labels[:, 1:] != -100).sum())
+        doc_of_group = torch.unique_consecutive(batch.group_ids, return_inverse=True)[1]
+        first_rows = torch.cat([torch.ones(1, dtype=torch.bool), batch.group_ids[1:] != batch.group_ids[:-1]])
+        group_docs = batch.doc_ids[first_rows]
+        valid = (batch.labels[:, 1:] != -100).sum(dim=1).float()
+        tokens = torch.zeros(len(group_docs)).index_add(0, doc_of_group, valid)
         if not config.uses_keys:
-            (ce,) = engine.losses(batch, [None])
-            pos_sum += ce.item() * tokens
-            pos_n += tokens
+            (ce,) = engine.losses(batch, [None], per_document=True)
+            sums[0] += float((ce.cpu() * tokens).sum())
+            sums[1] += float(tokens.sum())
             continue
-        key_sets = [memory.keys_for(batch.doc_ids)]
+        own = engine.losses(batch, [memory.keys_for(batch.doc_ids)], per_document=True)[0].cpu()
         if config.negative_key_type == "other" and n_docs > 1:
-            own = int(batch.doc_ids[0])
-            key_sets += [memory.keys_for(torch.full_like(batch.doc_ids, j)) for j in range(n_docs) if j != own]
+            others = range(n_docs)
+            if n_docs - 1 > MAX_EVAL_OTHER_KEYS:
+                others = torch.randperm(n_docs, generator=generator)[:MAX_EVAL_OTHER_KEYS + 1].tolist()
+            per_key = torch.stack(engine.losses(batch, [memory.keys_for(torch.full_like(batch.doc_ids, j))
+                                                        for j in others], per_document=True)).cpu()  # (keys, G)
+            is_own = torch.tensor(list(others)).unsqueeze(1) == group_docs.unsqueeze(0)
+            neg = (per_key * ~is_own).sum(0) / (~is_own).sum(0).clamp(min=1)
         else:
-            key_sets.append(negative_keys(config.negative_key_type, batch.doc_ids, memory.doc_keys, generator,
-                                          config.delta))
-        ces = engine.losses(batch, key_sets)
-        pos_sum += ces[0].item() * tokens
-        pos_n += tokens
-        neg_sum += sum(c.item() for c in ces[1:]) / len(ces[1:]) * tokens
-        neg_n += tokens
-    return {"ce_positive": pos_sum / max(pos_n, 1), "ce_negative": neg_sum / neg_n if neg_n else float("nan")}
+            drawn = negative_keys(config.negative_key_type, batch.doc_ids, memory.doc_keys, generator, config.delta)
+            neg = engine.losses(batch, [drawn], per_document=True)[0].cpu()
+        sums[0] += float((own * tokens).sum())
+        sums[1] += float(tokens.sum())
+        sums[2] += float((neg * tokens).sum())
+        sums[3] += float(tokens.sum())
+    if dist_ctx is not None and dist_ctx.enabled:
+        sums = [v * dist_ctx.world_size for v in dist_ctx.mean(sums)]
+    return {"ce_positive": sums[0] / max(sums[1], 1.0), "ce_negative": sums[2] / sums[3] if sums[3] else None}
 
 
 # ---- stopping: non-finite losses and signals -------------------------------------------------
@@ -369,22 +379,27 @@ def train_epoch(config: TrainConfig, engine, memory: DocumentMemory, batches: li
 
 
 def train(config: TrainConfig, engine, memory: DocumentMemory, batches: list[Batch], optimizer, scheduler,
-          generator: torch.Generator, progress: Progress, writer, run_dir: Path, save, stop: StopOnSignal) -> None:
+          generator: torch.Generator, progress: Progress, writer, run_dir: Path, save, stop: StopOnSignal,
+          dist_ctx: DistContext = DistContext()) -> None:
     """Epochs progress.epoch + 1 .. num_epochs: a metrics.jsonl line each, a summary and a
-    checkpoint every save_freq epochs and at the end."""
-    bar = tqdm(total=config.num_epochs, initial=progress.epoch, desc="epochs", unit="epoch", dynamic_ncols=True)
+    checkpoint every save_freq epochs and at the end (rank 0 alone writes under torchrun)."""
+    bar = tqdm(total=config.num_epochs, initial=progress.epoch, desc="epochs", unit="epoch", dynamic_ncols=True,
+               disable=not dist_ctx.is_main)
     try:
         while progress.epoch < config.num_epochs:
             train_epoch(config, engine, memory, batches, optimizer, scheduler, generator, progress, save, stop, run_dir)
             epoch = progress.epoch + 1
-            record = {"epoch": epoch, "step": progress.step, **{k: v / len(batches) for k, v in progress.sums.items()}}
+            means = dist_ctx.mean([progress.sums[k] / len(batches) for k in LOSS_PARTS])  # over processes
+            record = {"epoch": epoch, "step": progress.step, **dict(zip(LOSS_PARTS, means))}
             record = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in record.items()}
             with torch.no_grad():
-                record.update(selection_stats(memory.selection(memory.doc_keys)) if config.uses_keys else {})
+                record.update(selection_stats(memory.selection(memory.doc_keys), config.l0_threshold)
+                              if config.uses_keys else {})
             progress.history.append(record)
             progress.epoch, progress.batch, progress.sums = epoch, 0, dict.fromkeys(LOSS_PARTS, 0.0)
-            with (run_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(record) + "\n")
+            if dist_ctx.is_main:
+                with (run_dir / "metrics.jsonl").open("a") as f:
+                    f.write(json.dumps(record) + "\n")
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
                              if k in ("loss", "ce_positive", "ce_negative") and v is not None}, refresh=False)
             bar.update(1)
@@ -392,7 +407,8 @@ def train(config: TrainConfig, engine, memory: DocumentMemory, batches: list[Bat
             saved = epoch % config.save_freq == 0 or epoch == config.num_epochs
             if saved:
                 memory.eval()
-                writer.write(epoch, progress.history)
+                if dist_ctx.is_main:
+                    writer.write(epoch, progress.history)
                 save()
             if stop.signum:
                 if not saved:
@@ -407,11 +423,16 @@ def train(config: TrainConfig, engine, memory: DocumentMemory, batches: list[Bat
 def run(config: TrainConfig) -> Path:
     """Train and write everything into a new save_dir/run_N, or continue config.resume in place;
     returns the run folder."""
-    with StopOnSignal() as stop, RunLock() as lock:
-        return train_run(config, stop, lock)
+    device = resolve_device(config)
+    dist_ctx = init_distributed(use_cuda=device.startswith("cuda"))
+    try:
+        with StopOnSignal() as stop, RunLock() as lock:
+            return train_run(config, stop, lock, dist_ctx)
+    finally:
+        shutdown(dist_ctx)
 
 
-def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
+def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock", dist_ctx: DistContext = DistContext()) -> Path:
     """run(), with the signal handlers and the run folder's lock in place."""
     from foundations import load_foundation
     from summaries import SummaryWriter
@@ -432,6 +453,8 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
 
     # -- the frozen LM, the batches, the memory and the loss engine ------------------------------
     device = resolve_device(config)
+    if dist_ctx.enabled and device.startswith("cuda"):
+        device = f"cuda:{dist_ctx.local_rank}"
     dtype = resolve_dtype(config, device)
     num_gpus = 0 if device == "cpu" else config.num_gpus
     foundation = load_foundation(config.lm_name, config.lm_size, lm_path=config.lm_path,
@@ -441,7 +464,8 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
                           f"{foundation.name} has blocks 0..{foundation.num_blocks - 1}")
     if stop.signum:
         raise stop.interrupted("while loading the model", None)
-    batches = make_batches(documents, foundation.tokenizer, config.batch_size, config.max_length)
+    batches = make_batches(documents, foundation.tokenizer, config.batch_size, config.max_length,
+                           docs_per_step=config.docs_per_step, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
 
     block_device = next(foundation.block(config.hook_memory_layer).parameters()).device
     memory_config = MemoryConfig(
@@ -452,15 +476,19 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
         learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys)
     memory = DocumentMemory(memory_config, generator=torch.Generator().manual_seed(config.seed)).to(block_device)
 
+    trained = wrap_memory(memory, dist_ctx)  # DistributedDataParallel under torchrun, else the memory
     if config.reference_loop:
-        engine = ReferenceEngine(foundation, memory, config.hook_memory_layer, dtype)
+        engine = ReferenceEngine(foundation, trained, config.hook_memory_layer, dtype)
     else:
-        engine = FastEngine(foundation, memory, config.hook_memory_layer, dtype,
+        engine = FastEngine(foundation, trained, config.hook_memory_layer, dtype,
                             cache_budget_bytes=int(config.cache_budget_gb * (1 << 30)))
 
     # -- the run folder (a new run_N, or the one being resumed) ----------------------------------
-    if run_dir is None:
+    if run_dir is None and not dist_ctx.is_main:  # rank 0 makes the folder; the others only learn its name
+        run_dir = Path(dist_ctx.broadcast_object(None))
+    elif run_dir is None:
         run_dir = new_run_dir(config.save_dir)
+        dist_ctx.broadcast_object(str(run_dir))
         lock.acquire(run_dir)
         config.save_yaml(run_dir / RUN_CONFIG_NAME, extra={
             "resolved": {"device": device, "dtype": str(dtype).removeprefix("torch."), "lm": foundation.name,
@@ -479,7 +507,9 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
     scheduler = make_scheduler(optimizer, config, steps_per_epoch * config.num_epochs)
     generator = torch.Generator().manual_seed(config.seed)
 
-    def save() -> None:  # a checkpoint of everything, as training stands now
+    def save() -> None:  # a checkpoint of everything, as training stands now (rank 0 writes it)
+        if not dist_ctx.is_main:
+            return
         state = asdict(progress)
         state["wall_seconds"] = progress.wall_seconds + (time.time() - started)
         try:
@@ -496,9 +526,10 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
         update_num_epochs(run_dir, config.num_epochs)
     else:  # a new run, or one stopped before its first checkpoint: start (over) here
         memory.eval()
-        progress = Progress(initial=evaluate(engine, memory, batches, config))
+        progress = Progress(initial=evaluate(engine, memory, batches, config, dist_ctx))
         save()
-    rewind_run_dir(run_dir, progress.history, writer.frames)
+    if dist_ctx.is_main:
+        rewind_run_dir(run_dir, progress.history, writer.frames)
     if stop.signum:
         raise stop.interrupted("before training", run_dir)
 
@@ -506,7 +537,7 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
     with torch.autograd.set_detect_anomaly(config.detect_anomaly):
         try:
             train(config, engine, memory, batches, optimizer, scheduler, generator, progress, writer,
-                  run_dir, save, stop)
+                  run_dir, save, stop, dist_ctx)
         except NonFiniteLoss as err:
             last = read_checkpoint(checkpoint_path(run_dir)).state
             raise NonFiniteLoss(f"{err}; stopped, and kept the last good checkpoint {checkpoint_path(run_dir)} "
@@ -515,7 +546,9 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
 
     # -- final evaluation, the trained memory, summary.json -------------------------------------
     memory.eval()
-    final = evaluate(engine, memory, batches, config)
+    final = evaluate(engine, memory, batches, config, dist_ctx)
+    if not dist_ctx.is_main:
+        return run_dir
     save_memory(memory, run_dir)
     initial = progress.initial
     summary = {
@@ -525,8 +558,14 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock") -> Path:
         "wall_seconds": progress.wall_seconds + (time.time() - started), "run_dir": str(run_dir),
     }
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if config.eval_at_end:
+        from evaluate_memory import EvalOptions, evaluate_trained
+
+        evaluate_trained(run_dir, config, foundation, memory, documents, dtype,
+                         EvalOptions(l0_threshold=config.l0_threshold))
+    negative = summary["final_ce_negative"]
     tqdm.write(f"run written to {run_dir}: CE own key {summary['initial_ce_positive']:.3f} -> "
-               f"{summary['final_ce_positive']:.3f}, other keys {summary['final_ce_negative']:.3f}")
+               f"{summary['final_ce_positive']:.3f}" + (f", other keys {negative:.3f}" if negative is not None else ""))
     return run_dir
 
 

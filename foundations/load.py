@@ -64,7 +64,8 @@ def _device_map(config: PretrainedConfig, gpus: int) -> DeviceMap | None:
     if gpus == 0:
         return None  # plain CPU load
     if gpus == 1:
-        return {"": 0}
+        # under torchrun each process takes its own GPU
+        return {"": torch.cuda.current_device()}
     # An empty (meta) skeleton has the module tree the device map needs, at no memory cost.
     with accelerate.init_empty_weights():
         skeleton = AutoModelForCausalLM.from_config(config)

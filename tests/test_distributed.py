@@ -1,0 +1,81 @@
+"""Several documents per step, and data parallelism with torchrun (gloo on CPU)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from fixtures_tiny import load_tensors, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
+
+
+def test_docs_per_step_gives_each_row_its_own_key(tiny_lm_dir):
+    """A step over 4 documents = the mean of 4 per-document steps (each chunk its own key and negative)."""
+    from batching import make_batches
+    from config import parse_args
+    from document_memories import DocumentMemory, MemoryConfig
+    from engines import FastEngine
+    from foundations import load_foundation
+    from train_guidance import load_documents, train_step_losses
+
+    config = parse_args(tiny_argv(tiny_lm_dir, tiny_lm_dir / "unused", "--max_labels", "4", "--docs_per_step", "4",
+                                  "--guidance", "0.5", "--target_negative_ce", "20"))
+    foundation = load_foundation("pythia", "70m", lm_path=str(tiny_lm_dir), num_gpus=0)
+    documents = load_documents(config)
+    memory = DocumentMemory(MemoryConfig(hidden_size=32, num_docs=4, memory_dim=8),
+                            generator=torch.Generator().manual_seed(0))
+    engine = FastEngine(foundation, memory, 2, torch.float32)
+    mixed = make_batches(documents, foundation.tokenizer, 2, 64, docs_per_step=4)[0]
+    assert mixed.chunk_doc_ids.tolist() == [0, 1, 2, 3] and len(set(mixed.doc_ids.tolist())) == 4
+    loss, parts = train_step_losses(engine, memory, mixed, config, torch.Generator().manual_seed(7))
+
+    # the same negatives, drawn once for the 4 chunks, then 4 separate per-document passes
+    from utils import guidance_term, negative_keys
+
+    drawn = negative_keys("other", mixed.chunk_doc_ids, memory.doc_keys, torch.Generator().manual_seed(7))
+    singles = make_batches(documents, foundation.tokenizer, 2, 64)
+    firsts = [next(b for b in singles if int(b.doc_ids[0]) == d) for d in range(4)]
+    separate = []
+    engine = FastEngine(foundation, memory, 2, torch.float32)  # a fresh prefix cache for the other batches
+    for d, batch in enumerate(firsts):
+        neg = drawn[d].expand(batch.doc_ids.shape[0], -1)
+        ce_pos, ce_neg = engine.losses(batch, [memory.keys_for(batch.doc_ids), neg])
+        separate.append(ce_pos + 0.5 * guidance_term(ce_pos, ce_neg, 20.0, "clamped_mse"))
+    expected = torch.stack(separate).mean()
+    # the mixed batch pads every chunk to the longest, which shifts absolute positions; rotary
+    # attention depends on relative ones only, so the difference is float rounding
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=0)
+    # and with every row keyed by document 0 instead, the loss differs: the keys really are per row
+    (wrong,) = engine.losses(mixed, [memory.keys_for(torch.zeros_like(mixed.doc_ids))])
+    (right,) = engine.losses(mixed, [memory.keys_for(mixed.doc_ids)])
+    assert abs(wrong.item() - right.item()) > 1e-6
+
+
+def _run(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_torchrun_two_processes_equal_one_with_two_docs_per_step(tiny_lm_dir, tmp_path):
+    common = tiny_argv(tiny_lm_dir, tmp_path / "x", "--max_labels", "4", "--num_epochs", "3", "--save_freq", "3")
+    single = [a if a != str(tmp_path / "x") else str(tmp_path / "single") for a in common]
+    multi = [a if a != str(tmp_path / "x") else str(tmp_path / "ddp") for a in common]
+    _run([sys.executable, str(ROOT / "train_guidance.py"), *single, "--docs_per_step", "2"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(ROOT / "train_guidance.py"), *multi])
+    a = load_tensors(tmp_path / "single" / "run_0" / "memory" / "memory.safetensors")
+    b = load_tensors(tmp_path / "ddp" / "run_0" / "memory" / "memory.safetensors")
+    assert not (tmp_path / "ddp" / "run_1").exists()  # rank 0 alone wrote
+    for name in a:
+        rel = ((a[name] - b[name]).norm() / a[name].norm().clamp(min=1e-12)).item()
+        assert rel <= 1e-5, (name, rel)
+    # the weights moved during training (the comparison is not of two untouched initialisations)
+    from document_memories import load_memory
+
+    trained = load_memory(tmp_path / "single" / "run_0" / "memory")
+    from document_memories import DocumentMemory
+
+    start = DocumentMemory(trained.config, generator=torch.Generator().manual_seed(1))
+    assert not torch.allclose(start.up.weight, a["up.weight"])
