@@ -406,6 +406,16 @@ def resolve_device(config: TrainConfig) -> str:
     return config.device
 
 
+def flags_markdown() -> str:
+    """The README's table of flags, made from the config itself (a test keeps them in step)."""
+    rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
+    for f in fields(TrainConfig):
+        name = f"`--{f.name}`" + (" (`--max_segements`)" if f.name == "max_segments" else "")
+        meaning = f.metadata["help"].replace("|", "\\|")
+        rows.append(f"| {name} | `{f.default}` | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
 def fail(message: str, code: int = 2, label: str = "error") -> NoReturn:
     """One line on stderr, no traceback."""
     sys.stderr.write(f"train_guidance.py: {label}: {' '.join(str(message).split())}\n")

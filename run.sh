@@ -45,14 +45,14 @@ case "$preset" in
       --dataset synthetic --synthetic_articles 20 --max_labels 5 --max_segments 3 --segment_length 48 \
       --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim 32 --hook_memory_layer 27 \
       --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 \
-      --batch_size 16 --lr 3e-3 --num_epochs 60 --save_freq 10 --seed 1 --save_dir outputs/demo "$@"
+      --batch_size 16 --lr 3e-3 --num_epochs 40 --save_freq 10 --seed 1 --save_dir outputs/demo "$@"
     ;;
   ablations)
     # The paper's comparisons at demo scale, each a demo run with one change, then one report:
     # key activation tanh / relu / sigmoid; linear vs 2, 3, 4-layer key generator; guidance 0, 0.1,
     # 0.5; negative keys other / random / zero / perturb; a shared memory without keys.
-    # The baseline (tanh, linear, guidance 0.1, other) is run once. 40 epochs instead of the
-    # demo's 60 keep 12 runs affordable on a CPU; extra FLAGS go to every run (and override).
+    # The baseline (tanh, linear, guidance 0.1, other) is run once, with the demo's 40 epochs;
+    # extra FLAGS go to every run (and override).
     # ABLATIONS_DIR (outputs/ablations) holds <name>/run_N and report/; EVAL_ARGS go to the
     # evaluation (default --grid 5: the landscape is its costliest part).
     root="${ABLATIONS_DIR:-outputs/ablations}"
@@ -69,7 +69,7 @@ case "$preset" in
     for i in "${!names[@]}"; do
       echo "=== ablation ${names[$i]}: ${flags[$i]:-(demo settings)}" >&2
       # shellcheck disable=SC2086  # the flags are meant to split into words
-      bash ./run.sh demo --num_epochs 40 --save_freq 20 ${flags[$i]} --save_dir "$root/${names[$i]}" "$@"
+      bash ./run.sh demo --save_freq 20 ${flags[$i]} --save_dir "$root/${names[$i]}" "$@"
       runs+=("$root/${names[$i]}")
     done
     # shellcheck disable=SC2086
