@@ -12,27 +12,14 @@ import math
 from pathlib import Path
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
-from matplotlib.figure import Figure
 
 DPI = 100
 STAT_SERIES = (("l0", "L0 (entries in use)"), ("l2", "L2 norm"),
                ("pairwise_distance", "mean pairwise distance"), ("normalized_distance", "distance / L2"))
 
 
-def _new_figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig: Figure, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, facecolor="white")
-    fig.clear()
-    return path
+from plots import _new_figure, _save  # noqa: E402  (one figure/saving convention for all pictures)
 
 
 def _short(text: str, n: int = 28) -> str:

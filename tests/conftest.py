@@ -50,17 +50,3 @@ def tiny_model(arch: str, seed: int = 0, **kw):
 def arch(request) -> str:
     return request.param
 
-
-@pytest.fixture(scope="session")
-def tiny_pythia_dir(tmp_path_factory) -> Path:
-    """A tiny random GPT-NeoX saved with the real Pythia tokenizer: usable as --lm_path offline."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent: the Pythia tokenizer is needed for a --lm_path model")
-    from transformers import AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("tiny_pythia")
-    tokenizer = AutoTokenizer.from_pretrained(str(SHARED_DATA / "tokenizers" / "gpt-neox-20b"))
-    model = tiny_model("gpt_neox", vocab_size=50304, num_layers=3)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder

@@ -14,6 +14,7 @@ from PIL import Image
 
 import evaluate_memory as em
 from conftest import tiny_model
+from fixtures_tiny import tiny_lm_dir  # noqa: F401
 from document_memories import DocumentMemory, MemoryConfig, load_memory
 from engines import NO_MEMORY, Batch, FastEngine
 from foundations import from_model
@@ -183,13 +184,13 @@ EVAL_ARGS = ["--prompt_tokens", "8", "--new_tokens", "8", "--grid", "3"]
 
 
 @pytest.fixture(scope="module")
-def trained_runs(tiny_pythia_dir, tmp_path_factory) -> dict[str, Path]:
+def trained_runs(tiny_lm_dir, tmp_path_factory) -> dict[str, Path]:
     import train_guidance
 
     root = tmp_path_factory.mktemp("eval_runs")
     runs = {}
     for name, extra in (("keyed", []), ("shared", ["--document_memory", "shared"])):
-        assert train_guidance.main(["--lm_path", str(tiny_pythia_dir), *TRAIN_ARGS, *extra,
+        assert train_guidance.main(["--lm_path", str(tiny_lm_dir), *TRAIN_ARGS, *extra,
                                     "--save_dir", str(root / name)]) == 0
         runs[name] = root / name / "run_0"
     return runs

@@ -12,6 +12,7 @@ from PIL import Image
 
 from config import ConfigError, TrainConfig, build_parser, parse_args
 from conftest import ROOT
+from fixtures_tiny import tiny_lm_dir  # noqa: F401
 
 
 def test_defaults_are_the_released_run_sh():
@@ -57,9 +58,9 @@ def test_help_lists_every_flag_with_default():
     assert "--max_segements" in text and "(default: 0.1)" in text
 
 
-def test_end_to_end_tiny_run(tiny_pythia_dir, tmp_path):
+def test_end_to_end_tiny_run(tiny_lm_dir, tmp_path):
     """A short real run through the command line: every output of a run exists and opens."""
-    cmd = [sys.executable, str(ROOT / "train_guidance.py"), "--lm_path", str(tiny_pythia_dir), "--num_gpus", "0",
+    cmd = [sys.executable, str(ROOT / "train_guidance.py"), "--lm_path", str(tiny_lm_dir), "--num_gpus", "0",
            "--dataset", "synthetic", "--max_labels", "3", "--max_segments", "2", "--segment_length", "24",
            "--max_length", "48", "--hook_memory_layer", "1", "--num_epochs", "4", "--save_freq", "2",
            "--lr", "1e-2", "--save_dir", str(tmp_path / "out")]
