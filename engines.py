@@ -50,9 +50,6 @@ class Batch:
         return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
                        labels=self.labels.to(device))
 
-    def num_bytes_hidden(self, hidden_size: int, dtype: torch.dtype) -> int:
-        return self.input_ids.numel() * hidden_size * torch.tensor([], dtype=dtype).element_size()
-
 
 KeySet = torch.Tensor | None | str  # (B, key_dim) keys, None = memory without key, NO_MEMORY
 
@@ -132,7 +129,6 @@ class FastEngine:
         self.cache_budget_bytes = cache_budget_bytes
         self.cache: dict[int, torch.Tensor] = {}
         self.cached_bytes = 0
-        self.device_budget_used = 0
         self.block_device = next(foundation.block(layer).parameters()).device
 
     # ---- running slices of the decoder -----------------------------------------------------

@@ -2,7 +2,6 @@
 negative keys, the guidance term, memory-selection statistics and the logit lens."""
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -115,6 +114,3 @@ def logit_lens(readouts: torch.Tensor, norm: nn.Module, head: nn.Module, tokeniz
     return [[(tokenizer.decode([int(i)]), float(v)) for v, i in zip(row_v, row_i)]
             for row_v, row_i in zip(values.cpu(), indices.cpu())]
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")
