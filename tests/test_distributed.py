@@ -71,10 +71,8 @@ def test_torchrun_two_processes_equal_one_with_two_docs_per_step(tiny_lm_dir, tm
         rel = ((a[name] - b[name]).norm() / a[name].norm().clamp(min=1e-12)).item()
         assert rel <= 1e-5, (name, rel)
     # the weights moved during training (the comparison is not of two untouched initialisations)
-    from document_memories import load_memory
+    from document_memories import DocumentMemory, load_memory
 
     trained = load_memory(tmp_path / "single" / "run_0" / "memory")
-    from document_memories import DocumentMemory
-
     start = DocumentMemory(trained.config, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(start.up.weight, a["up.weight"])
