@@ -19,12 +19,10 @@ from engines import Batch
 
 
 def _chunks(documents: list, tokenizer, batch_size: int, max_length: int) -> list[list[dict[str, torch.Tensor]]]:
-    out = []
-    for doc in documents:
-        tokens = wikitext.tokenize_segments(tokenizer, doc.segments, max_length)
-        out.append([{name: t[start:start + batch_size] for name, t in tokens.items()}
-                    for start in range(0, len(doc.segments), batch_size)])
-    return out
+    # Each chunk is tokenized on its own, so it is padded to its own longest segment, as the
+    # released code padded each batch.
+    return [[wikitext.tokenize_segments(tokenizer, doc.segments[start:start + batch_size], max_length)
+             for start in range(0, len(doc.segments), batch_size)] for doc in documents]
 
 
 def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:

@@ -70,16 +70,18 @@ class TrainConfig:
     lm_cache_dir: str | None = _help("Hugging Face cache folder for model weights ('none' = library default)", default=None)
     num_gpus: int = _help("GPUs to split the LM's blocks over; 0 = CPU", default=1)
     device: str = _help("device for a single-device run: auto (cuda:0 if available, else cpu), cpu, cuda, cuda:N", default="auto")
-    precision: str = _help("LM weight dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16; the memory stays fp32", default="auto")
+    precision: str = _help("LM weight dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16; the memory stays fp32. "
+                           "The released code trains in fp32: --precision fp32 gives its numerics", default="auto")
     # --- data ---
     dataset: str = _help("WikiText config of EleutherAI/wikitext_document_level, or 'synthetic' (fictional articles, offline)", default="wikitext-103-v1")
     data_split: str = _help("dataset split to draw articles from", default="train")
     data_path: str | None = _help("local copy: a folder in the wikitext_document_level layout, a parquet file, or a WikiText text file", default=None)
     data_cache_dir: str | None = _help("Hugging Face cache folder for datasets ('none' = library default)", default=None)
     synthetic_articles: int = _help("how many fictional articles --dataset synthetic generates to draw from", default=100)
-    max_labels: int = _help("number of documents (articles) to memorise, drawn at random with --seed", default=10)
+    max_labels: int = _help("number of articles to draw with --seed, as released: NumPy RandomState(seed).choice over "
+                            "all articles, trained in draw order; drawn articles without a segment are dropped", default=10)
     max_segments: int = _help("at most this many segments per document (also accepted as --max_segements, the released spelling)", default=10)
-    segment_length: int = _help("words per segment; segments overlap by half", default=128)
+    segment_length: int = _help("words per segment; segments overlap by half; a shorter article is one segment", default=128)
     max_length: int = _help("at most this many tokens per segment (longer ones are truncated)", default=256)
     # --- the document memory ---
     document_memory: str = _help("keyed: one key per document (the method); shared: one memory, no keys, no guidance (baseline)", default="keyed")
@@ -92,7 +94,8 @@ class TrainConfig:
     document_key_module_type: str = _help("key to selection map: linear, or nonlinear (an MLP)", default="linear")
     key_internal_dim: int = _help("width of the nonlinear key MLP", default=64)
     key_internal_activation: str = _help("activation of the nonlinear key MLP", default="relu")
-    key_internal_layers: int = _help("linear layers in the nonlinear key MLP (>= 2)", default=2)
+    key_internal_layers: int = _help("depth of the nonlinear key MLP, as the released make_mlp: 1 = one linear map; "
+                                     "L >= 2 = L + 1 linear layers (input, L - 1 hidden-to-hidden, output)", default=2)
     learn_doc_keys: bool = _help("train the document keys too (fixed by default, as released)", default=False)
     # --- guidance ---
     negative_key_type: str = _help("negative key: other (another document's), random (normal), zero, perturb (own key + noise)", default="other")
@@ -103,12 +106,13 @@ class TrainConfig:
     # --- optimisation ---
     batch_size: int = _help("segments per batch (a batch holds one document's segments)", default=16)
     lr: float = _help("AdamW learning rate", default=1e-3)
-    num_accumulation_steps: int = _help("batches per optimizer step", default=1)
+    num_accumulation_steps: int = _help("batches per optimizer step (the step's loss is the mean over them; a partial "
+                                        "accumulation is applied at the end of an epoch)", default=1)
     grad_clip_coeff: float = _help("gradient-norm clipping (0 = off)", default=5.0)
     num_epochs: int = _help("passes over all documents", default=500)
     num_warmup_steps: int = _help("linear learning-rate warm-up steps", default=0)
     lr_scheduler: str = _help("learning-rate schedule after warm-up: constant, cosine, linear", default="constant")
-    seed: int = _help("seed for article choice, keys, memory init and negatives", default=1)
+    seed: int = _help("seed for article choice (NumPy, as released; < 2**32), keys, memory init and negatives", default=1)
     # --- speed ---
     reference_loop: bool = _help("compute the loss the literal way (two full hooked passes per step) instead of the prefix cache", default=False)
     cache_budget_gb: float = _help("memory allowed for the prefix cache on the LM's device (GiB); above it: pinned CPU, then recompute", default=8.0)
@@ -189,11 +193,11 @@ class TrainConfig:
                      "key_internal_dim", "batch_size", "num_accumulation_steps", "num_epochs", "save_freq",
                      "top_k_tokens", "synthetic_articles", "docs_per_step"):
             at_least(flag, 1)
-        at_least("key_internal_layers", 2)
+        at_least("key_internal_layers", 1)
         for flag in ("num_gpus", "num_warmup_steps", "hook_memory_layer", "seed"):
             at_least(flag, 0)
-        if self.seed >= 2**63:
-            raise ConfigError("seed", self.seed, "must be < 2**63")
+        if self.seed >= 2**32:  # the documents are drawn with NumPy's generator, as released
+            raise ConfigError("seed", self.seed, "must be < 2**32 (NumPy's seed range)")
         at_least("lr", 0, strict=True)
         for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb", "l0_threshold"):
             at_least(flag, 0)

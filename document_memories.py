@@ -7,7 +7,7 @@ For a hidden state x (batch x tokens x d) and a document key k (key_dim numbers)
     y = x + act(W_out (W_down (a * s) + b_down) + b_out)
 
 With no key the `* s` factor is left out and the module is one shared memory.
-The non-linear variant replaces W_gate by an MLP. Keys are the rows of an orthogonally
+The non-linear variant replaces W_gate by an MLP (the released make_mlp). Keys are the rows of an orthogonally
 initialised (num_docs x key_dim) matrix, fixed by default (the released code) or trainable.
 
 Saved as `memory.safetensors` + `memory_config.json` (never pickle).
@@ -49,11 +49,27 @@ def get_activation(name: str) -> nn.Module:
 
 
 class SwiGLU(nn.Module):
-    """silu(first half) * second half: the gate then emits 2m numbers for m entries."""
+    """first half * silu(second half), the released split: the gate emits 2m numbers for m entries,
+    and its weights are interchangeable with the released module's."""
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        gate, value = z.chunk(2, dim=-1)
-        return nn.functional.silu(gate) * value
+        value, gate = z.chunk(2, dim=-1)
+        return value * nn.functional.silu(gate)
+
+
+def key_mlp(key_dim: int, num_layers: int, width: int, activation: str, out_features: int) -> nn.Module:
+    """The released make_mlp: num_layers 1 is one linear map key_dim -> out_features; num_layers L >= 2
+    is L + 1 linear layers (key_dim -> width, L - 1 of width -> width, width -> out_features) with
+    the activation after every one but the last."""
+    if num_layers < 1:
+        raise ValueError(f"--key_internal_layers must be >= 1, got {num_layers}")
+    if num_layers == 1:
+        return nn.Linear(key_dim, out_features)
+    layers: list[nn.Module] = [nn.Linear(key_dim, width), get_activation(activation)]
+    for _ in range(num_layers - 1):
+        layers += [nn.Linear(width, width), get_activation(activation)]
+    layers.append(nn.Linear(width, out_features))
+    return nn.Sequential(*layers)
 
 
 @dataclass
@@ -117,13 +133,8 @@ class DocumentMemory(nn.Module):
             if config.module_type == "linear":
                 self.gate: nn.Module = nn.Linear(config.key_dim, gate_out)
             else:
-                layers: list[nn.Module] = []
-                width_in = config.key_dim
-                for _ in range(config.key_internal_layers - 1):
-                    layers += [nn.Linear(width_in, config.key_internal_dim), get_activation(config.key_internal_activation)]
-                    width_in = config.key_internal_dim
-                layers.append(nn.Linear(width_in, gate_out))
-                self.gate = nn.Sequential(*layers)
+                self.gate = key_mlp(config.key_dim, config.key_internal_layers, config.key_internal_dim,
+                                    config.key_internal_activation, gate_out)
             self.key_act = SwiGLU() if config.key_activation == "swiglu" else get_activation(config.key_activation)
             # The documents' keys (DocReps); fixed unless learn_doc_keys.
             self.doc_keys = nn.Parameter(torch.empty(config.num_docs, config.key_dim), requires_grad=config.learn_doc_keys)

@@ -69,8 +69,11 @@ def load_documents(config: TrainConfig) -> list:
         raise ConfigError(flag, value, str(err).removeprefix(f"--{flag} {value} ")) from err
     if config.max_labels > len(articles):
         raise ConfigError("max_labels", config.max_labels, f"only {len(articles)} articles are available")
-    return wikitext.select_documents(articles, config.max_labels, config.seed, config.segment_length,
-                                     config.max_segments)
+    try:  # the released draw (README, fixes): NumPy's seeded choice, in draw order
+        return wikitext.select_documents(articles, config.max_labels, config.seed, config.segment_length,
+                                         config.max_segments)
+    except ValueError as err:
+        raise ConfigError("max_labels", config.max_labels, str(err)) from err
 
 
 # ---- training --------------------------------------------------------------------------------

@@ -2,14 +2,14 @@
 
 Articles come from the Hub dataset `EleutherAI/wikitext_document_level` (one row per article,
 column `page`), from a local copy of it (`--data_path`), or from `synthetic.py`.
-Segmentation follows METHOD.md section 3: newlines to spaces, whitespace words, windows of
+Document selection and segmentation follow the released code (METHOD.md section 3): NumPy's
+seeded draw over all articles, in draw order; newlines to spaces, whitespace words, windows of
 `segment_length` words with a stride of half that, at most `max_segments` of them.
 """
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import datasets
 import datasets.config
 import huggingface_hub.constants
+import numpy as np
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
@@ -188,10 +189,12 @@ def extract_title(article: str, num_words: int = 8) -> str:
 def segment_article(article: str, segment_length: int, max_segments: int) -> list[str]:
     """Word windows of one article, each joined with single spaces.
 
-    Fewer than segment_length words: the whole article is one segment (none if it has no words).
-    Otherwise full windows only, starting at 0, stride, 2*stride, ... (stride = segment_length // 2,
-    at least 1) while the window fits, at most max_segments of them; the last up to stride - 1
-    words are then in no segment (a trailing partial window would repeat most of the one before).
+    Fewer than segment_length words: the whole article is one segment (none if it has no words),
+    as released. Otherwise full windows only, starting at 0, stride, 2*stride, ... (stride =
+    segment_length // 2, at least 1) while the window fits, at most max_segments of them; the last
+    up to stride - 1 words are then in no segment (a trailing partial window would repeat most of
+    the one before). The last full window is kept: the released `range` stopped one window early,
+    so an article of exactly segment_length words had no segment (README, fixes).
     """
     if segment_length < 1:
         raise ValueError(f"--segment_length must be >= 1, got {segment_length}")
@@ -215,23 +218,37 @@ class Document:
     segments: list[str]
 
 
-def select_documents(articles: list[str], max_labels: int, seed: int,
-                     segment_length: int, max_segments: int) -> list[Document]:
-    """max_labels articles drawn at random (random.Random(seed)), in the order of the source rows.
-
-    Articles without words are never drawn. The draw depends on the seed and the article count only.
-    """
-    candidates = [i for i, article in enumerate(articles) if article.split()]
+def draw_articles(num_articles: int, max_labels: int, seed: int) -> list[int]:
+    """The released draw: NumPy's generator seeded with `seed` picks max_labels distinct rows of
+    all num_articles, in draw order. (The released code seeds the global generator and calls
+    np.random.choice(range(N), K, replace=False) first; a local RandomState gives the same rows.)"""
     if max_labels < 1:
         raise ValueError(f"--max_labels must be >= 1, got {max_labels}")
-    if max_labels > len(candidates):
-        raise ValueError(f"--max_labels {max_labels} is more than the {len(candidates)} non-empty articles available")
-    picked = sorted(random.Random(seed).sample(candidates, max_labels))
-    return [
-        Document(index=index, article_index=row, title=extract_title(articles[row]),
-                 segments=segment_article(articles[row], segment_length, max_segments))
-        for index, row in enumerate(picked)
-    ]
+    if max_labels > num_articles:
+        raise ValueError(f"--max_labels {max_labels} is more than the {num_articles} articles available")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"--seed must be in 0 .. 2**32 - 1 (NumPy's seed range), got {seed}")
+    return [int(row) for row in np.random.RandomState(seed).choice(num_articles, max_labels, replace=False)]
+
+
+def select_documents(articles: list[str], max_labels: int, seed: int,
+                     segment_length: int, max_segments: int) -> list[Document]:
+    """The run's documents, as the released code picks them: draw_articles over all articles,
+    kept in draw order (key i is the i-th drawn article that has a segment); drawn articles
+    without a segment are dropped, so a run may have fewer than max_labels documents.
+
+    Each drawn row is its own document (the released code looked articles up by title, so two
+    drawn articles with one title became one; README, fixes).
+    """
+    documents = []
+    for row in draw_articles(len(articles), max_labels, seed):
+        segments = segment_article(articles[row], segment_length, max_segments)
+        if segments:
+            documents.append(Document(index=len(documents), article_index=row,
+                                      title=extract_title(articles[row]), segments=segments))
+    if not documents:
+        raise ValueError(f"none of the {max_labels} drawn articles has a word to train on")
+    return documents
 
 
 # --- tokenization -----------------------------------------------------------------------------

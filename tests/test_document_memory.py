@@ -48,14 +48,14 @@ def test_swiglu_gate_has_2m_outputs():
     assert mem.gate.out_features == 16
     k = mem.keys_for([0])
     g = mem.gate(k)
-    torch.testing.assert_close(mem.selection(k), torch.nn.functional.silu(g[:, :8]) * g[:, 8:])
+    torch.testing.assert_close(mem.selection(k), g[:, :8] * torch.nn.functional.silu(g[:, 8:]))  # released split
 
 
 def test_nonlinear_depth():
-    for layers in (2, 3, 4):
+    for layers in (2, 3, 4):  # the released make_mlp: L + 1 linear layers (tests/test_fidelity.py: all of it)
         mem = make(module_type="nonlinear", key_internal_layers=layers, key_internal_dim=12)
         linears = [m for m in mem.gate if isinstance(m, torch.nn.Linear)]
-        assert len(linears) == layers and linears[0].in_features == 2 and linears[-1].out_features == 8
+        assert len(linears) == layers + 1 and linears[0].in_features == 2 and linears[-1].out_features == 8
 
 
 def test_keys_fixed_by_default_and_learnable_on_request():

@@ -42,7 +42,7 @@ def test_both_spellings_and_none_values():
     (["--lr", "0"], "lr"),
     (["--guidance", "-1"], "guidance"),
     (["--max_labels", "1"], "max_labels"),
-    (["--key_internal_layers", "1"], "key_internal_layers"),
+    (["--key_internal_layers", "0"], "key_internal_layers"),
     (["--dataset", "wikitext-7"], "dataset"),
 ])
 def test_bad_values_name_the_flag(argv, flag):

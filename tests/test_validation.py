@@ -87,7 +87,7 @@ def bad_invocations(tmp_path, saved_run) -> list[tuple[list[str], str]]:
         (["--max_segements", "0"], "--max_segments"),
         (["--key_dim", "0"], "--key_dim"),
         (["--hook_memory_dim", "-3"], "--hook_memory_dim"),
-        (["--key_internal_layers", "1"], "--key_internal_layers"),
+        (["--key_internal_layers", "0"], "--key_internal_layers"),
         (["--seed", "-1"], "--seed"),
         (["--max_labels", "1"], "--max_labels"),  # `other` negatives need a second document
         (["--dataset", "synthetic", "--synthetic_articles", "5", "--max_labels", "6"], "--max_labels"),

@@ -112,7 +112,8 @@ def test_select_documents_is_deterministic_and_complete():
     assert docs == wikitext.select_documents(ARTICLES, 10, 1, 64, 3)
     assert [d.index for d in docs] == list(range(10))
     rows = [d.article_index for d in docs]
-    assert rows == sorted(set(rows)) and 0 <= rows[0] and rows[-1] < len(ARTICLES)
+    assert len(set(rows)) == 10 and all(0 <= r < len(ARTICLES) for r in rows)
+    assert rows == wikitext.draw_articles(len(ARTICLES), 10, 1)  # draw order (tests/test_fidelity.py)
     for d in docs:
         assert d.title == wikitext.extract_title(ARTICLES[d.article_index]) and d.title
         assert d.segments == wikitext.segment_article(ARTICLES[d.article_index], 64, 3)
@@ -124,12 +125,17 @@ def test_different_seeds_pick_different_documents():
     assert len(picks) == 5
 
 
-def test_all_articles_can_be_picked_and_blank_ones_never_are():
+def test_drawn_blank_articles_are_dropped_and_the_rest_renumbered():
     articles = ["", " = A = \n a", " \n ", " = B = \n b"]
-    docs = wikitext.select_documents(articles, 2, seed=0, segment_length=8, max_segments=2)
-    assert [(d.article_index, d.title, d.segments) for d in docs] == [(1, "A", ["= A = a"]), (3, "B", ["= B = b"])]
+    docs = wikitext.select_documents(articles, 4, seed=0, segment_length=8, max_segments=2)
+    drawn = wikitext.draw_articles(4, 4, 0)
+    kept = [row for row in drawn if row in (1, 3)]
+    assert [(d.index, d.article_index) for d in docs] == list(enumerate(kept))
+    assert {d.article_index: (d.title, d.segments) for d in docs} == {1: ("A", ["= A = a"]), 3: ("B", ["= B = b"])}
     with pytest.raises(ValueError, match="--max_labels"):
-        wikitext.select_documents(articles, 3, 0, 8, 2)
+        wikitext.select_documents(articles, 5, 0, 8, 2)
+    with pytest.raises(ValueError, match="none of the 1 drawn"):
+        wikitext.select_documents(["", " "], 1, 0, 8, 2)
 
 
 @pytest.mark.parametrize("max_labels", [0, 41])
