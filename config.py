@@ -106,8 +106,8 @@ class TrainConfig:
     # --- optimisation ---
     batch_size: int = _help("segments per batch (a batch holds one document's segments)", default=16)
     lr: float = _help("AdamW learning rate", default=1e-3)
-    num_accumulation_steps: int = _help("batches per optimizer step (the step's loss is the mean over them; a partial "
-                                        "accumulation is applied at the end of an epoch)", default=1)
+    num_accumulation_steps: int = _help("batches per optimizer step (each batch's whole loss is divided by it; a partial "
+                                        "accumulation is applied at the end of each epoch)", default=1)
     grad_clip_coeff: float = _help("gradient-norm clipping (0 = off)", default=5.0)
     num_epochs: int = _help("passes over all documents", default=500)
     num_warmup_steps: int = _help("linear learning-rate warm-up steps", default=0)

@@ -49,14 +49,15 @@ case "$preset" in
     ;;
   ablations)
     # The paper's comparisons at demo scale, each a demo run with one change, then one report:
-    # key activation tanh / relu / sigmoid; linear vs 2, 3, 4-layer key generator; guidance 0, 0.1,
+    # key activation tanh / relu / sigmoid; linear key generator vs the released make_mlp with 3, 4, 5
+    # linear layers (--key_internal_layers 2, 3, 4: input, L - 1 hidden-to-hidden, output); guidance 0, 0.1,
     # 0.5; negative keys other / random / zero / perturb; a shared memory without keys.
     # The baseline (tanh, linear, guidance 0.1, other) is run once, with the demo's 40 epochs;
     # extra FLAGS go to every run (and override).
     # ABLATIONS_DIR (outputs/ablations) holds <name>/run_N and report/; EVAL_ARGS go to the
     # evaluation (default --grid 5: the landscape is its costliest part).
     root="${ABLATIONS_DIR:-outputs/ablations}"
-    names=(baseline act_relu act_sigmoid keygen_2layer keygen_3layer keygen_4layer
+    names=(baseline act_relu act_sigmoid keygen_3linear keygen_4linear keygen_5linear
            guidance_0 guidance_0.5 neg_random neg_zero neg_perturb shared)
     flags=("" "--key_activation relu" "--key_activation sigmoid"
            "--document_key_module_type nonlinear --key_internal_layers 2"

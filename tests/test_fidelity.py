@@ -13,17 +13,17 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import SHARED_DATA, needs_shared, tiny_model
+from fixtures_tiny import finish, start_training, tiny_lm_dir  # noqa: F401
 from torch import nn
 from torch.nn import functional as F
 
 import wikitext
 from batching import make_batches
 from config import TrainConfig, parse_args
-from conftest import SHARED_DATA, needs_shared, tiny_model
 from document_memories import DocumentMemory, MemoryConfig, SwiGLU
 from engines import Batch
-from fixtures_tiny import finish, start_training, tiny_lm_dir  # noqa: F401
-from train_guidance import Progress, StopOnSignal, resolve_dtype, train_epoch
+from train_guidance import Progress, StopOnSignal, optimizer_step, resolve_dtype, train_epoch
 
 WIKITEXT_2 = SHARED_DATA / "wikitext_document_level" / "wikitext-2-v1" / "wikitext-2-v1-test.parquet"
 
@@ -278,6 +278,29 @@ def test_gradient_accumulation_is_a_mean_flushed_at_epoch_end(tmp_path):
     released_guidance = grads(released(batches[0]) - pos / acc)
     for m, r in zip(mine_guidance, released_guidance):
         torch.testing.assert_close(r, acc * m)
+
+
+def test_grad_clip_zero_is_off_where_released_zeroed_the_gradient():
+    memory = DocumentMemory(MemoryConfig(hidden_size=8, num_docs=3, memory_dim=4),
+                            generator=torch.Generator().manual_seed(0))
+    memory(torch.randn(2, 3, 8), memory.keys_for([0, 1])).square().sum().backward()
+    before = [p.grad.clone() for p in memory.trainable_parameters()]
+    seen = []
+
+    class Recorder(torch.optim.SGD):
+        def step(self, closure=None):
+            seen.extend(p.grad.clone() for p in memory.trainable_parameters())
+
+    optimizer = Recorder(memory.trainable_parameters(), lr=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    optimizer_step(memory, optimizer, scheduler, TrainConfig(lm_path="unused", grad_clip_coeff=0), "here")
+    assert all(torch.equal(a, b) for a, b in zip(seen, before))
+    released = [g.clone().requires_grad_(False) for g in before]  # released: clip_grad_norm_(params, 0)
+    params = [nn.Parameter(torch.zeros_like(g)) for g in released]
+    for p, g in zip(params, released):
+        p.grad = g
+    torch.nn.utils.clip_grad_norm_(params, 0.0)
+    assert all(float(p.grad.abs().max()) < 1e-6 for p in params)
 
 
 # --- batching, precision and the released hook ------------------------------------------------
