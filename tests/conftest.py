@@ -18,6 +18,11 @@ needs_shared = pytest.mark.skipif(
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+def pytest_configure(config) -> None:
+    # registered here rather than in a pytest.ini: `pytest -m cuda` selects the GPU tests (gpu_check.py stage a)
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run them with -m cuda")
+
+
 def tiny_config(arch: str, vocab_size: int = 128, num_layers: int = 3, hidden: int = 32):
     """A config for a tiny randomly initialised causal LM of the given architecture."""
     from transformers import GPTNeoXConfig, LlamaConfig

@@ -1,0 +1,82 @@
+"""benchmarks/gpu_check.py --smoke: every stage of the GPU check at tiny sizes on the CPU, so the
+kit that runs on a GPU machine, rarely and first time right, never rots. Plus its bad-input handling
+and the capacity report."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, needs_shared
+
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@needs_shared
+def test_smoke_runs_every_stage(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = _run("--smoke", "--out", str(out), "--work", str(work))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    stages = results["stages"]
+    assert set(stages) == set("abcde")
+    assert {k: s["status"] for k, s in stages.items()} == dict.fromkeys("abcde", "ok")
+    assert results["smoke"] is True and results["machine"]["torch"]
+    # what the GPU machine's $OUT returns: at most 8 plain files
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files), files
+    assert {"gpu_check.json", "gpu_check.md", "logs.tar.gz"} <= {f.name for f in files}
+    assert any(f.suffix == ".png" for f in files)
+
+    a = stages["a"]["figures"]["counts"]
+    assert a["tests"] >= 10 and a["skipped"] == a["tests"]  # the CUDA tests exist and skip without CUDA
+    b = stages["b"]["figures"]
+    assert b["tiny_fp32"]["fast_s_per_step"] > 0 and b["tiny_fp32"]["max_rel_diff_loss"] <= 1e-5
+    assert set(b["tiny_fp32"]["peak_gib"]) == {"released", "frozen_two_pass", "fast"}
+    assert set(b["tiny_bf16"]["peak_gib"]) == {"frozen_two_pass", "fast"}
+    c = stages["c"]["figures"]
+    assert c["bf16"]["epochs_done"] == 4 and c["bf16"]["wall_to_summary_s"] > 0
+    assert c["fp32_vs_bf16"]["epochs"] == 4 and c["fp32_vs_bf16"]["max_abs_diff"] >= 0
+    d = stages["d"]["figures"]["compare"]
+    assert len(d) == 2 and {"keyed", "shared"} <= set(stages["d"]["figures"]["training"])
+    e = stages["e"]["figures"]["rows"]
+    assert len(e) == 4 and not [r for r in e if "missing" in r]
+    assert {(r["kind"], r["documents"]) for r in e} == {(k, n) for k in ("keyed", "shared") for n in (2, 3)}
+    # every figure has the command that reproduces it
+    commands = [c["command"] for s in stages.values() for c in s["commands"]]
+    assert any("run.sh capacity" in c for c in commands) and any("run.sh smollm2" in c for c in commands)
+    assert any("run.sh paper" in c for c in commands) and any("bench_train_step.py" in c for c in commands)
+    assert "| e capacity | ok |" in done.stdout
+
+    # a second invocation with some stages merges the others' earlier results
+    again = _run("--smoke", "--stages", "a", "--out", str(tmp_path / "out2"), "--work", str(work))
+    assert again.returncode == 0, again.stdout[-2000:]
+    merged = json.loads((tmp_path / "out2" / "gpu_check.json").read_text())["stages"]
+    assert set(merged) == set("abcde") and merged["e"]["from_earlier_invocation"] is True
+    assert "from_earlier_invocation" not in merged["a"]
+
+
+def test_bad_flags_exit_2_in_one_line(tmp_path):
+    for args in (["--stages", "a,x"], ["--limits", "c=soon"], ["--kit", str(tmp_path / "absent")]):
+        done = _run("--out", str(tmp_path / "o"), *args, timeout=60)
+        assert done.returncode == 2, (args, done.stderr)
+        assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("usage") is False
+
+
+def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
+    """Without CUDA, the full (non-smoke) check names what is missing and skips every stage."""
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the full check would run for real
+    done = _run("--stages", "b,e", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), timeout=120)
+    assert done.returncode == 1
+    assert "MISSING cuda" in done.stdout
+    stages = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
+    assert {k: s["status"] for k, s in stages.items()} == {"b": "skipped", "e": "skipped"}
+    assert "cuda" in stages["e"]["error"]
