@@ -113,7 +113,7 @@ case "$preset" in
     # How many documents one memory holds, the question the paper leaves open: keyed and shared memories
     # of each of CAPACITY_ENTRIES ("32 256") entries, trained on each of CAPACITY_DOCS ("10 50 200")
     # fictional articles (--dataset synthetic: as many as asked for, and no LM has seen them), 2 segments
-    # of 48 words each, 8 documents per step, 40 epochs, SmolLM2-135M; each run evaluated (ROUGE-L recall
+    # of 48 words each, 4 documents per step (each with its own key), 50 epochs, SmolLM2-135M; each run evaluated (ROUGE-L recall
     # under the right and other keys, CE matrix); then benchmarks/capacity_report.py writes one table
     # and one plot against the number of documents into CAPACITY_DIR/report.
     # CAPACITY_DIR (outputs/capacity) holds <kind>_m<entries>_n<docs>/run_N and a log each;
@@ -129,14 +129,14 @@ case "$preset" in
       for m in "${entries_list[@]}"; do
         for kind in keyed shared; do
           name="${kind}_m${m}_n${n}"
-          dps=$(( n < 8 ? n : 8 ))
+          dps=$(( n < 4 ? n : 4 ))
           echo "=== capacity $name: log in $root/$name.log" >&2
           # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
           ( "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
               --synthetic_articles "$n" --max_labels "$n" --max_segments 2 --segment_length 48 --max_length 96 \
               --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
               --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 --docs_per_step "$dps" \
-              --lr 3e-3 --num_epochs 40 --save_freq 40 --seed 1 --document_memory "$kind" \
+              --lr 3e-3 --num_epochs 50 --save_freq 50 --seed 1 --document_memory "$kind" \
               --save_dir "$root/$name" "$@" \
             && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
           pids+=($!); runs+=("$root/$name")

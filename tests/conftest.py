@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random GPT-NeoX / Llama models and the paths of ../shared/data."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# DOCMEM_SHARED_DATA: the same data elsewhere (gpu_check.py points it at its kit on a GPU machine)
+SHARED_DATA = Path(os.environ.get("DOCMEM_SHARED_DATA") or ROOT.parent / "shared" / "data")
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason="../shared/data is absent (only present in the project's workspace)"
 )

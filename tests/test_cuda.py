@@ -32,8 +32,11 @@ from utils import guidance_term, negative_keys
 pytestmark = [pytest.mark.cuda, needs_cuda]
 
 # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 3.9e-3); over a few steps of a tiny model the
-# fast path's chunked CE and the reference's full logits round differently: this is the stated tolerance
+# fast path's chunked CE and the reference's full logits round differently. The stated tolerance, for
+# the per-step losses and for all the memory's parameters together (measured on a CPU under bf16
+# autocast: losses 9e-5, parameters 5e-3)
 BF16_RTOL = 2e-2
+DEVICE = "cuda"
 CUDA_ARGS = ("--num_gpus", "1", "--device", "cuda:0")
 
 
@@ -47,11 +50,11 @@ def exact_fp32_matmuls():
 
 
 def cuda_setup(arch: str, dtype: torch.dtype = torch.float32):
-    model = tiny_model(arch, num_layers=4).to("cuda", dtype)
+    model = tiny_model(arch, num_layers=4).to(DEVICE, dtype)
     foundation = from_model(model, _Tok())
     memory = DocumentMemory(MemoryConfig(hidden_size=32, num_docs=3, memory_dim=8),
-                            generator=torch.Generator().manual_seed(1)).to("cuda")  # the memory stays fp32
-    batches = [b.to("cuda") for b in make_batches(padded=True)]
+                            generator=torch.Generator().manual_seed(1)).to(DEVICE)  # the memory stays fp32
+    batches = [b.to(DEVICE) for b in make_batches(padded=True)]
     return foundation, memory, batches
 
 
@@ -82,8 +85,17 @@ def both_paths(arch: str, layer: int, dtype: torch.dtype):
 
 
 def max_param_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """Largest ||a - b|| / ||a|| over the memory's tensors."""
     return max(((x - y).norm() / x.norm().clamp_min(1e-30)).item()
                for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def global_param_rel(a: torch.nn.Module, b: torch.nn.Module) -> float:
+    """||a - b|| / ||a|| over all the memory's parameters at once. In bf16 a per-tensor figure is noise for
+    the zero-initialised biases (norm ~0.1 after 3 steps; on a CPU: 0.19 for one of them, while the whole
+    memory differs by 5e-3, as much as bf16 against fp32 on the same path)."""
+    flat = [torch.cat([t.flatten().float() for t in m.state_dict().values()]) for m in (a, b)]
+    return ((flat[0] - flat[1]).norm() / flat[0].norm()).item()
 
 
 @pytest.mark.parametrize("layer", [1, 3])
@@ -96,7 +108,7 @@ def test_fast_equals_reference_fp32(arch, layer):
 def test_fast_close_to_reference_bf16(arch):
     ref, fast, ref_mem, fast_mem = both_paths(arch, 2, torch.bfloat16)
     assert ((ref - fast).abs() / ref.abs()).max().item() <= BF16_RTOL
-    assert max_param_rel(ref_mem, fast_mem) <= BF16_RTOL
+    assert global_param_rel(ref_mem, fast_mem) <= BF16_RTOL
     assert next(fast_mem.parameters()).dtype == torch.float32  # autocast left the memory in fp32
 
 
@@ -127,26 +139,28 @@ def test_tiny_cache_budget_trains_on_cuda(tiny_lm_dir, tmp_path):
     for name in a:
         assert ((a[name] - b[name]).norm() / a[name].norm().clamp_min(1e-12)).item() <= 1e-5, name
     config = (tmp_path / "tiny" / "run_0" / "config.yaml").read_text()
-    assert "cuda" in config
+    assert DEVICE in config
 
 
 def test_memory_inside_generate(arch):
     foundation, memory, _ = cuda_setup(arch)
     model, block = foundation.model, foundation.block(2)
-    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0)).to("cuda")
+    prompt = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     keys = memory.keys_for([0, 1])
+    # token 0 is eos: min_new_tokens keeps generate() from stopping (it masks 0), the loop below likewise
+    options = {"max_new_tokens": 8, "min_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8, do_sample=False,
-                               pad_token_id=0)
+        plain = model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
         with attach_memory(block, memory, keys) as hook:
-            kept = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=8,
-                                  do_sample=False, pad_token_id=0)
+            kept = model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
             assert hook.calls >= 8  # once for the prompt, once per new token (KV cache)
             # the same greedy tokens from full forward passes, no KV cache
             ids = prompt
             for _ in range(8):
-                ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
-    assert kept.device.type == "cuda"
+                logits = model(ids).logits[:, -1]
+                logits[:, 0] = -float("inf")
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+    assert kept.device.type == DEVICE
     assert torch.equal(kept, ids)
     assert not torch.equal(kept, plain)  # the memory changed what the LM says
 
