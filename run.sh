@@ -13,6 +13,21 @@ preset="paper"
 if [[ $# -gt 0 && "$1" != --* ]]; then preset="$1"; shift; fi
 PYTHON="${PYTHON:-python}"
 
+# Wait for background jobs given as PID:LOG; name each failure with its log's last line. Returns 2 when
+# one had bad input (exit 2), 1 when one failed otherwise, else 0.
+wait_jobs() {
+  local worst=0 item rc
+  for item in "$@"; do
+    rc=0
+    wait "${item%%:*}" || rc=$?
+    if (( rc != 0 )); then
+      echo "run.sh: exit $rc, see ${item#*:}: $(tail -n 1 "${item#*:}")" >&2
+      if (( rc == 2 )); then worst=2; elif (( worst == 0 )); then worst=1; fi
+    fi
+  done
+  return "$worst"
+}
+
 case "$preset" in
   paper)
     # --- LLM Related ---
@@ -100,12 +115,10 @@ case "$preset" in
       echo "=== smollm2 $kind memory: log in $root/$kind.log" >&2
       "$PYTHON" train_guidance.py "${common[@]}" --document_memory "$kind" --save_dir "$root/$kind" "$@" \
         >"$root/$kind.log" 2>&1 &
-      pids+=($!)
+      pids+=("$!:$root/$kind.log")
       while (( $(jobs -rp | wc -l) >= ${SMOLLM2_JOBS:-1} )); do sleep 0.5; done
     done
-    failed=0
-    for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
-    if (( failed )); then echo "run.sh smollm2: $failed training(s) failed; see $root/*.log" >&2; exit 1; fi
+    wait_jobs "${pids[@]}" || exit $?
     # shellcheck disable=SC2086
     exec "$PYTHON" evaluate_memory.py --compare "$root/keyed" "$root/shared" --out "$root/report" ${EVAL_ARGS:-}
     ;;
@@ -139,16 +152,15 @@ case "$preset" in
               --lr 3e-3 --num_epochs 50 --save_freq 50 --seed 1 --document_memory "$kind" \
               --save_dir "$root/$name" "$@" \
             && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
-          pids+=($!); runs+=("$root/$name")
+          pids+=("$!:$root/$name.log"); runs+=("$root/$name")
           while (( $(jobs -rp | wc -l) >= ${CAPACITY_JOBS:-1} )); do sleep 0.5; done
         done
       done
     done
     failed=0
-    for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
-    (( failed )) && echo "run.sh capacity: $failed run(s) failed; see $root/*.log (the report shows the rest)" >&2
+    wait_jobs "${pids[@]}" || failed=$?
     "$PYTHON" benchmarks/capacity_report.py --out "$root/report" "${runs[@]}"
-    exit $(( failed > 0 ))
+    exit "$failed"
     ;;
   *)
     echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity)" >&2

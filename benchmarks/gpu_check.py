@@ -265,7 +265,7 @@ def kit_check(args: argparse.Namespace, env: dict[str, str], site: Path) -> dict
     if args.smoke:
         needs -= {"cuda", "gguf_model", "gguf"}  # the smoke run trains a tiny Pythia-shaped model on the CPU
     packages = list(BASE_PACKAGES) + [n for n in ("pytest", "datasets", "rouge_score", "gguf") if n in needs]
-    report: dict[str, Any] = {"actions": []}
+    report: dict[str, Any] = {"actions": [f"--kit {k}: no such folder (left out)" for k in args.missing_kits]}
     state = probe(env, packages)
     manifest = read_manifests(args.kit)
     if any(not v["ok"] for v in state["packages"].values()) and args.kit:
@@ -454,6 +454,8 @@ def stage_c(st: Stage) -> None:
     # the 500-epoch run first (the headline); the fp32 comparison keeps 40 s of the stage for itself
     result = st.run("paper_bf16", base + ["--precision", "bf16", "--save_dir", str(st.work / "bf16")],
                     reserve=0 if st.smoke else 40, poll=progress, check=False)
+    if not list((st.work / "bf16").glob("run_*")):
+        raise StageError(f"the bf16 run exited with {result['rc']} before it made its run folder (log {result['log']})")
     bf16_run = newest_run(st.work / "bf16")
     history = metrics(bf16_run)
     st.figures["bf16"] = {"process_seconds": result["seconds"], "wall_to_summary_s": progress.summary_at,
@@ -610,11 +612,14 @@ def table(results: dict[str, Any]) -> str:
 
 
 def commit_info(kits: list[Path]) -> str:
-    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
-    if done.returncode == 0:
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=False).stdout.strip()
-        return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+        if done.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                   capture_output=True, text=True, check=False).stdout.strip()
+            return done.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except OSError:  # no git on the GPU machine (and no .git in the copy sent there)
+        pass
     manifest = read_manifests(kits)
     return f"{manifest['commit']} (from the kit's manifest; no git here)" if manifest.get("commit") else "unknown"
 
@@ -673,10 +678,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if letter.strip() not in STAGES or not seconds.strip().isdigit():
             p.error(f"--limits: {item!r}; expected STAGE=SECONDS with STAGE one of {', '.join(STAGES)}")
         args.limit[letter.strip()] = int(seconds)
-    args.kit = [Path(k).resolve() for k in args.kit]
-    missing_kits = [str(k) for k in args.kit if not k.is_dir()]
-    if missing_kits:
-        p.error(f"--kit: no such folder: {', '.join(missing_kits)}")
+    # a kit folder that is not there is named by the kit check, not refused: on a fresh GPU machine the
+    # first call's folder is gone, and the stages that do not need it can still run
+    args.missing_kits = [str(k) for k in map(Path, args.kit) if not k.is_dir()]
+    args.kit = [Path(k).resolve() for k in args.kit if Path(k).is_dir()]
     args.out = Path(args.out).resolve()
     args.work = Path(args.work).resolve()
     if args.work == args.out or args.out in args.work.parents:

@@ -62,10 +62,13 @@ def test_smoke_runs_every_stage(tmp_path):
 
 
 def test_bad_flags_exit_2_in_one_line(tmp_path):
-    for args in (["--stages", "a,x"], ["--limits", "c=soon"], ["--kit", str(tmp_path / "absent")]):
+    cases = ((["--stages", "a,x"], "--stages"), (["--limits", "c=soon"], "--limits"), (["--limits", "x=5"], "--limits"),
+             (["--work", str(tmp_path / "o" / "w")], "--work"))
+    for args, flag in cases:
         done = _run("--out", str(tmp_path / "o"), *args, timeout=60)
         assert done.returncode == 2, (args, done.stderr)
-        assert "Traceback" not in done.stderr and done.stderr.strip().splitlines()[-1].startswith("usage") is False
+        last = done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stderr and "error:" in last and flag in last, last
 
 
 def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
@@ -74,9 +77,10 @@ def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
 
     if torch.cuda.is_available():
         return  # the full check would run for real
-    done = _run("--stages", "b,e", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"), timeout=120)
+    done = _run("--stages", "b,e", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+                "--kit", str(tmp_path / "absent"), timeout=120)
     assert done.returncode == 1
-    assert "MISSING cuda" in done.stdout
+    assert "MISSING cuda" in done.stdout and "absent: no such folder" in done.stdout
     stages = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
     assert {k: s["status"] for k, s in stages.items()} == {"b": "skipped", "e": "skipped"}
     assert "cuda" in stages["e"]["error"]
