@@ -86,7 +86,7 @@ def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
     assert "cuda" in stages["e"]["error"]
 
 
-def test_gguf_parts_are_joined_and_checked(tmp_path):
+def test_gguf_parts_are_joined_and_checked(tmp_path, monkeypatch):
     """The GGUF travels in parts, one per device call: joined into WORK/site, checked by sha256, and a
     missing part is named with the call that carries it."""
     import hashlib
@@ -94,6 +94,7 @@ def test_gguf_parts_are_joined_and_checked(tmp_path):
 
     spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
     gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look themselves up there
     spec.loader.exec_module(gpu_check)
 
     blob = bytes(range(256)) * 1000
