@@ -529,7 +529,7 @@ def stage_e(st: Stage) -> None:
     env = {"CAPACITY_DIR": str(st.work), "CAPACITY_JOBS": "12"}  # the preset's own sizes and EVAL_ARGS
     flags: list[str] = []
     if st.smoke:
-        env.update(CAPACITY_DOCS="2 3", CAPACITY_ENTRIES="4", CAPACITY_JOBS="2",
+        env.update(CAPACITY_DOCS="3", CAPACITY_ENTRIES="4", CAPACITY_JOBS="2",
                    EVAL_ARGS="--grid 0 --prompt_tokens 8 --new_tokens 8 --max_other_keys 1 --threads 1")
         flags = [*st.tiny_flags(), "--num_epochs", "2"]
     result = st.run("capacity", ["bash", "run.sh", "capacity", *flags], env=env, check=False)
