@@ -230,7 +230,7 @@ FoundationCache = dict[tuple, Any]
 
 def load_run(run_dir: str | Path, options: EvalOptions, foundations: FoundationCache | None = None) -> LoadedRun:
     """The run's LM (from its config), its documents (checked against config.yaml) and its memory."""
-    from config import TrainConfig
+    from docmem.config import TrainConfig
     from document_memories import MemoryFileError, load_memory
     from foundations import load_foundation
     from train_guidance import load_documents, resolve_dtype
@@ -336,7 +336,7 @@ def generate_greedy(foundation: Any, memory: Any, layer: int, prompts: Sequence[
     keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key), or
     engines.NO_MEMORY (the plain LM). new_tokens: one count for all rows, or one per row (each
     batch then generates only as far as its longest row needs)."""
-    from engines import NO_MEMORY
+    from docmem.engines import NO_MEMORY
     from hook_lm import attach_memory
 
     if isinstance(keys, torch.Tensor) and keys.shape[0] != len(prompts):
@@ -366,7 +366,7 @@ def generate_greedy(foundation: Any, memory: Any, layer: int, prompts: Sequence[
 
 def evaluate_recall(run: LoadedRun, documents: Sequence, options: EvalOptions) -> dict[str, Any]:
     """ROUGE of greedy continuations under every condition, per document and averaged."""
-    from engines import NO_MEMORY
+    from docmem.engines import NO_MEMORY
 
     foundation, memory, config = run.foundation, run.memory, run.config
     tokenizer = foundation.tokenizer
@@ -443,8 +443,8 @@ class CETable:
     """Mean token CE of a document's segments under given key sets, with the prefix cached once."""
 
     def __init__(self, run: LoadedRun, documents: Sequence, options: EvalOptions) -> None:
-        from engines import FastEngine
-        from batching import make_batches
+        from docmem.engines import FastEngine
+        from docmem.batching import make_batches
 
         self.memory = run.memory
         self.per_pass = options.key_sets_per_pass
@@ -479,7 +479,7 @@ class CETable:
 
 
 def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence) -> dict[str, Any]:
-    from engines import NO_MEMORY
+    from docmem.engines import NO_MEMORY
 
     n = len(documents)
     titles = [d.title for d in documents]
@@ -520,7 +520,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     """Every measurement of one run, written into run_dir/eval/; returns summary.json's content.
 
     Callable right after training with the objects already in memory (--eval_at_end)."""
-    import analysis_plots
+    from docmem import analysis_plots
     from utils import selection_stats
 
     options.validate()
@@ -677,7 +677,7 @@ def evaluate_run(run_dir: str | Path, options: EvalOptions, foundations: Foundat
 
 def differing_fields(configs: Sequence[dict]) -> list[str]:
     """TrainConfig fields whose values are not the same in every run (where/how-often fields aside)."""
-    from config import TrainConfig
+    from docmem.config import TrainConfig
 
     names = [f.name for f in fields(TrainConfig) if f.name not in NON_SEMANTIC_FIELDS]
     return [n for n in names if len({json.dumps(_field(c, n), sort_keys=True) for c in configs}) > 1]
@@ -685,7 +685,7 @@ def differing_fields(configs: Sequence[dict]) -> list[str]:
 
 def _field(config: dict, name: str) -> Any:
     """A config value; a field the run predates reads as TrainConfig's default."""
-    from config import TrainConfig
+    from docmem.config import TrainConfig
 
     if name in config:
         return config[name]
@@ -723,7 +723,7 @@ def _fmt(value: Any, digits: int = 3) -> str:
 
 def compare(run_paths: Sequence[str | Path], out: str | Path, options: EvalOptions) -> dict[str, Any]:
     """Evaluate the runs that lack eval/summary.json, then one table and overlaid curves for all."""
-    import analysis_plots
+    from docmem import analysis_plots
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -35,13 +35,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, remove_stale_temporaries,
+from docmem.checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, remove_stale_temporaries,
                         restore_checkpoint, save_checkpoint)
-from config import RUN_CONFIG_NAME, ConfigError, TrainConfig, fail, parse_args, resolve_device, resume_config
+from docmem.config import RUN_CONFIG_NAME, ConfigError, TrainConfig, fail, parse_args, resolve_device, resume_config
 from document_memories import DocumentMemory, MemoryConfig, MemoryFileError
-from batching import make_batches
-from distributed import DistContext, init_distributed, shutdown, wrap_memory
-from engines import Batch, FastEngine, ReferenceEngine
+from docmem.batching import make_batches
+from docmem.distributed import DistContext, init_distributed, shutdown, wrap_memory
+from docmem.engines import Batch, FastEngine, ReferenceEngine
 from utils import guidance_term, negative_keys, new_run_dir, seed_everything, selection_stats
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -435,7 +435,7 @@ def run(config: TrainConfig) -> Path:
 def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock", dist_ctx: DistContext = DistContext()) -> Path:
     """run(), with the signal handlers and the run folder's lock in place."""
     from foundations import load_foundation
-    from summaries import SummaryWriter
+    from docmem.summaries import SummaryWriter
 
     started = time.time()
     seed_everything(config.seed)

@@ -22,7 +22,7 @@ import huggingface_hub.constants
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
-import synthetic
+from docmem import synthetic
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

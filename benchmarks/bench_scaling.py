@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import TrainConfig  # noqa: E402
+from docmem.config import TrainConfig  # noqa: E402
 from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
-from engines import Batch, FastEngine  # noqa: E402
+from docmem.engines import Batch, FastEngine  # noqa: E402
 from foundations import from_model  # noqa: E402
 from train_guidance import train_step_losses  # noqa: E402
 

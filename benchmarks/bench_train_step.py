@@ -39,9 +39,9 @@ for _p in (ROOT, ROOT / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-from config import TrainConfig  # noqa: E402
+from docmem.config import TrainConfig  # noqa: E402
 from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
-from engines import Batch, FastEngine, ReferenceEngine  # noqa: E402
+from docmem.engines import Batch, FastEngine, ReferenceEngine  # noqa: E402
 from foundations import Foundation, from_model  # noqa: E402
 from train_guidance import train_step_losses  # noqa: E402
 

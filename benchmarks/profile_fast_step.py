@@ -20,9 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train_step as bench  # noqa: E402
-import chunked_ce  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from engines import FastEngine, ReferenceEngine  # noqa: E402
+from docmem import chunked_ce  # noqa: E402
+from docmem.config import TrainConfig  # noqa: E402
+from docmem.engines import FastEngine, ReferenceEngine  # noqa: E402
 from train_guidance import train_step_losses  # noqa: E402
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batching import make_batches
+from docmem.batching import make_batches
 from conftest import SHARED_DATA, needs_shared
 from wikitext import Document
 

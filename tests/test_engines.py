@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 
-from chunked_ce import linear_cross_entropy
+from docmem.chunked_ce import linear_cross_entropy
 from conftest import tiny_model
 from document_memories import DocumentMemory, MemoryConfig
-from engines import NO_MEMORY, Batch, FastEngine, ReferenceEngine
+from docmem.engines import NO_MEMORY, Batch, FastEngine, ReferenceEngine
 from foundations import from_model
 from utils import guidance_term, negative_keys
 

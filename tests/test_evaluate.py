@@ -16,7 +16,7 @@ import evaluate_memory as em
 from conftest import tiny_model
 from fixtures_tiny import tiny_lm_dir  # noqa: F401
 from document_memories import DocumentMemory, MemoryConfig, load_memory
-from engines import NO_MEMORY, Batch, FastEngine
+from docmem.engines import NO_MEMORY, Batch, FastEngine
 from foundations import from_model
 from utils import selection_stats
 

@@ -5,7 +5,7 @@ import contextlib
 import io
 import re
 
-from config import flags_markdown
+from docmem.config import flags_markdown
 from conftest import ROOT
 from fixtures_tiny import run_training, tiny_argv, tiny_lm_dir  # noqa: F401
 

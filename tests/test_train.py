@@ -10,7 +10,7 @@ import torch
 import yaml
 from PIL import Image
 
-from config import ConfigError, TrainConfig, build_parser, parse_args
+from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
 from conftest import ROOT
 from fixtures_tiny import tiny_lm_dir  # noqa: F401
 
@@ -106,7 +106,7 @@ def test_smollm2_memory_learns_one_document(smollm2):
     """The real pretrained LM: a memory trained on one fictional document lowers its loss."""
     import wikitext
     from document_memories import DocumentMemory, MemoryConfig
-    from engines import Batch, FastEngine
+    from docmem.engines import Batch, FastEngine
 
     article = wikitext.load_articles("synthetic", num_synthetic=1, seed=3)[0]
     segments = wikitext.segment_article(article, 40, 2)

@@ -12,7 +12,7 @@ import torch
 import foundations
 import train_guidance
 import wikitext
-from config import ConfigError, TrainConfig, build_parser, parse_args
+from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
 from conftest import ROOT, SHARED_DATA, needs_shared
 from fixtures_tiny import subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 
@@ -142,7 +142,7 @@ def test_bad_layer_for_a_model_folder_is_found_from_its_config_json(tiny_lm_dir,
 
 def test_layer_checked_again_against_the_loaded_model(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     """A model whose config.json declares no block count is checked once it has loaded."""
-    monkeypatch.setattr("config._num_blocks", lambda data: None)
+    monkeypatch.setattr("docmem.config._num_blocks", lambda data: None)
     line = fails_cleanly(tiny_argv(tiny_lm_dir, tmp_path / "out") + ["--hook_memory_layer", "5"], capsys,
                          after_loading=True)
     assert "--hook_memory_layer 5" in line and "blocks 0..2" in line

@@ -17,7 +17,7 @@ import pytest
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
-import synthetic
+from docmem import synthetic
 import wikitext
 from conftest import ROOT, SHARED_DATA, needs_shared
 
@@ -139,7 +139,7 @@ def test_bad_max_labels(max_labels: int):
 
 
 def _selection_in_subprocess(hash_seed: str) -> list[dict]:
-    code = ("import dataclasses, json, synthetic, wikitext; "
+    code = ("import dataclasses, json, wikitext; from docmem import synthetic; "
             "docs = wikitext.select_documents(synthetic.generate_articles(40, 7), 10, 3, 32, 4); "
             "print(json.dumps([dataclasses.asdict(d) for d in docs]))")
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}

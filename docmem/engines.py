@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from chunked_ce import linear_cross_entropy
+from docmem.chunked_ce import linear_cross_entropy
 from document_memories import DocumentMemory
 from foundations import Foundation
 from hook_lm import attach_memory

@@ -19,7 +19,7 @@ STAT_SERIES = (("l0", "L0 (entries in use)"), ("l2", "L2 norm"),
                ("pairwise_distance", "mean pairwise distance"), ("normalized_distance", "distance / L2"))
 
 
-from plots import _new_figure, _save  # noqa: E402  (one figure/saving convention for all pictures)
+from docmem.plots import _new_figure, _save  # noqa: E402  (one figure/saving convention for all pictures)
 
 
 def _short(text: str, n: int = 28) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 import wikitext
-from engines import Batch
+from docmem.engines import Batch
 
 
 def _chunks(documents: list, tokenizer, batch_size: int, max_length: int) -> list[list[dict[str, torch.Tensor]]]:
