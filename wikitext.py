@@ -23,6 +23,7 @@ import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
 from docmem import synthetic
+from docmem.errors import DataUnavailableError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -38,10 +39,6 @@ _TRUE_VALUES = ("1", "ON", "YES", "TRUE")
 # ConnectionError("Couldn't reach ... on the Hub (OfflineModeIsEnabled | LocalEntryNotFoundError)"),
 # and, from later downloads, huggingface_hub's LocalEntryNotFoundError or an httpx transport error.
 _HUB_UNREACHABLE = (ConnectionError, LocalEntryNotFoundError, httpx.TransportError)
-
-
-class DataUnavailableError(RuntimeError):
-    """The dataset could not be downloaded from the Hugging Face Hub (offline, or unreachable)."""
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Time per epoch and memory against the number of documents (issue: many documents).
 
-    python benchmarks/bench_scaling.py                      # 10, 100, 1000 documents, tiny GPT-NeoX
-    python benchmarks/bench_scaling.py --docs 10 100 1000 3000 --segments 2 --seq 48
+    python -m benchmarks.bench_scaling                      # 10, 100, 1000 documents, tiny GPT-NeoX
+    python -m benchmarks.bench_scaling --docs 10 100 1000 3000 --segments 2 --seq 48
 
 Each document gets --segments random token segments of --seq tokens (a few left-padded); one
 epoch is the training loop of train_guidance.py (fast path, `other` negatives, AdamW) over
@@ -16,19 +16,16 @@ import json
 import math
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from docmem.config import TrainConfig  # noqa: E402
-from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
-from docmem.engines import Batch, FastEngine  # noqa: E402
-from foundations import from_model  # noqa: E402
-from train_guidance import train_step_losses  # noqa: E402
+from docmem.batching import Batch
+from docmem.config import TrainConfig
+from docmem.engines import FastEngine
+from document_memories import DocumentMemory, MemoryConfig
+from foundations import from_model
+from train_guidance import train_step_losses
 
 
 class _Tokenizer:  # the batches are made of token ids; from_model only needs pad/eos

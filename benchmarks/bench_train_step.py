@@ -1,7 +1,7 @@
 """Time one training step of a document memory three ways (METHOD.md section 7, issue 3.6).
 
-    python benchmarks/bench_train_step.py --shape pythia-70m --batch 4 --seq 128
-    python benchmarks/bench_train_step.py --shape pythia-1b --layer 15 --device cuda --precision bf16
+    python -m benchmarks.bench_train_step --shape pythia-70m --batch 4 --seq 128
+    python -m benchmarks.bench_train_step --shape pythia-1b --layer 15 --device cuda --precision bf16
 
 Paths (same training step for all, only the engine differs):
   released         two full forward+backward passes of the hooked LM (ReferenceEngine) with the
@@ -28,22 +28,17 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from docmem.config import TrainConfig  # noqa: E402
-from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
-from docmem.engines import Batch, FastEngine, ReferenceEngine  # noqa: E402
-from foundations import Foundation, from_model  # noqa: E402
-from train_guidance import train_step_losses  # noqa: E402
+from docmem.batching import Batch
+from docmem.config import TrainConfig
+from docmem.engines import FastEngine, ReferenceEngine
+from document_memories import DocumentMemory, MemoryConfig
+from foundations import Foundation, from_model
+from train_guidance import train_step_losses
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("released", "frozen_two_pass", "fast")

@@ -30,14 +30,14 @@ GIF_BACKGROUND = (255, 255, 255)
 # small helpers
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure attached to an Agg canvas; constrained layout keeps labels from overlapping."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, facecolor="white")
@@ -123,7 +123,7 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str = "",
     Series absent from every epoch (e.g. ce_negative when guidance is 0) are skipped;
     `target` (tau, --target_negative_ce) is drawn as a dashed horizontal line.
     """
-    fig = _new_figure(8.0, 6.0)
+    fig = new_figure(8.0, 6.0)
     ax_ce, ax_g = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     epochs = _series(history, "epoch")
     if np.isnan(epochs).any():  # fall back to positions if some epoch numbers are missing
@@ -167,7 +167,7 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str = "",
     ax_g.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title, parse_math=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +201,7 @@ def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path
     row_h = min(max(6.0 / len(rows), 0.17), 0.35)  # few documents get taller rows
     cells_h = max(len(rows) * row_h, 2.0)
     width = 3.2 + 1.0 + min(max(m * 0.25, 2.5), 14.0)  # labels + colorbar + cells
-    fig = _new_figure(width, 1.4 + cells_h)
+    fig = new_figure(width, 1.4 + cells_h)
     ax = fig.subplots()
     finite = shown[np.isfinite(shown)]
     if vmax is None:
@@ -225,7 +225,7 @@ def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path
     if len(rows) < n_docs:
         sub = f"showing {len(rows)} of {n_docs} documents (evenly sampled), {m} entries, {stats}"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def plot_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str]
     norm = Normalize(lo, hi)
     cmap = colormaps["YlGnBu"]
 
-    fig = _new_figure(1.2 + 1.55 * per_row + 1.0, 1.0 + n_blocks * (0.9 + 0.21 * k))
+    fig = new_figure(1.2 + 1.55 * per_row + 1.0, 1.0 + n_blocks * (0.9 + 0.21 * k))
     axes = fig.subplots(n_blocks, 1, squeeze=False)[:, 0]
     for b, ax in enumerate(axes):
         idx = docs[b * per_row:(b + 1) * per_row]
@@ -315,7 +315,7 @@ def plot_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str]
     if len(docs) < n_docs:
         title += f"\nshowing {len(docs)} of {n_docs} documents (evenly sampled)"
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------

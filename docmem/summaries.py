@@ -11,8 +11,7 @@ from pathlib import Path
 
 import torch
 
-from docmem import analysis_plots
-from docmem import plots
+from docmem import analysis_plots, plots
 from docmem.config import TrainConfig
 from document_memories import DocumentMemory
 from foundations import Foundation

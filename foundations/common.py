@@ -14,10 +14,6 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-class FoundationUnavailableError(RuntimeError):
-    """The requested LM cannot be loaded here (offline, gated, missing package); the message is one line."""
-
-
 @dataclass
 class Foundation:
     model: PreTrainedModel  # causal LM, eval mode, every parameter requires_grad=False

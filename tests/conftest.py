@@ -1,16 +1,12 @@
 """Shared fixtures: tiny random GPT-NeoX / Llama models and the paths of ../shared/data."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+ROOT = Path(__file__).resolve().parents[1]  # the repository (pyproject.toml puts it on sys.path)
 SHARED_DATA = ROOT.parent / "shared" / "data"
 needs_shared = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason="../shared/data is absent (only present in the project's workspace)"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from docmem.batching import make_batches
 from conftest import SHARED_DATA, needs_shared
+from docmem.batching import make_batches
 from wikitext import Document
 
 

@@ -15,12 +15,12 @@ from safetensors.torch import load_file, save_file
 
 import foundations
 import train_guidance
+from conftest import ROOT
 from docmem.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint, restore_checkpoint, save_checkpoint
 from docmem.config import parse_args
-from conftest import ROOT
+from docmem.run_folder import new_run_dir
 from document_memories import DocumentMemory, MemoryConfig, MemoryFileError, load_memory
 from fixtures_tiny import load_tensors, reference_runs, tiny_argv, tiny_lm_dir  # noqa: F401  (fixtures)
-from utils import new_run_dir
 
 
 def training_objects(hidden_size=16, num_docs=3, seed=0):

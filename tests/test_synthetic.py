@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from docmem import synthetic
 from conftest import ROOT
+from docmem import synthetic
 
 TITLE = re.compile(r" = (?!=)(.*\S) = ")
 HEADING = re.compile(r" = = (?!=)(.*\S) = = ")

@@ -12,8 +12,8 @@ import torch
 import foundations
 import train_guidance
 import wikitext
-from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
 from conftest import ROOT, SHARED_DATA, needs_shared
+from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
 from fixtures_tiny import subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 
 WIKITEXT_DIR = SHARED_DATA / "wikitext_document_level"

@@ -17,9 +17,9 @@ import pytest
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
-from docmem import synthetic
 import wikitext
 from conftest import ROOT, SHARED_DATA, needs_shared
+from docmem import synthetic
 
 DOC_LEVEL = SHARED_DATA / "wikitext_document_level"
 RAW_FILE = SHARED_DATA / "wikitext_raw" / "wikitext-2-raw.wiki.test.raw"
