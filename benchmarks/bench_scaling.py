@@ -19,6 +19,7 @@ import statistics
 import time
 
 import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
 from docmem.batching import Batch
 from docmem.config import TrainConfig
@@ -35,8 +36,6 @@ class _Tokenizer:  # the batches are made of token ids; from_model only needs pa
 
 
 def tiny_foundation(vocab: int, hidden: int, layers: int):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
-
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                            intermediate_size=4 * hidden, max_position_embeddings=512)

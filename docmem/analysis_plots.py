@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.patches import Rectangle
 
@@ -142,9 +143,8 @@ def plot_length_vs_l0(lengths: list[float], l0: list[float], titles: list[str], 
 # DocRep landscape
 
 
-def _draw_landscape(ax, fig, ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, float],
-                    other_keys: list[tuple[float, float]], minimum: tuple[float, float], title: str,
-                    colorbar: bool = True) -> None:
+def _draw_landscape(ax: Axes, ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, float],
+                    other_keys: list[tuple[float, float]], minimum: tuple[float, float], title: str) -> None:
     finite = ppl[np.isfinite(ppl)]
     # perplexity spans orders of magnitude between the own key and far away: log colours
     norm = LogNorm(vmin=max(float(finite.min()), 1e-6), vmax=max(float(finite.max()), float(finite.min()) * 1.0001))
@@ -160,8 +160,7 @@ def _draw_landscape(ax, fig, ppl: np.ndarray, axis: np.ndarray, own_key: tuple[f
     ax.set_xlabel("key[0]")
     ax.set_ylabel("key[1]")
     ax.set_title(title, fontsize=9, parse_math=False)
-    if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("perplexity")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("perplexity")
 
 
 def plot_landscape(ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, float],
@@ -170,7 +169,7 @@ def plot_landscape(ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, floa
     """One document's perplexity over a grid of keys: ppl[y_index, x_index]."""
     fig = new_figure(6.0, 5.0)
     ax = fig.subplots()
-    _draw_landscape(ax, fig, ppl, axis, own_key, other_keys, minimum, title)
+    _draw_landscape(ax, ppl, axis, own_key, other_keys, minimum, title)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.7)
     return save_figure(fig, path)
 
@@ -186,7 +185,7 @@ def plot_landscape_overview(ppls: list[np.ndarray], axis: np.ndarray, keys: list
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for i in range(n):
         others = [k for j, k in enumerate(keys) if j != i]
-        _draw_landscape(axes[i], fig, ppls[i], axis, keys[i], others, minima[i], f"{i}: {_short(titles[i], 24)}")
+        _draw_landscape(axes[i], ppls[i], axis, keys[i], others, minima[i], f"{i}: {_short(titles[i], 24)}")
     for ax in axes[n:]:
         ax.set_axis_off()
     if n < len(ppls):

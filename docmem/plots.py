@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib import colormaps, font_manager
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from PIL import Image
@@ -233,8 +234,10 @@ def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path
 
 
 def _draw_lens_block(ax: Axes, top_tokens: list[list[tuple[str, float]]], headers: list[str],
-                     k: int, n_cols: int, cmap: Colormap, norm: Normalize, charmap: set[int]) -> None:
-    """One row of document columns: tokens in rank order on a background coloured by score."""
+                     shape: tuple[int, int], colours: ScalarMappable, charmap: set[int]) -> None:
+    """One row of document columns: tokens in rank order on a background coloured by score.
+    shape: (k ranks, columns); colours: the score's colour map and scale, shared by all blocks."""
+    (k, n_cols), cmap, norm = shape, colours.cmap, colours.norm
     grid = np.full((k, n_cols), np.nan)
     for c, toks in enumerate(top_tokens):
         for r, (_, score) in enumerate(toks[:k]):
@@ -298,15 +301,14 @@ def plot_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str]
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
-    norm = Normalize(lo, hi)
-    cmap = colormaps["YlGnBu"]
+    colours = ScalarMappable(Normalize(lo, hi), colormaps["YlGnBu"])
 
     fig = new_figure(1.2 + 1.55 * per_row + 1.0, 1.0 + n_blocks * (0.9 + 0.21 * k))
     axes = fig.subplots(n_blocks, 1, squeeze=False)[:, 0]
     for b, ax in enumerate(axes):
         idx = docs[b * per_row:(b + 1) * per_row]
         headers = [_header(i, titles[i], charmap) for i in idx]
-        _draw_lens_block(ax, [top_tokens[i] for i in idx], headers, k, per_row, cmap, norm, token_charmap)
+        _draw_lens_block(ax, [top_tokens[i] for i in idx], headers, (k, per_row), colours, token_charmap)
     mappable = axes[0].images[0]
     cbar = fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.01, aspect=40)
     cbar.set_label("score")
