@@ -2,7 +2,7 @@
 
 Articles come from the Hub dataset `EleutherAI/wikitext_document_level` (one row per article,
 column `page`), from a local copy of it (`--data_path`), or from `synthetic.py`.
-Segmentation follows METHOD.md section 3: newlines to spaces, whitespace words, windows of
+Segmentation (docs/design.md, "Data"): newlines to spaces, whitespace words, windows of
 `segment_length` words with a stride of half that, at most `max_segments` of them.
 """
 from __future__ import annotations

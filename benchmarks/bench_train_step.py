@@ -1,4 +1,4 @@
-"""Time one training step of a document memory three ways (METHOD.md section 7, issue 3.6).
+"""Time one training step of a document memory three ways (benchmarks/README.md).
 
     python -m benchmarks.bench_train_step --shape pythia-70m --batch 4 --seq 128
     python -m benchmarks.bench_train_step --shape pythia-1b --layer 15 --device cuda --precision bf16

@@ -1,6 +1,6 @@
 """
 Pictures of a docmem run: loss curves, memory-selection heatmaps, a logit lens of each
-document's memory readout, and GIFs of those over training (METHOD.md section 4).
+document's memory readout, and GIFs of those over training (docs/run_folder.md, summaries/).
 
 Every function builds its own matplotlib Figure with an Agg canvas (no pyplot, so no global
 figure registry to leak into), creates the parent directory, writes the file and returns

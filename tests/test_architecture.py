@@ -51,6 +51,12 @@ def parsed() -> dict[str, ast.Module]:
     return {name: ast.parse(path.read_text(), str(path)) for name, path in project_files().items()}
 
 
+def functions() -> list[tuple[str, ast.FunctionDef | ast.AsyncFunctionDef]]:
+    """(module, function) for every function and method of the project."""
+    return [(name, node) for name, tree in parsed().items() for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
 def test_no_import_cycles():
     modules = project_files()
     graph = {name: set() for name in modules}
@@ -77,34 +83,28 @@ def test_no_import_cycles():
 
 def test_imports_at_module_level_only():
     lazy = []
-    for name, tree in parsed().items():
-        for func in ast.walk(tree):
-            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+    for name, func in functions():
+        for node in ast.walk(func):
+            if isinstance(node, ast.Import):
+                top = {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                top = {(node.module or "").split(".")[0]} if not node.level else {"."}
+            else:
                 continue
-            for node in ast.walk(func):
-                if isinstance(node, ast.Import):
-                    top = {a.name.split(".")[0] for a in node.names}
-                elif isinstance(node, ast.ImportFrom):
-                    top = {(node.module or "").split(".")[0]} if not node.level else {"."}
-                else:
-                    continue
-                if not top <= LAZY_IMPORTS_ALLOWED:
-                    lazy.append(f"{name}:{node.lineno} in {func.name}(): {ast.unparse(node)}")
+            if not top <= LAZY_IMPORTS_ALLOWED:
+                lazy.append(f"{name}:{node.lineno} in {func.name}(): {ast.unparse(node)}")
     assert not lazy, "imports inside functions:\n" + "\n".join(lazy)
 
 
 def test_at_most_seven_parameters():
     wide = []
-    for name, tree in parsed().items():
-        for func in ast.walk(tree):
-            if not isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                continue
-            a = func.args
-            params = [*a.posonlyargs, *a.args, *a.kwonlyargs] + [p for p in (a.vararg, a.kwarg) if p]
-            if params and params[0].arg in ("self", "cls"):
-                params = params[1:]
-            if len(params) > MAX_PARAMETERS:
-                wide.append(f"{name}:{func.lineno} {func.name}() takes {len(params)}")
+    for name, func in functions():
+        a = func.args
+        params = [*a.posonlyargs, *a.args, *a.kwonlyargs] + [p for p in (a.vararg, a.kwarg) if p]
+        if params and params[0].arg in ("self", "cls"):
+            params = params[1:]
+        if len(params) > MAX_PARAMETERS:
+            wide.append(f"{name}:{func.lineno} {func.name}() takes {len(params)}")
     assert not wide, "functions with more than 7 parameters (bundle them in a dataclass):\n" + "\n".join(wide)
 
 
