@@ -14,8 +14,10 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow
 import pytest
 import torch
+from pyarrow import parquet
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
@@ -38,6 +40,18 @@ def build_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     bpe.train_from_iterator(synthetic.generate_articles(40, seed=0), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
+
+
+def build_local_wikitext(folder: Path, configs: tuple[str, ...] = ("wikitext-2-raw-v1", "wikitext-2-v1",
+                                                                   "wikitext-103-raw-v1")) -> Path:
+    """A local copy in the layout of EleutherAI/wikitext_document_level, test split only:
+    <config>/<config>-test.parquet, a `page` column of synthetic articles (as many as the
+    shared copy's wikitext-2 test split has, 62)."""
+    pages = synthetic.generate_articles(62, seed=3)
+    for config in configs:
+        (folder / config).mkdir(parents=True, exist_ok=True)
+        parquet.write_table(pyarrow.table({"page": pages}), folder / config / f"{config}-test.parquet")
+    return folder
 
 
 def build_tiny_lm(folder: Path) -> Path:
