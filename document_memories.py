@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
+from docmem.errors import MemoryFileError
+
 MODULE_TYPES = ("linear", "nonlinear")
 BUILTIN_KEY_ACTIVATIONS = ("tanh", "relu", "sigmoid", "swiglu")
 WEIGHTS_NAME = "memory.safetensors"
@@ -207,10 +209,6 @@ class DocumentMemory(nn.Module):
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
         (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return directory
-
-
-class MemoryFileError(ValueError):
-    """A memory file that is missing, corrupt, or does not match what it is loaded into."""
 
 
 def load_memory(directory: str | Path, device: str | torch.device = "cpu",

@@ -1,9 +1,8 @@
-"""Small pieces of the method shared by training and evaluation: seeding, run folders,
+"""Small pieces of the method shared by training and evaluation: seeding,
 negative keys, the guidance term, memory-selection statistics and the logit lens."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -14,21 +13,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def new_run_dir(save_dir: str | Path) -> Path:
-    """save_dir/run_N with N the first free number. mkdir is atomic, so two runs started at
-    once into one save_dir never share a folder."""
-    root = Path(save_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    n = 0
-    while True:
-        candidate = root / f"run_{n}"
-        try:
-            candidate.mkdir()
-            return candidate
-        except FileExistsError:
-            n += 1
 
 
 # ---- negative keys --------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 
 Articles come from the Hub dataset `EleutherAI/wikitext_document_level` (one row per article,
 column `page`), from a local copy of it (`--data_path`), or from `synthetic.py`.
-Document selection and segmentation follow the released code (METHOD.md section 3): NumPy's
-seeded draw over all articles, in draw order; newlines to spaces, whitespace words, windows of
+Document selection and segmentation follow the released code (docs/design.md, "Data"):
+NumPy's seeded draw over all articles, in draw order; newlines to spaces, whitespace words, windows of
 `segment_length` words with a stride of half that, at most `max_segments` of them.
 """
 from __future__ import annotations
@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
-import synthetic
+from docmem import synthetic
+from docmem.errors import DataUnavailableError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,10 +40,6 @@ _TRUE_VALUES = ("1", "ON", "YES", "TRUE")
 # ConnectionError("Couldn't reach ... on the Hub (OfflineModeIsEnabled | LocalEntryNotFoundError)"),
 # and, from later downloads, huggingface_hub's LocalEntryNotFoundError or an httpx transport error.
 _HUB_UNREACHABLE = (ConnectionError, LocalEntryNotFoundError, httpx.TransportError)
-
-
-class DataUnavailableError(RuntimeError):
-    """The dataset could not be downloaded from the Hugging Face Hub (offline, or unreachable)."""
 
 
 # --- loading ----------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Time per epoch and memory against the number of documents (issue: many documents).
 
-    python benchmarks/bench_scaling.py                      # 10, 100, 1000 documents, tiny GPT-NeoX
-    python benchmarks/bench_scaling.py --docs 10 100 1000 3000 --segments 2 --seq 48
+    python -m benchmarks.bench_scaling                      # 10, 100, 1000 documents, tiny GPT-NeoX
+    python -m benchmarks.bench_scaling --docs 10 100 1000 3000 --segments 2 --seq 48
 
 Each document gets --segments random token segments of --seq tokens (a few left-padded); one
 epoch is the training loop of train_guidance.py (fast path, `other` negatives, AdamW) over
@@ -16,19 +16,17 @@ import json
 import math
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from config import TrainConfig  # noqa: E402
-from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
-from engines import Batch, FastEngine  # noqa: E402
-from foundations import from_model  # noqa: E402
-from train_guidance import train_step_losses  # noqa: E402
+from docmem.batching import Batch
+from docmem.config import TrainConfig
+from docmem.engines import FastEngine
+from document_memories import DocumentMemory, MemoryConfig
+from foundations import from_model
+from train_guidance import train_step_losses
 
 
 class _Tokenizer:  # the batches are made of token ids; from_model only needs pad/eos
@@ -38,8 +36,6 @@ class _Tokenizer:  # the batches are made of token ids; from_model only needs pa
 
 
 def tiny_foundation(vocab: int, hidden: int, layers: int):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
-
     torch.manual_seed(0)
     config = GPTNeoXConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
                            intermediate_size=4 * hidden, max_position_embeddings=512)

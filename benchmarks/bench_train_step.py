@@ -1,7 +1,7 @@
-"""Time one training step of a document memory three ways (METHOD.md section 7, issue 3.6).
+"""Time one training step of a document memory three ways (benchmarks/README.md).
 
-    python benchmarks/bench_train_step.py --shape pythia-70m --batch 4 --seq 128
-    python benchmarks/bench_train_step.py --shape pythia-1b --layer 15 --device cuda --precision bf16
+    python -m benchmarks.bench_train_step --shape pythia-70m --batch 4 --seq 128
+    python -m benchmarks.bench_train_step --shape pythia-1b --layer 15 --device cuda --precision bf16
 
 Paths (same training step for all, only the engine differs):
   released         two full forward+backward passes of the hooked LM (ReferenceEngine) with the
@@ -28,22 +28,19 @@ import os
 import platform
 import resource
 import statistics
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
-ROOT = Path(__file__).resolve().parents[1]
-for _p in (ROOT, ROOT / "benchmarks"):
-    if str(_p) not in sys.path:
-        sys.path.insert(0, str(_p))
-
-from config import TrainConfig  # noqa: E402
-from document_memories import DocumentMemory, MemoryConfig  # noqa: E402
-from engines import Batch, FastEngine, ReferenceEngine  # noqa: E402
-from foundations import Foundation, from_model  # noqa: E402
-from train_guidance import train_step_losses  # noqa: E402
+from docmem.batching import Batch
+from docmem.config import TrainConfig
+from docmem.engines import FastEngine, ReferenceEngine
+from document_memories import DocumentMemory, MemoryConfig
+from foundations import Foundation, block_device, from_model
+from train_guidance import train_step_losses
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("released", "frozen_two_pass", "fast")
@@ -67,8 +64,6 @@ MAX_FP32_CHECK_PARAMS = 2_000_000_000
 # ---- model and data ------------------------------------------------------------------------------
 
 def model_config(shape: str):
-    from transformers import GPTNeoXConfig, LlamaConfig
-
     arch, hidden, layers, heads, inter, vocab = SHAPES[shape]
     common = dict(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                   intermediate_size=inter, bos_token_id=0, eos_token_id=0, pad_token_id=0, tie_word_embeddings=False)
@@ -79,8 +74,6 @@ def model_config(shape: str):
 
 
 def count_params(shape: str) -> int:
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config(shape))
     return sum(p.numel() for p in model.parameters())
@@ -93,8 +86,6 @@ class _Tokenizer:  # the engines never tokenize; from_model only needs pad/eos a
 
 
 def build_foundation(shape: str, device: str, dtype: torch.dtype, seed: int) -> Foundation:
-    from transformers import AutoModelForCausalLM
-
     torch.manual_seed(seed)
     with torch.device(device):  # initialise straight on the device, in the LM's dtype
         model = AutoModelForCausalLM.from_config(model_config(shape), dtype=dtype)
@@ -198,20 +189,33 @@ def device_name(device: str) -> str:
 
 # ---- one path ------------------------------------------------------------------------------------
 
+@dataclass
+class Setup:
+    """What every path of one comparison shares."""
+    foundation: Foundation
+    memory0: DocumentMemory  # every path starts from a copy of it
+    layer: int
+    dtype: torch.dtype
+    config: TrainConfig
+    seed: int  # of the negative-key generator: the same draws on every path
+    device: str
+    chunk_size: int = 1024
+
+
 class PathRunner:
     """One path's engine, memory copy, optimizer and negative-key generator; step() = one timed training step."""
 
-    def __init__(self, path: str, foundation: Foundation, memory0: DocumentMemory, layer: int, dtype: torch.dtype,
-                 config: TrainConfig, seed: int, device: str, chunk_size: int = 1024) -> None:
-        self.path, self.foundation, self.config, self.device = path, foundation, config, device
-        self.memory = copy.deepcopy(memory0)  # every path starts from the same memory
+    def __init__(self, path: str, setup: Setup) -> None:
+        self.path, self.foundation, self.config, self.device = path, setup.foundation, setup.config, setup.device
+        self.memory = copy.deepcopy(setup.memory0)  # every path starts from the same memory
         if path == "fast":
-            self.engine = FastEngine(foundation, self.memory, layer, dtype, chunk_size=chunk_size)
+            self.engine = FastEngine(setup.foundation, self.memory, setup.layer, setup.dtype,
+                                     chunk_size=setup.chunk_size)
         else:
-            self.engine = ReferenceEngine(foundation, self.memory, layer, dtype)
+            self.engine = ReferenceEngine(setup.foundation, self.memory, setup.layer, setup.dtype)
         self.params = self.memory.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr)
-        self.generator = torch.Generator().manual_seed(seed)  # same negative draws on every path
+        self.optimizer = torch.optim.AdamW(self.params, lr=setup.config.lr)
+        self.generator = torch.Generator().manual_seed(setup.seed)  # same negative draws on every path
         self.times: list[float] = []
         self.losses: list[tuple[float, float, float]] = []
 
@@ -253,14 +257,13 @@ class PathRunner:
         return {"times": self.times, "losses": self.losses, "state": state, "peak": peak, "start_mem": start}
 
 
-def run_paths(paths: list[str], foundation: Foundation, memory0: DocumentMemory, batches: list[Batch], layer: int,
-              dtype: torch.dtype, config: TrainConfig, steps: int, seed: int, device: str,
-              meter: PeakMemory | None = None, chunk_size: int = 1024, interleave: bool = False) -> dict[str, dict]:
+def run_paths(paths: list[str], setup: Setup, batches: list[Batch], steps: int, meter: PeakMemory | None = None,
+              interleave: bool = False) -> dict[str, dict]:
     """`steps` training steps of each path: path after path, or (interleave) round-robin step by step,
     so that a shared machine's changing load hits every path alike."""
     results: dict[str, dict] = {}
     if interleave:
-        runners = [PathRunner(p, foundation, memory0, layer, dtype, config, seed, device, chunk_size) for p in paths]
+        runners = [PathRunner(p, setup) for p in paths]
         for i in range(steps):
             for r in runners:
                 r.step(batches[i % len(batches)])
@@ -268,13 +271,13 @@ def run_paths(paths: list[str], foundation: Foundation, memory0: DocumentMemory,
             results[r.path] = r.finish(batches[steps % len(batches)], meter)
     else:
         for p in paths:
-            release_memory(device)
-            r = PathRunner(p, foundation, memory0, layer, dtype, config, seed, device, chunk_size)
+            release_memory(setup.device)
+            r = PathRunner(p, setup)
             for i in range(steps):
                 r.step(batches[i % len(batches)])
             results[p] = r.finish(batches[steps % len(batches)], meter)
             del r
-    release_memory(device)
+    release_memory(setup.device)
     return results
 
 
@@ -291,8 +294,8 @@ def rel_diffs(a: dict, b: dict) -> tuple[float, float]:
 def new_memory(foundation: Foundation, args, seed: int) -> DocumentMemory:
     cfg = MemoryConfig(hidden_size=foundation.hidden_size, num_docs=args.num_docs, memory_dim=args.memory_dim,
                        key_dim=args.key_dim)
-    device = next(foundation.block(args.layer).parameters()).device
-    return DocumentMemory(cfg, generator=torch.Generator().manual_seed(seed)).to(device)  # fp32
+    memory = DocumentMemory(cfg, generator=torch.Generator().manual_seed(seed))
+    return memory.to(block_device(foundation, args.layer))  # fp32
 
 
 def fp32_check(shape: str, args, config: TrainConfig, steps: int) -> tuple[float, float]:
@@ -303,8 +306,9 @@ def fp32_check(shape: str, args, config: TrainConfig, steps: int) -> tuple[float
     memory0 = new_memory(foundation, sub, args.seed + 1)
     batches = make_batches(args.num_batches, args.batch, args.seq, foundation.model.config.vocab_size,
                            args.num_docs, args.device, args.seed + 2)
-    runs = run_paths(["frozen_two_pass", "fast"], foundation, memory0, batches, layer, torch.float32, config, steps,
-                     args.seed + 3, args.device, chunk_size=args.fast_chunk_size)
+    setup = Setup(foundation, memory0, layer, torch.float32, config, args.seed + 3, args.device, args.fast_chunk_size)
+    runs = run_paths(["frozen_two_pass", "fast"], setup, batches, steps)
+    del setup
     del foundation
     release_memory(args.device)
     return rel_diffs(runs["frozen_two_pass"], runs["fast"])
@@ -381,8 +385,8 @@ def main(argv: list[str] | None = None) -> dict:
                            args.num_docs, args.device, args.seed + 2)
     meter = PeakMemory(args.device)
 
-    results = run_paths(args.paths, foundation, memory0, batches, args.layer, dtype, config, warmup + args.steps,
-                        args.seed + 3, args.device, meter, args.fast_chunk_size, args.order == "interleaved")
+    setup = Setup(foundation, memory0, args.layer, dtype, config, args.seed + 3, args.device, args.fast_chunk_size)
+    results = run_paths(args.paths, setup, batches, warmup + args.steps, meter, args.order == "interleaved")
     for path, r in results.items():
         r["median"] = median(r["times"][warmup:])
         print(f"{path:>16}: {r['median']:.4f} s/step (median of {args.steps}; first step {r['times'][0]:.4f} s), "
@@ -397,7 +401,7 @@ def main(argv: list[str] | None = None) -> dict:
         diff_loss, diff_params = rel_diffs(results["frozen_two_pass"], results["fast"])
     else:
         check_shape = args.shape if count_params(args.shape) <= MAX_FP32_CHECK_PARAMS else "tiny"
-        del foundation, memory0, batches
+        del foundation, memory0, batches, setup
         release_memory(args.device)
         check = {"precision": "fp32", "shape": check_shape, "source": "separate_fp32_run", "steps": warmup + 2}
         diff_loss, diff_params = fp32_check(check_shape, args, config, warmup + 2)

@@ -335,7 +335,7 @@ class Stage:
         """The smoke runs' model: Pythia-shaped, 2 blocks, the real tokenizer (built once per WORK)."""
         folder = self.work.parent / "tiny_lm"
         if not (folder / "config.json").is_file():
-            self.run("make_tiny_lm", [sys.executable, "benchmarks/make_random_lm.py", "--shape", "tiny",
+            self.run("make_tiny_lm", [sys.executable, "-m", "benchmarks.make_random_lm", "--shape", "tiny",
                                       "--vocab_size", "50304", "--dtype", "fp32", "--device", "cpu",
                                       "--tokenizer", str(self.data / TOKENIZER), "--out", str(folder)])
         return folder
@@ -391,7 +391,7 @@ def stage_b(st: Stage) -> None:
             st.figures["llama-7b_bf16"] = {"skipped": f"needs >= 40 GiB of GPU memory, this GPU has {st.gpu_memory_gib}"}
     errors = []
     for name, flags in runs.items():
-        result = st.run(name, [sys.executable, "benchmarks/bench_train_step.py", "--device", device, "--seed", "0",
+        result = st.run(name, [sys.executable, "-m", "benchmarks.bench_train_step", "--device", device, "--seed", "0",
                                *flags], check=False)
         if result["rc"] != 0 or result["timed_out"]:
             errors.append(f"{name}: {'timed out' if result['timed_out'] else 'exit ' + str(result['rc'])}")
@@ -446,7 +446,7 @@ def stage_c(st: Stage) -> None:
         fp32_epochs = 4
     else:
         lm = st.work / "pythia-1b-random"
-        st.run("make_model", [sys.executable, "benchmarks/make_random_lm.py", "--shape", "pythia-1b", "--dtype",
+        st.run("make_model", [sys.executable, "-m", "benchmarks.make_random_lm", "--shape", "pythia-1b", "--dtype",
                               "bf16", "--seed", "0", "--tokenizer", str(st.data / TOKENIZER), "--out", str(lm)])
         scale, fp32_epochs = [], 20
     base = ["bash", "run.sh", "paper", "--lm_path", str(lm), *wikitext, *scale]

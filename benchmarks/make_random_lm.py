@@ -1,6 +1,6 @@
 """Save a causal LM of real dimensions with random weights and a real tokenizer, for --lm_path.
 
-    python benchmarks/make_random_lm.py --shape pythia-1b --tokenizer ../shared/data/tokenizers/gpt-neox-20b \
+    python -m benchmarks.make_random_lm --shape pythia-1b --tokenizer ../shared/data/tokenizers/gpt-neox-20b \
         --out /tmp/pythia-1b-random --dtype bf16
 
 The shapes are bench_train_step.py's (pythia-70m ... pythia-2.8b, llama-7b-like, tiny). The paper's run
@@ -18,8 +18,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import DTYPES, SHAPES, model_config  # noqa: E402
+from benchmarks.bench_train_step import DTYPES, SHAPES, model_config
 
 
 def main(argv: list[str] | None = None) -> int:

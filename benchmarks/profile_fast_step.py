@@ -1,6 +1,6 @@
 """Where the time of one fast-path training step goes (investigation aid for bench_train_step.py).
 
-    python benchmarks/profile_fast_step.py --shape pythia-70m --batch 4 --seq 128
+    python -m benchmarks.profile_fast_step --shape pythia-70m --batch 4 --seq 128
 
 Times, as medians over --repeats rounds (every item once per round, so drifting load on a shared
 machine hits all alike): the fast step (loss + backward), the frozen two-pass step, two plain no-grad
@@ -12,18 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_train_step as bench  # noqa: E402
-import chunked_ce  # noqa: E402
-from config import TrainConfig  # noqa: E402
-from engines import FastEngine, ReferenceEngine  # noqa: E402
-from train_guidance import train_step_losses  # noqa: E402
+from benchmarks import bench_train_step as bench
+from docmem import chunked_ce
+from docmem.config import TrainConfig
+from docmem.engines import FastEngine, ReferenceEngine
+from train_guidance import train_step_losses
 
 
 def timed_round_robin(fns: dict, repeats: int) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The frozen foundation LMs docmem puts a document memory into (Pythia, Llama-2, SmolLM2, any --lm_path)."""
+from docmem.errors import FoundationUnavailableError
+
 from .common import (
     Foundation,
-    FoundationUnavailableError,
     block_device,
     find_blocks,
     freeze,

@@ -14,10 +14,6 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-class FoundationUnavailableError(RuntimeError):
-    """The requested LM cannot be loaded here (offline, gated, missing package); the message is one line."""
-
-
 @dataclass
 class Foundation:
     model: PreTrainedModel  # causal LM, eval mode, every parameter requires_grad=False
@@ -94,7 +90,7 @@ def block_device(foundation: Foundation, index: int) -> torch.device:
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Pad with the end-of-text token on the left, as the method does (METHOD.md section 3).
+    """Pad with the end-of-text token on the left, as the method does (docs/design.md, "Data").
 
     The pad token is always set to eos, even when the tokenizer has its own (transformers 5
     gives Pythia's tokenizer `<|padding|>`): the method pads with eos, and left padding keeps the

@@ -12,8 +12,10 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from docmem.errors import FoundationUnavailableError
+
 from . import smollm2
-from .common import Foundation, FoundationUnavailableError, from_model
+from .common import Foundation, from_model
 from .devices import DeviceMap, gpu_count, split_device_map
 from .registry import NUM_LAYERS, check_name_size, hub_id
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .common import FoundationUnavailableError
+from docmem.errors import FoundationUnavailableError
 
 NUM_LAYERS: dict[str, int] = {"135m": 30}
 SIZES: tuple[str, ...] = tuple(NUM_LAYERS)

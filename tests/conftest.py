@@ -2,16 +2,12 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
+ROOT = Path(__file__).resolve().parents[1]  # the repository (pyproject.toml puts it on sys.path)
 # DOCMEM_SHARED_DATA: the same data elsewhere (gpu_check.py points it at its kit on a GPU machine)
 SHARED_DATA = Path(os.environ.get("DOCMEM_SHARED_DATA") or ROOT.parent / "shared" / "data")
 needs_shared = pytest.mark.skipif(

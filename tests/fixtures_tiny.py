@@ -1,5 +1,6 @@
-"""A tiny Pythia-shaped model (3 blocks, hidden 32, the real GPT-NeoX tokenizer) saved to a folder,
-so `train_guidance.py --lm_path` runs a whole training in seconds; and helpers to run it.
+"""A tiny Pythia-shaped model (3 blocks, hidden 32, a 512-token byte-level BPE tokenizer trained
+here on synthetic articles) saved to a folder, so `train_guidance.py --lm_path` runs a whole
+training in seconds, with nothing from ../shared; and helpers to run it.
 
 Import the fixtures into a test module (`from fixtures_tiny import tiny_lm_dir`); the folder is
 built once per test session.
@@ -13,31 +14,58 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow
 import pytest
 import torch
+from pyarrow import parquet
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT
+from docmem import synthetic
 
-TOKENIZER_DIR = SHARED_DATA / "tokenizers" / "gpt-neox-20b"
 TRAIN_SCRIPT = ROOT / "train_guidance.py"
+TINY_VOCAB = 512
+END_OF_TEXT = "<|endoftext|>"  # Pythia's bos = eos token, so the tiny model pads as Pythia does
 _BUILT: dict[str, Path] = {}
 
 
-def build_tiny_lm(folder: Path) -> Path:
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+def build_tokenizer(vocab_size: int = TINY_VOCAB) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (every text encodes, as with GPT-NeoX's) trained on synthetic
+    articles: the data the tiny runs train on. Deterministic, well under a second to train."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(synthetic.generate_articles(40, seed=0), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT)
 
+
+def build_local_wikitext(folder: Path, configs: tuple[str, ...] = ("wikitext-2-raw-v1", "wikitext-2-v1",
+                                                                   "wikitext-103-raw-v1")) -> Path:
+    """A local copy in the layout of EleutherAI/wikitext_document_level, test split only:
+    <config>/<config>-test.parquet, a `page` column of synthetic articles (as many as the
+    shared copy's wikitext-2 test split has, 62)."""
+    pages = synthetic.generate_articles(62, seed=3)
+    for config in configs:
+        (folder / config).mkdir(parents=True, exist_ok=True)
+        parquet.write_table(pyarrow.table({"page": pages}), folder / config / f"{config}-test.parquet")
+    return folder
+
+
+def build_tiny_lm(folder: Path) -> Path:
     torch.manual_seed(0)
-    config = GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=False)
+    config = GPTNeoXConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=512, tie_word_embeddings=False,
+                           bos_token_id=0, eos_token_id=0)
     GPTNeoXForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(TOKENIZER_DIR)).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
-    if not TOKENIZER_DIR.is_dir():
-        pytest.skip("../shared/data/tokenizers/gpt-neox-20b is absent (only present in the project's workspace)")
     if "lm" not in _BUILT:
         _BUILT["lm"] = build_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
     return _BUILT["lm"]

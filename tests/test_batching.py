@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from batching import make_batches
-from conftest import SHARED_DATA, needs_shared
+from docmem.batching import make_batches
+from fixtures_tiny import build_tokenizer
+from foundations import prepare_tokenizer
 from wikitext import Document
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    if not SHARED_DATA.is_dir():
-        pytest.skip("../shared/data is absent: needs the real Pythia tokenizer")
-    from transformers import AutoTokenizer
-
-    from foundations import prepare_tokenizer
-
-    return prepare_tokenizer(AutoTokenizer.from_pretrained(str(SHARED_DATA / "tokenizers" / "gpt-neox-20b")))
+    return prepare_tokenizer(build_tokenizer())
 
 
 def docs(n: int = 5, segments: int = 3) -> list[Document]:
@@ -26,7 +21,6 @@ def docs(n: int = 5, segments: int = 3) -> list[Document]:
             for i in range(n)]
 
 
-@needs_shared
 def test_default_order_is_per_document(tokenizer):
     batches = make_batches(docs(3, 5), tokenizer, batch_size=2, max_length=64)
     assert [b.doc_ids.tolist() for b in batches] == [[0, 0], [0, 0], [0], [1, 1], [1, 1], [1], [2, 2], [2, 2], [2]]
@@ -34,7 +28,6 @@ def test_default_order_is_per_document(tokenizer):
     assert all(b.chunk_doc_ids.tolist() == [b.doc_ids[0].item()] for b in batches)
 
 
-@needs_shared
 def test_docs_per_step_groups_different_documents_and_wraps(tokenizer):
     batches = make_batches(docs(5, 3), tokenizer, batch_size=3, max_length=64, docs_per_step=2)
     groups = [b.chunk_doc_ids.tolist() for b in batches]
@@ -46,7 +39,6 @@ def test_docs_per_step_groups_different_documents_and_wraps(tokenizer):
         assert (b.attention_mask[:, -1] == 1).all()  # left padding
 
 
-@needs_shared
 def test_processes_split_the_single_process_batches(tokenizer):
     whole = make_batches(docs(5, 2), tokenizer, batch_size=1, max_length=64, docs_per_step=4)
     shards = [make_batches(docs(5, 2), tokenizer, batch_size=1, max_length=64, docs_per_step=2, rank=r, world_size=2)

@@ -14,7 +14,7 @@ REQUIRED = ("released_s_per_step", "frozen_two_pass_s_per_step", "fast_s_per_ste
 
 
 def test_bench_tiny_reports_json_and_equal_losses():
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train_step.py"), "--shape", "tiny", "--steps", "2",
+    cmd = [sys.executable, "-m", "benchmarks.bench_train_step", "--shape", "tiny", "--steps", "2",
            "--batch", "2", "--seq", "32", "--device", "cpu"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]

@@ -16,15 +16,15 @@ import textwrap
 
 import pytest
 import torch
-from conftest import ROOT, needs_cuda, tiny_model
-from fixtures_tiny import load_tensors, run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
 from test_engines import _Tok, make_batches
 
 # project internals, in one block (their module paths may move)
 import train_guidance
-from checkpoint import CHECKPOINT_NAME, read_checkpoint
+from conftest import ROOT, needs_cuda, tiny_model
+from docmem.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from docmem.engines import FastEngine, ReferenceEngine
 from document_memories import DocumentMemory, MemoryConfig
-from engines import FastEngine, ReferenceEngine
+from fixtures_tiny import load_tensors, run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
 from foundations import from_model
 from hook_lm import attach_memory
 from utils import guidance_term, negative_keys
@@ -207,7 +207,7 @@ NCCL_SCRIPT = """
 import copy, os, sys, types
 import torch, torch.distributed as dist
 sys.path.insert(0, {root!r})
-from distributed import wrap_memory
+from docmem.distributed import wrap_memory
 from document_memories import DocumentMemory, MemoryConfig
 
 dist.init_process_group("nccl")

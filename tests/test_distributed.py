@@ -12,12 +12,13 @@ from fixtures_tiny import load_tensors, subprocess_env, tiny_argv, tiny_lm_dir  
 
 def test_docs_per_step_gives_each_row_its_own_key(tiny_lm_dir):
     """A step over 4 documents = the mean of 4 per-document steps (each chunk its own key and negative)."""
-    from batching import make_batches
-    from config import parse_args
+    from docmem.batching import make_batches
+    from docmem.config import parse_args
+    from docmem.engines import FastEngine
+    from docmem.run_folder import load_documents
     from document_memories import DocumentMemory, MemoryConfig
-    from engines import FastEngine
     from foundations import load_foundation
-    from train_guidance import load_documents, train_step_losses
+    from train_guidance import train_step_losses
 
     config = parse_args(tiny_argv(tiny_lm_dir, tiny_lm_dir / "unused", "--max_labels", "4", "--docs_per_step", "4",
                                   "--guidance", "0.5", "--target_negative_ce", "20"))

@@ -6,10 +6,11 @@ import copy
 import pytest
 import torch
 
-from chunked_ce import linear_cross_entropy
 from conftest import tiny_model
+from docmem.batching import Batch
+from docmem.chunked_ce import linear_cross_entropy
+from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
 from document_memories import DocumentMemory, MemoryConfig
-from engines import NO_MEMORY, Batch, FastEngine, ReferenceEngine
 from foundations import from_model
 from utils import guidance_term, negative_keys
 

@@ -14,9 +14,12 @@ from PIL import Image
 
 import evaluate_memory as em
 from conftest import tiny_model
-from fixtures_tiny import tiny_lm_dir  # noqa: F401
+from docmem.batching import Batch
+from docmem.engines import NO_MEMORY, FastEngine
+from docmem.errors import EvalError
+from docmem.evaluation import compare, generation, landscape, options
 from document_memories import DocumentMemory, MemoryConfig, load_memory
-from engines import NO_MEMORY, Batch, FastEngine
+from fixtures_tiny import tiny_lm_dir  # noqa: F401
 from foundations import from_model
 from utils import selection_stats
 
@@ -24,7 +27,7 @@ from utils import selection_stats
 
 
 def test_rouge_known_strings():
-    (s,) = em.rouge_scores(["the cat sat on the mat"], ["the cat lay on a mat"])
+    (s,) = generation.rouge_scores(["the cat sat on the mat"], ["the cat lay on a mat"])
     # unigrams in common: the, cat, on, mat (4 of 6 each side); bigrams: "the cat" (1 of 5)
     for measure in ("recall", "precision", "f1"):
         assert s["rouge1"][measure] == pytest.approx(4 / 6)
@@ -34,16 +37,16 @@ def test_rouge_known_strings():
 
 def test_rouge_recall_is_against_the_reference():
     # a short prediction: recall is over the reference's words, precision over the prediction's
-    (s,) = em.rouge_scores(["the cat"], ["the cat sat on the mat"])
+    (s,) = generation.rouge_scores(["the cat"], ["the cat sat on the mat"])
     assert s["rouge1"] == pytest.approx({"recall": 2 / 6, "precision": 1.0, "f1": 0.5})
     assert s["rouge2"] == pytest.approx({"recall": 1 / 5, "precision": 1.0, "f1": 2 * 0.2 / 1.2})
-    (empty, exact) = em.rouge_scores(["", "Sat on the mat."], ["sat on the mat", "sat on the mat"])
+    (empty, exact) = generation.rouge_scores(["", "Sat on the mat."], ["sat on the mat", "sat on the mat"])
     assert empty["rougeL"]["recall"] == 0.0
     assert exact["rougeL"] == pytest.approx({"recall": 1.0, "precision": 1.0, "f1": 1.0})  # case and punctuation
-    mean = em.mean_scores([empty, exact])
-    assert mean["rougeL"]["recall"] == pytest.approx(0.5) and em.mean_scores([]) is None
+    mean = generation.mean_scores([empty, exact])
+    assert mean["rougeL"]["recall"] == pytest.approx(0.5) and generation.mean_scores([]) is None
     with pytest.raises(ValueError):
-        em.rouge_scores(["a"], [])
+        generation.rouge_scores(["a"], [])
 
 
 # ---- statistics ------------------------------------------------------------------------------
@@ -67,21 +70,21 @@ def test_selection_stats_on_hand_made_selections():
 
 
 def test_pearson_r_known_data():
-    assert em.pearson_r([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
-    assert em.pearson_r([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
-    assert em.pearson_r([3, 3, 3], [1, 2, 3]) is None  # constant input: undefined, not NaN
-    assert em.pearson_r([1, 2], [5, 5]) is None
-    assert em.pearson_r([1], [2]) is None
+    assert landscape.pearson_r([1, 2, 3, 4, 5], [2, 1, 4, 3, 5]) == pytest.approx(0.8)
+    assert landscape.pearson_r([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert landscape.pearson_r([3, 3, 3], [1, 2, 3]) is None  # constant input: undefined, not NaN
+    assert landscape.pearson_r([1, 2], [5, 5]) is None
+    assert landscape.pearson_r([1], [2]) is None
     with pytest.raises(ValueError):
-        em.pearson_r([1, 2], [1, 2, 3])
+        landscape.pearson_r([1, 2], [1, 2, 3])
 
 
 def test_other_documents_are_deterministic_and_never_the_document():
-    assert em.other_documents(0, 5, 4) == [1, 2, 3, 4]
-    assert em.other_documents(2, 3, 4) == [0, 1]
-    picks = em.other_documents(3, 10, 4)
-    assert len(picks) == 4 == len(set(picks)) and 3 not in picks and picks == em.other_documents(3, 10, 4)
-    assert em.other_documents(0, 1, 4) == []
+    assert generation.other_documents(0, 5, 4) == [1, 2, 3, 4]
+    assert generation.other_documents(2, 3, 4) == [0, 1]
+    picks = generation.other_documents(3, 10, 4)
+    assert len(picks) == 4 == len(set(picks)) and 3 not in picks and picks == generation.other_documents(3, 10, 4)
+    assert generation.other_documents(0, 1, 4) == []
 
 
 # ---- landscape -------------------------------------------------------------------------------
@@ -89,7 +92,7 @@ def test_other_documents_are_deterministic_and_never_the_document():
 
 def test_landscape_grid_shape_and_minimum():
     axis = np.linspace(-1, 1, 5)
-    keys = em.grid_keys(axis)
+    keys = landscape.grid_keys(axis)
     assert keys.shape == (25, 2)
     assert keys[2 * 5 + 4].tolist() == [1.0, 0.0]  # row y index 2, column x index 4
 
@@ -100,7 +103,7 @@ def test_landscape_grid_shape_and_minimum():
         seen.append(candidates.shape)
         return ((candidates.numpy() - targets[doc]) ** 2).sum(axis=1)
 
-    land = em.compute_landscape(ce_of, targets, grid=5)
+    land = landscape.compute_landscape(ce_of, targets, grid=5)
     assert land["axis"] == pytest.approx(axis.tolist()) and seen == [(25, 2)] * 3
     first = land["documents"][0]
     ppl = np.array(first["perplexity"])
@@ -114,15 +117,15 @@ def test_landscape_grid_shape_and_minimum():
 
 
 def test_landscape_axis_covers_the_keys():
-    assert em.landscape_axis(np.array([[0.3, -0.9]]), 10).tolist() == pytest.approx(np.linspace(-1, 1, 10).tolist())
-    wide = em.landscape_axis(np.array([[1.4, -0.2], [0.0, -1.2]]), 7)
+    assert landscape.landscape_axis(np.array([[0.3, -0.9]]), 10).tolist() == pytest.approx(np.linspace(-1, 1, 10).tolist())
+    wide = landscape.landscape_axis(np.array([[1.4, -0.2], [0.0, -1.2]]), 7)
     assert wide[0] == pytest.approx(-1.54) and wide[-1] == pytest.approx(1.54)
     with pytest.raises(ValueError, match="2-d keys"):
-        em.compute_landscape(lambda d, c: [0.0], np.zeros((2, 3)), 4)
+        landscape.compute_landscape(lambda d, c: [0.0], np.zeros((2, 3)), 4)
 
 
-def test_left_pad():
-    ids, mask = em.left_pad([[5, 6, 7], [8]], pad_id=0)
+def test_prompt_batch_pads_on_the_left():
+    ids, mask = generation.prompt_batch([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
 
 
@@ -159,20 +162,20 @@ def test_condition_switch_changes_generation():
     prompts = [seqs[d, :4].tolist() for d in range(2)]
     truth = [seqs[d, 4:].tolist() for d in range(2)]
     keys = memory.doc_keys.detach()
-    right = em.generate_greedy(foundation, memory, 2, prompts, keys, 12)
-    swapped = em.generate_greedy(foundation, memory, 2, prompts, keys.flip(0), 12)
-    no_key = em.generate_greedy(foundation, memory, 2, prompts, None, 12)
-    plain = em.generate_greedy(foundation, memory, 2, prompts, NO_MEMORY, 12)
+    right = generation.generate_greedy(foundation, memory, 2, prompts, keys, 12)
+    swapped = generation.generate_greedy(foundation, memory, 2, prompts, keys.flip(0), 12)
+    no_key = generation.generate_greedy(foundation, memory, 2, prompts, None, 12)
+    plain = generation.generate_greedy(foundation, memory, 2, prompts, NO_MEMORY, 12)
     assert right == truth  # recalled exactly with the document's own key
     for other in (swapped, no_key, plain):
         assert all(o != r for o, r in zip(other, right))
     # one row at a time, and with a ragged (left-padded) batch, gives the same continuations
-    assert em.generate_greedy(foundation, memory, 2, prompts, keys, 12, batch_size=1) == right
-    ragged = em.generate_greedy(foundation, memory, 2, [prompts[0], seqs[1, 1:4].tolist()], keys, 12)
-    alone = em.generate_greedy(foundation, memory, 2, [seqs[1, 1:4].tolist()], keys[1:], 12)
+    assert generation.generate_greedy(foundation, memory, 2, prompts, keys, 12, batch_size=1) == right
+    ragged = generation.generate_greedy(foundation, memory, 2, [prompts[0], seqs[1, 1:4].tolist()], keys, 12)
+    alone = generation.generate_greedy(foundation, memory, 2, [seqs[1, 1:4].tolist()], keys[1:], 12)
     assert ragged[0] == right[0] and ragged[1] == alone[0]
     with pytest.raises(ValueError, match="keys for"):
-        em.generate_greedy(foundation, memory, 2, prompts, keys[:1], 4)
+        generation.generate_greedy(foundation, memory, 2, prompts, keys[:1], 4)
 
 
 # ---- end to end on a tiny saved Pythia-shaped model ------------------------------------------
@@ -287,10 +290,10 @@ def test_mismatched_documents_fail_clearly(trained_runs, tmp_path, capsys):
 def test_run_labels_name_what_differs():
     base = {"key_activation": "tanh", "guidance": 0.1, "save_dir": "a"}
     configs = [dict(base), dict(base, key_activation="relu", save_dir="b"), dict(base, guidance=0.5, save_dir="c")]
-    assert em.run_labels(configs, ["a", "b", "c"]) == ["baseline", "key_activation=relu", "guidance=0.5"]
-    assert em.run_labels([base, dict(base)], ["x", "y"]) == ["baseline [x]", "baseline [y]"]
-    assert em.run_labels([base, dict(base, guidance=0.5)], ["x", "y"]) == ["guidance=0.1", "guidance=0.5"]
+    assert compare.run_labels(configs, ["a", "b", "c"]) == ["baseline", "key_activation=relu", "guidance=0.5"]
+    assert compare.run_labels([base, dict(base)], ["x", "y"]) == ["baseline [x]", "baseline [y]"]
+    assert compare.run_labels([base, dict(base, guidance=0.5)], ["x", "y"]) == ["guidance=0.1", "guidance=0.5"]
     # a field a run predates reads as its default: no difference
-    assert em.differing_fields([{"guidance": 0.1}, {}]) == []
-    with pytest.raises(em.EvalError, match="--grid"):
-        em.EvalOptions(grid=1).validate()
+    assert compare.differing_fields([{"guidance": 0.1}, {}]) == []
+    with pytest.raises(EvalError, match="--grid"):
+        options.EvalOptions(grid=1).validate()

@@ -8,22 +8,25 @@ fixes in the released code").
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import SHARED_DATA, needs_shared, tiny_model
-from fixtures_tiny import finish, start_training, tiny_lm_dir  # noqa: F401
 from torch import nn
 from torch.nn import functional as F
 
 import wikitext
-from batching import make_batches
-from config import TrainConfig, parse_args
+from conftest import SHARED_DATA, needs_shared, tiny_model
+from docmem.batching import Batch, make_batches
+from docmem.config import TrainConfig, parse_args
+from docmem.run_folder import resolve_dtype
+from docmem.run_state import Progress
+from docmem.signals import StopOnSignal
 from document_memories import DocumentMemory, MemoryConfig, SwiGLU
-from engines import Batch
-from train_guidance import Progress, StopOnSignal, optimizer_step, resolve_dtype, train_epoch
+from fixtures_tiny import finish, start_training, tiny_lm_dir  # noqa: F401
+from train_guidance import optimizer_step, train_epoch
 
 WIKITEXT_2 = SHARED_DATA / "wikitext_document_level" / "wikitext-2-v1" / "wikitext-2-v1-test.parquet"
 
@@ -241,8 +244,10 @@ def test_gradient_accumulation_is_a_mean_flushed_at_epoch_end(tmp_path):
 
     optimizer = Recorder(memory.trainable_parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    train_epoch(config, engine, memory, batches, optimizer, scheduler, torch.Generator().manual_seed(0),
-                Progress(), lambda: None, StopOnSignal(), tmp_path)
+    # the parts of a RunState the epoch loop reads
+    train_epoch(SimpleNamespace(config=config, engine=engine, memory=memory, batches=batches, optimizer=optimizer,
+                                scheduler=scheduler, generator=torch.Generator().manual_seed(0), progress=Progress(),
+                                stop=StopOnSignal(), run_dir=tmp_path, save_checkpoint=lambda: None))
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         return torch.autograd.grad(loss, memory.trainable_parameters())
@@ -293,7 +298,8 @@ def test_grad_clip_zero_is_off_where_released_zeroed_the_gradient():
 
     optimizer = Recorder(memory.trainable_parameters(), lr=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    optimizer_step(memory, optimizer, scheduler, TrainConfig(lm_path="unused", grad_clip_coeff=0), "here")
+    optimizer_step(SimpleNamespace(memory=memory, optimizer=optimizer, scheduler=scheduler,
+                                   config=TrainConfig(lm_path="unused", grad_clip_coeff=0)), "here")
     assert all(torch.equal(a, b) for a, b in zip(seen, before))
     released = [g.clone().requires_grad_(False) for g in before]  # released: clip_grad_norm_(params, 0)
     params = [nn.Parameter(torch.zeros_like(g)) for g in released]

@@ -51,7 +51,7 @@ def test_smoke_runs_every_stage(tmp_path):
     # every figure has the command that reproduces it
     commands = [c["command"] for s in stages.values() for c in s["commands"]]
     assert any("run.sh capacity" in c for c in commands) and any("run.sh smollm2" in c for c in commands)
-    assert any("run.sh paper" in c for c in commands) and any("bench_train_step.py" in c for c in commands)
+    assert any("run.sh paper" in c for c in commands) and any("benchmarks.bench_train_step" in c for c in commands)
     assert "| e capacity | ok |" in done.stdout
 
     # a second invocation with some stages merges the others' earlier results

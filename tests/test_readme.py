@@ -5,8 +5,8 @@ import contextlib
 import io
 import re
 
-from config import flags_markdown
 from conftest import ROOT
+from docmem.config import flags_markdown
 from fixtures_tiny import run_training, tiny_argv, tiny_lm_dir  # noqa: F401
 
 README = (ROOT / "README.md").read_text()

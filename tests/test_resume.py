@@ -12,10 +12,17 @@ import pytest
 import yaml
 
 import train_guidance
-from checkpoint import CHECKPOINT_NAME, read_checkpoint
-from fixtures_tiny import (assert_same_run, finish, reference_runs, run_training,  # noqa: F401  (fixtures)
-                           start_training, tiny_argv, tiny_lm_dir, wait_for_lines)
-
+from docmem.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from fixtures_tiny import (  # noqa: F401  (fixtures)
+    assert_same_run,
+    finish,
+    reference_runs,
+    run_training,
+    start_training,
+    tiny_argv,
+    tiny_lm_dir,
+    wait_for_lines,
+)
 
 # ---- real processes, killed from outside -----------------------------------------------------
 

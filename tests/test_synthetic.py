@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-import synthetic
 from conftest import ROOT
+from docmem import synthetic
 
 TITLE = re.compile(r" = (?!=)(.*\S) = ")
 HEADING = re.compile(r" = = (?!=)(.*\S) = = ")
@@ -38,7 +38,7 @@ def test_zero_articles():
 
 
 def _hash_in_subprocess(hash_seed: str) -> str:
-    code = ("import hashlib, json, synthetic; "
+    code = ("import hashlib, json; from docmem import synthetic; "
             "print(hashlib.sha256(json.dumps(synthetic.generate_articles(30, 11)).encode()).hexdigest())")
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -10,8 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
-from config import ConfigError, TrainConfig, build_parser, parse_args
 from conftest import ROOT
+from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
 from fixtures_tiny import tiny_lm_dir  # noqa: F401
 
 
@@ -105,8 +105,9 @@ def smollm2():
 def test_smollm2_memory_learns_one_document(smollm2):
     """The real pretrained LM: a memory trained on one fictional document lowers its loss."""
     import wikitext
+    from docmem.batching import Batch
+    from docmem.engines import FastEngine
     from document_memories import DocumentMemory, MemoryConfig
-    from engines import Batch, FastEngine
 
     article = wikitext.load_articles("synthetic", num_synthetic=1, seed=3)[0]
     segments = wikitext.segment_article(article, 40, 2)

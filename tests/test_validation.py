@@ -12,11 +12,9 @@ import torch
 import foundations
 import train_guidance
 import wikitext
-from config import ConfigError, TrainConfig, build_parser, parse_args
-from conftest import ROOT, SHARED_DATA, needs_shared
-from fixtures_tiny import subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
-
-WIKITEXT_DIR = SHARED_DATA / "wikitext_document_level"
+from conftest import ROOT
+from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
+from fixtures_tiny import build_local_wikitext, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -142,19 +140,19 @@ def test_bad_layer_for_a_model_folder_is_found_from_its_config_json(tiny_lm_dir,
 
 def test_layer_checked_again_against_the_loaded_model(tiny_lm_dir, tmp_path, capsys, monkeypatch):
     """A model whose config.json declares no block count is checked once it has loaded."""
-    monkeypatch.setattr("config._num_blocks", lambda data: None)
+    monkeypatch.setattr("docmem.config._num_blocks", lambda data: None)
     line = fails_cleanly(tiny_argv(tiny_lm_dir, tmp_path / "out") + ["--hook_memory_layer", "5"], capsys,
                          after_loading=True)
     assert "--hook_memory_layer 5" in line and "blocks 0..2" in line
     assert not (tmp_path / "out").exists()
 
 
-@needs_shared
 def test_data_errors_are_found_before_the_model_loads(tmp_path, capsys, model_never_loads):
+    copy = build_local_wikitext(tmp_path / "copy", configs=("wikitext-2-v1",))
     base = ["--save_dir", str(tmp_path / "out"), "--lm_name", "pythia", "--lm_size", "70m", "--hook_memory_layer", "5"]
-    line = fails_cleanly(base + ["--data_path", str(WIKITEXT_DIR), "--dataset", "wikitext-103-v1"], capsys)
+    line = fails_cleanly(base + ["--data_path", str(copy), "--dataset", "wikitext-103-v1"], capsys)
     assert "--data_path" in line and "wikitext-103-v1" in line
-    parquet = WIKITEXT_DIR / "wikitext-2-v1" / "wikitext-2-v1-test.parquet"
+    parquet = copy / "wikitext-2-v1" / "wikitext-2-v1-test.parquet"
     line = fails_cleanly(base + ["--data_path", str(parquet), "--dataset", "wikitext-2-v1", "--max_labels", "100000"],
                          capsys, after_loading=True)  # (the data's loading progress may come first)
     assert "--max_labels 100000" in line and "articles are available" in line

@@ -17,14 +17,14 @@ import pytest
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
-import synthetic
 import wikitext
 from conftest import ROOT, SHARED_DATA, needs_shared
+from docmem import synthetic
+from fixtures_tiny import build_local_wikitext, build_tokenizer
 
 DOC_LEVEL = SHARED_DATA / "wikitext_document_level"
 RAW_FILE = SHARED_DATA / "wikitext_raw" / "wikitext-2-raw.wiki.test.raw"
 TOKENS_FILE = SHARED_DATA / "wikitext_raw" / "wikitext-2.wiki.test.tokens"
-TOKENIZER = SHARED_DATA / "tokenizers" / "gpt-neox-20b"
 NUM_TEST_ARTICLES = 62
 
 
@@ -145,7 +145,7 @@ def test_bad_max_labels(max_labels: int):
 
 
 def _selection_in_subprocess(hash_seed: str) -> list[dict]:
-    code = ("import dataclasses, json, synthetic, wikitext; "
+    code = ("import dataclasses, json, wikitext; from docmem import synthetic; "
             "docs = wikitext.select_documents(synthetic.generate_articles(40, 7), 10, 3, 32, 4); "
             "print(json.dumps([dataclasses.asdict(d) for d in docs]))")
     env = {**os.environ, "PYTHONHASHSEED": hash_seed}
@@ -215,15 +215,13 @@ def test_load_document_level_folder(dataset: str, tmp_path: Path):
     assert all(a.startswith(" = ") and "\n" in a for a in articles)
 
 
-@needs_shared
 def test_load_parquet_file_and_folder_of_one_config(tmp_path: Path):
-    config = "wikitext-2-raw-v1"
-    from_folder = wikitext.load_articles(config, "test", data_path=str(DOC_LEVEL), cache_dir=str(tmp_path))
-    from_file = wikitext.load_articles(config, data_path=str(DOC_LEVEL / config / f"{config}-test.parquet"),
-                                       cache_dir=str(tmp_path))
-    from_config_folder = wikitext.load_articles(config, "test", data_path=str(DOC_LEVEL / config),
-                                                cache_dir=str(tmp_path))
-    assert from_file == from_folder == from_config_folder
+    copy = build_local_wikitext(tmp_path / "copy")
+    config, cache = "wikitext-2-raw-v1", str(tmp_path / "cache")
+    from_folder = wikitext.load_articles(config, "test", data_path=str(copy), cache_dir=cache)
+    from_file = wikitext.load_articles(config, data_path=str(copy / config / f"{config}-test.parquet"), cache_dir=cache)
+    from_config_folder = wikitext.load_articles(config, "test", data_path=str(copy / config), cache_dir=cache)
+    assert len(from_folder) == 62 and from_file == from_folder == from_config_folder
 
 
 @needs_shared
@@ -238,12 +236,12 @@ def test_raw_text_file_matches_the_document_level_rows(tmp_path: Path):
     assert from_tokens == tokens_parquet
 
 
-@needs_shared
 def test_missing_config_or_split_in_folder(tmp_path: Path):
+    copy, cache = str(build_local_wikitext(tmp_path / "copy")), str(tmp_path / "cache")
     with pytest.raises(ValueError, match="--dataset wikitext-103-v1.*wikitext-103-raw-v1"):
-        wikitext.load_articles("wikitext-103-v1", "test", data_path=str(DOC_LEVEL), cache_dir=str(tmp_path))
+        wikitext.load_articles("wikitext-103-v1", "test", data_path=copy, cache_dir=cache)
     with pytest.raises(ValueError, match="split 'train'"):
-        wikitext.load_articles("wikitext-2-raw-v1", "train", data_path=str(DOC_LEVEL), cache_dir=str(tmp_path))
+        wikitext.load_articles("wikitext-2-raw-v1", "train", data_path=copy, cache_dir=cache)
 
 
 @needs_shared
@@ -318,9 +316,8 @@ def test_other_errors_are_not_swallowed(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.fixture
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(TOKENIZER))
+    """A byte-level BPE tokenizer with `<|endoftext|>` as eos, like Pythia's (trained in the fixture)."""
+    return build_tokenizer()
 
 
 SEGMENTS = ["Hello world", "A much longer segment , with many more words in it than the first one has .", "x"]
@@ -339,7 +336,6 @@ def _check_left_padded(tokenizer, segments: list[str], batch: dict[str, torch.Te
     assert torch.equal(labels[mask == 1], ids[mask == 1])
 
 
-@needs_shared
 def test_tokenize_left_pads_and_masks_labels(tokenizer):
     batch = wikitext.tokenize_segments(tokenizer, SEGMENTS, max_length=64)
     assert tokenizer.padding_side == "left"
@@ -347,7 +343,6 @@ def test_tokenize_left_pads_and_masks_labels(tokenizer):
     _check_left_padded(tokenizer, SEGMENTS, batch)
 
 
-@needs_shared
 def test_tokenize_pads_with_eos_when_there_is_no_pad_token(tokenizer):
     tokenizer.pad_token = None
     segments = ["an eos in the text <|endoftext|> is a real token", "short"]
@@ -360,7 +355,6 @@ def test_tokenize_pads_with_eos_when_there_is_no_pad_token(tokenizer):
     assert in_text.sum() == 1 and (batch["labels"][0][in_text] == eos).all()  # ... yet a real eos keeps its label
 
 
-@needs_shared
 def test_tokenize_truncates_to_max_length(tokenizer):
     long = " ".join(f"word{i}" for i in range(300))
     batch = wikitext.tokenize_segments(tokenizer, [long, "short"], max_length=16)
@@ -370,7 +364,6 @@ def test_tokenize_truncates_to_max_length(tokenizer):
     _check_left_padded(tokenizer, ["short"], {k: v[1:] for k, v in batch.items()})
 
 
-@needs_shared
 def test_tokenize_bad_arguments(tokenizer):
     with pytest.raises(ValueError, match="--max_length"):
         wikitext.tokenize_segments(tokenizer, ["a"], max_length=0)

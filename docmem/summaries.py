@@ -11,9 +11,8 @@ from pathlib import Path
 
 import torch
 
-import analysis_plots
-import plots
-from config import TrainConfig
+from docmem import analysis_plots, plots
+from docmem.config import TrainConfig
 from document_memories import DocumentMemory
 from foundations import Foundation
 from utils import final_norm, logit_lens

@@ -12,14 +12,14 @@ import math
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
+from matplotlib.patches import Rectangle
 
-DPI = 100
+from docmem.plots import new_figure, save_figure
+
 STAT_SERIES = (("l0", "L0 (entries in use)"), ("l2", "L2 norm"),
                ("pairwise_distance", "mean pairwise distance"), ("normalized_distance", "distance / L2"))
-
-
-from plots import _new_figure, _save  # noqa: E402  (one figure/saving convention for all pictures)
 
 
 def _short(text: str, n: int = 28) -> str:
@@ -37,7 +37,7 @@ def plot_recall_bars(means: dict[str, dict[str, dict[str, float]]], path: Path, 
     if not conditions:
         raise ValueError("no conditions to plot")
     rouges = list(next(iter(means.values())))
-    fig = _new_figure(2.0 + 1.6 * len(rouges) + 0.35 * len(conditions), 4.2)
+    fig = new_figure(2.0 + 1.6 * len(rouges) + 0.35 * len(conditions), 4.2)
     ax = fig.subplots()
     width = 0.8 / len(conditions)
     x = np.arange(len(rouges))
@@ -51,7 +51,7 @@ def plot_recall_bars(means: dict[str, dict[str, dict[str, float]]], path: Path, 
     ax.legend(fontsize=8, loc="upper center", ncol=len(conditions))
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(title or f"recall of document content in generation ({measure})", fontsize=10, parse_math=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_compare_recall(labels: list[str], values: dict[str, list[float | None]], path: Path,
@@ -60,7 +60,7 @@ def plot_compare_recall(labels: list[str], values: dict[str, list[float | None]]
     if not labels:
         raise ValueError("no runs to plot")
     conditions = list(values)
-    fig = _new_figure(3.0 + 0.9 * len(labels) * max(1, len(conditions)) / 3, 4.8)
+    fig = new_figure(3.0 + 0.9 * len(labels) * max(1, len(conditions)) / 3, 4.8)
     ax = fig.subplots()
     width = 0.8 / max(1, len(conditions))
     x = np.arange(len(labels))
@@ -73,7 +73,7 @@ def plot_compare_recall(labels: list[str], values: dict[str, list[float | None]]
     ax.legend(fontsize=8, loc="upper center", ncol=max(1, len(conditions)))
     ax.grid(True, axis="y", alpha=0.3)
     ax.set_title(f"{ylabel} by run and condition", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -88,7 +88,7 @@ def plot_ce_matrix(matrix: np.ndarray, titles: list[str], path: Path) -> Path:
     if m.ndim != 2 or m.shape[1] != n or len(titles) != n:
         raise ValueError(f"need a square matrix with one title per row, got {m.shape} and {len(titles)} titles")
     side = min(max(3.5 + 0.45 * n, 5.0), 16.0)
-    fig = _new_figure(side + 2.5, side)
+    fig = new_figure(side + 2.5, side)
     ax = fig.subplots()
     im = ax.imshow(m, cmap="viridis_r", aspect="auto", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.05, pad=0.02).set_label("mean CE (nats/token)")
@@ -108,12 +108,10 @@ def plot_ce_matrix(matrix: np.ndarray, titles: list[str], path: Path) -> Path:
         ax.add_patch(_outline(j, i, "red" if j != i else "white"))
     hits = sum(int(np.nanargmin(m[i])) == i for i in range(n))
     ax.set_title(f"documents x keys: mean CE\nrow minimum on the diagonal in {hits} of {n} rows", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _outline(x: int, y: int, colour: str):
-    from matplotlib.patches import Rectangle
-
     return Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, edgecolor=colour, linewidth=2)
 
 
@@ -123,7 +121,7 @@ def _outline(x: int, y: int, colour: str):
 
 def plot_length_vs_l0(lengths: list[float], l0: list[float], titles: list[str], path: Path,
                       r: float | None, threshold: float) -> Path:
-    fig = _new_figure(6.0, 4.5)
+    fig = new_figure(6.0, 4.5)
     ax = fig.subplots()
     ax.scatter(lengths, l0, color="tab:blue")
     if len(titles) <= 20:
@@ -138,16 +136,15 @@ def plot_length_vs_l0(lengths: list[float], l0: list[float], titles: list[str], 
     r_text = "undefined (constant input or < 2 documents)" if r is None else f"{r:.3f}"
     ax.set_title(f"memory size against document length: Pearson R = {r_text}", fontsize=10)
     ax.grid(True, alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
 # DocRep landscape
 
 
-def _draw_landscape(ax, fig, ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, float],
-                    other_keys: list[tuple[float, float]], minimum: tuple[float, float], title: str,
-                    colorbar: bool = True) -> None:
+def _draw_landscape(ax: Axes, ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, float],
+                    other_keys: list[tuple[float, float]], minimum: tuple[float, float], title: str) -> None:
     finite = ppl[np.isfinite(ppl)]
     # perplexity spans orders of magnitude between the own key and far away: log colours
     norm = LogNorm(vmin=max(float(finite.min()), 1e-6), vmax=max(float(finite.max()), float(finite.min()) * 1.0001))
@@ -163,19 +160,18 @@ def _draw_landscape(ax, fig, ppl: np.ndarray, axis: np.ndarray, own_key: tuple[f
     ax.set_xlabel("key[0]")
     ax.set_ylabel("key[1]")
     ax.set_title(title, fontsize=9, parse_math=False)
-    if colorbar:
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("perplexity")
+    ax.figure.colorbar(im, ax=ax, fraction=0.046, pad=0.02).set_label("perplexity")
 
 
 def plot_landscape(ppl: np.ndarray, axis: np.ndarray, own_key: tuple[float, float],
                    other_keys: list[tuple[float, float]], minimum: tuple[float, float], title: str,
                    path: Path) -> Path:
     """One document's perplexity over a grid of keys: ppl[y_index, x_index]."""
-    fig = _new_figure(6.0, 5.0)
+    fig = new_figure(6.0, 5.0)
     ax = fig.subplots()
-    _draw_landscape(ax, fig, ppl, axis, own_key, other_keys, minimum, title)
+    _draw_landscape(ax, ppl, axis, own_key, other_keys, minimum, title)
     ax.legend(fontsize=7, loc="upper right", framealpha=0.7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_landscape_overview(ppls: list[np.ndarray], axis: np.ndarray, keys: list[tuple[float, float]],
@@ -185,16 +181,16 @@ def plot_landscape_overview(ppls: list[np.ndarray], axis: np.ndarray, keys: list
     n = min(len(ppls), max_docs)
     cols = min(n, 4)
     rows = math.ceil(n / cols)
-    fig = _new_figure(3.6 * cols, 3.3 * rows)
+    fig = new_figure(3.6 * cols, 3.3 * rows)
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     for i in range(n):
         others = [k for j, k in enumerate(keys) if j != i]
-        _draw_landscape(axes[i], fig, ppls[i], axis, keys[i], others, minima[i], f"{i}: {_short(titles[i], 24)}")
+        _draw_landscape(axes[i], ppls[i], axis, keys[i], others, minima[i], f"{i}: {_short(titles[i], 24)}")
     for ax in axes[n:]:
         ax.set_axis_off()
     if n < len(ppls):
         fig.suptitle(f"first {n} of {len(ppls)} documents", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -203,7 +199,7 @@ def plot_landscape_overview(ppls: list[np.ndarray], axis: np.ndarray, keys: list
 
 def plot_selection_stats(histories: dict[str, list[dict]], path: Path, title: str = "") -> Path:
     """L0, L2, pairwise and normalized distance over epochs: one line per run (label -> metrics rows)."""
-    fig = _new_figure(10.0, 6.5)
+    fig = new_figure(10.0, 6.5)
     axes = fig.subplots(2, 2, sharex=True).ravel()
     drawn = False
     for label, history in histories.items():
@@ -228,4 +224,4 @@ def plot_selection_stats(histories: dict[str, list[dict]], path: Path, title: st
             ax.text(0.5, 0.5, "no selection statistics recorded\n(a shared memory has no selection)",
                     ha="center", va="center", transform=ax.transAxes, color="grey", fontsize=8)
     fig.suptitle(title or "memory-selection statistics, mean over documents", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,17 +29,16 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_bytes
 
-from document_memories import DocumentMemory, MemoryFileError
+from docmem.config import TrainConfig
+from docmem.errors import CheckpointError, ConfigError
+from docmem.run_folder import SUMMARY_NAME, write_atomic
+from document_memories import DocumentMemory
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FORMAT = "docmem-checkpoint"
 VERSION = 1
 _META_KEY = "docmem"
 _SHA_KEY = "docmem_sha256"
-
-
-class CheckpointError(MemoryFileError):
-    """A checkpoint that is missing, truncated, tampered with, or does not fit this run."""
 
 
 @dataclass
@@ -124,30 +122,7 @@ def save_checkpoint(run_dir: str | Path, memory: DocumentMemory, optimizer: torc
     }
     meta_json = json.dumps(meta, allow_nan=True)
     data = save_bytes(tensors, metadata={_META_KEY: meta_json, _SHA_KEY: _digest(tensors, meta_json)})
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write_atomic(path, data)
 
 
 def remove_stale_temporaries(run_dir: str | Path) -> None:
@@ -294,3 +269,20 @@ def restore_checkpoint(ckpt: Checkpoint, memory: DocumentMemory, optimizer: torc
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ckpt.error(f"malformed random-number-generator state ({type(err).__name__}: {err})") from err
     return state
+
+
+def checkpoint_to_resume(run_dir: Path, config: TrainConfig) -> Checkpoint | None:
+    """The run's checkpoint, verified, or None when it was stopped before writing one (it then
+    starts over in place). Errors come before any model or data loads."""
+    remove_stale_temporaries(run_dir)
+    path = checkpoint_path(run_dir)
+    if not path.exists():
+        return None
+    ckpt = read_checkpoint(path)
+    epoch = ckpt.state["epoch"]
+    if epoch > config.num_epochs:
+        raise ConfigError("num_epochs", config.num_epochs, f"the run in {run_dir} has already trained {epoch} epochs")
+    if epoch == config.num_epochs and (run_dir / SUMMARY_NAME).exists():
+        raise ConfigError("resume", str(run_dir), f"the run has finished its {epoch} epochs; give a larger "
+                                                  "--num_epochs to train it further")
+    return ckpt

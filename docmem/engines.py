@@ -15,43 +15,34 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 from torch import nn
 
-from chunked_ce import linear_cross_entropy
+from docmem.batching import Batch
+from docmem.chunked_ce import linear_cross_entropy
 from document_memories import DocumentMemory
-from foundations import Foundation
+from foundations import Foundation, block_device
 from hook_lm import attach_memory
 from utils import final_norm
 
 NO_MEMORY = "no_memory"  # a key set meaning: the plain LM, memory bypassed
 
 
-@dataclass
-class Batch:
-    index: int  # position in the run's fixed list of batches (the prefix cache's key)
-    doc_ids: torch.Tensor  # (B,) document of each row
-    input_ids: torch.Tensor  # (B, T), left padded
-    attention_mask: torch.Tensor  # (B, T)
-    labels: torch.Tensor  # (B, T), -100 on padding
-    # With --docs_per_step / several processes, a step's global batch is a group of chunks (one
-    # document's segments each); every process builds the whole group and keeps its own chunks.
-    chunk_doc_ids: torch.Tensor | None = None  # (C,) document of every chunk of the global group
-    chunk_of_row: torch.Tensor | None = None  # (B,) which of those chunks each local row belongs to
-
-    @property
-    def group_ids(self) -> torch.Tensor:
-        """What per-document means group by: a chunk is one document's segments."""
-        return self.chunk_of_row if self.chunk_of_row is not None else self.doc_ids
-
-    def to(self, device: torch.device | str) -> "Batch":
-        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
-                       labels=self.labels.to(device))
-
-
 KeySet = torch.Tensor | None | str  # (B, key_dim) keys, None = memory without key, NO_MEMORY
+
+
+class LossEngine(Protocol):
+    """What training and evaluation ask of an engine: the token CE of a batch under key sets."""
+
+    def losses(self, batch: Batch, key_sets: Sequence[KeySet], per_document: bool = False) -> list[torch.Tensor]:
+        """One loss per key set: a scalar token mean, or with per_document one per chunk (G,)."""
+        ...
+
+    def forget(self) -> None:
+        """Drop whatever the engine caches between steps."""
+        ...
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
@@ -129,7 +120,7 @@ class FastEngine:
         self.cache_budget_bytes = cache_budget_bytes
         self.cache: dict[int, torch.Tensor] = {}
         self.cached_bytes = 0
-        self.block_device = next(foundation.block(layer).parameters()).device
+        self.block_device = block_device(foundation, layer)
 
     # ---- running slices of the decoder -----------------------------------------------------
     @contextmanager

@@ -12,10 +12,33 @@ with K documents each see exactly the batches of one process with K x P.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
+
 import torch
 
 import wikitext
-from engines import Batch
+
+
+@dataclass
+class Batch:
+    index: int  # position in the run's fixed list of batches (the prefix cache's key)
+    doc_ids: torch.Tensor  # (B,) document of each row
+    input_ids: torch.Tensor  # (B, T), left padded
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), -100 on padding
+    # With --docs_per_step / several processes, a step's global batch is a group of chunks (one
+    # document's segments each); every process builds the whole group and keeps its own chunks.
+    chunk_doc_ids: torch.Tensor | None = None  # (C,) document of every chunk of the global group
+    chunk_of_row: torch.Tensor | None = None  # (B,) which of those chunks each local row belongs to
+
+    @property
+    def group_ids(self) -> torch.Tensor:
+        """What per-document means group by: a chunk is one document's segments."""
+        return self.chunk_of_row if self.chunk_of_row is not None else self.doc_ids
+
+    def to(self, device: torch.device | str) -> Batch:
+        return replace(self, input_ids=self.input_ids.to(device), attention_mask=self.attention_mask.to(device),
+                       labels=self.labels.to(device))
 
 
 def _chunks(documents: list, tokenizer, batch_size: int, max_length: int) -> list[list[dict[str, torch.Tensor]]]:
@@ -25,7 +48,8 @@ def _chunks(documents: list, tokenizer, batch_size: int, max_length: int) -> lis
              for start in range(0, len(doc.segments), batch_size)] for doc in documents]
 
 
-def _left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+def left_pad(t: torch.Tensor, length: int, value: int) -> torch.Tensor:
+    """(rows, n) -> (rows, length): `value` added on the left, so every row ends with its last token."""
     return torch.nn.functional.pad(t, (length - t.shape[1], 0), value=value)
 
 
@@ -50,9 +74,9 @@ def make_batches(documents: list, tokenizer, batch_size: int, max_length: int, d
         batches.append(Batch(
             index=len(batches),
             doc_ids=torch.cat([torch.full((n,), d, dtype=torch.long) for (d, _), n in zip(mine, rows)]),
-            input_ids=torch.cat([_left_pad(p["input_ids"], length, pad_id) for p in parts]),
-            attention_mask=torch.cat([_left_pad(p["attention_mask"], length, 0) for p in parts]),
-            labels=torch.cat([_left_pad(p["labels"], length, -100) for p in parts]),
+            input_ids=torch.cat([left_pad(p["input_ids"], length, pad_id) for p in parts]),
+            attention_mask=torch.cat([left_pad(p["attention_mask"], length, 0) for p in parts]),
+            labels=torch.cat([left_pad(p["labels"], length, -100) for p in parts]),
             chunk_doc_ids=torch.tensor([d for d, _ in group], dtype=torch.long),
             chunk_of_row=torch.cat([torch.full((n,), rank * docs_per_step + i, dtype=torch.long)
                                     for i, n in enumerate(rows)]),

@@ -1,6 +1,6 @@
 """
 Pictures of a docmem run: loss curves, memory-selection heatmaps, a logit lens of each
-document's memory readout, and GIFs of those over training (METHOD.md section 4).
+document's memory readout, and GIFs of those over training (docs/run_folder.md, summaries/).
 
 Every function builds its own matplotlib Figure with an Agg canvas (no pyplot, so no global
 figure registry to leak into), creates the parent directory, writes the file and returns
@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib import colormaps, font_manager
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from PIL import Image
@@ -30,14 +31,14 @@ GIF_BACKGROUND = (255, 255, 255)
 # small helpers
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
     """A figure attached to an Agg canvas; constrained layout keeps labels from overlapping."""
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI, facecolor="white")
@@ -123,7 +124,7 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str = "",
     Series absent from every epoch (e.g. ce_negative when guidance is 0) are skipped;
     `target` (tau, --target_negative_ce) is drawn as a dashed horizontal line.
     """
-    fig = _new_figure(8.0, 6.0)
+    fig = new_figure(8.0, 6.0)
     ax_ce, ax_g = fig.subplots(2, 1, sharex=True, height_ratios=(2, 1))
     epochs = _series(history, "epoch")
     if np.isnan(epochs).any():  # fall back to positions if some epoch numbers are missing
@@ -167,7 +168,7 @@ def plot_losses(history: list[dict[str, float]], path: Path, title: str = "",
     ax_g.grid(True, alpha=0.3)
     if title:
         fig.suptitle(title, parse_math=False)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +202,7 @@ def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path
     row_h = min(max(6.0 / len(rows), 0.17), 0.35)  # few documents get taller rows
     cells_h = max(len(rows) * row_h, 2.0)
     width = 3.2 + 1.0 + min(max(m * 0.25, 2.5), 14.0)  # labels + colorbar + cells
-    fig = _new_figure(width, 1.4 + cells_h)
+    fig = new_figure(width, 1.4 + cells_h)
     ax = fig.subplots()
     finite = shown[np.isfinite(shown)]
     if vmax is None:
@@ -225,7 +226,7 @@ def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path
     if len(rows) < n_docs:
         sub = f"showing {len(rows)} of {n_docs} documents (evenly sampled), {m} entries, {stats}"
     ax.set_title(f"{title}\n{sub}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------
@@ -233,8 +234,10 @@ def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path
 
 
 def _draw_lens_block(ax: Axes, top_tokens: list[list[tuple[str, float]]], headers: list[str],
-                     k: int, n_cols: int, cmap: Colormap, norm: Normalize, charmap: set[int]) -> None:
-    """One row of document columns: tokens in rank order on a background coloured by score."""
+                     shape: tuple[int, int], colours: ScalarMappable, charmap: set[int]) -> None:
+    """One row of document columns: tokens in rank order on a background coloured by score.
+    shape: (k ranks, columns); colours: the score's colour map and scale, shared by all blocks."""
+    (k, n_cols), cmap, norm = shape, colours.cmap, colours.norm
     grid = np.full((k, n_cols), np.nan)
     for c, toks in enumerate(top_tokens):
         for r, (_, score) in enumerate(toks[:k]):
@@ -298,15 +301,14 @@ def plot_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str]
     lo, hi = (float(scores.min()), float(scores.max())) if scores.size else (0.0, 1.0)
     if hi <= lo:
         hi = lo + 1.0
-    norm = Normalize(lo, hi)
-    cmap = colormaps["YlGnBu"]
+    colours = ScalarMappable(Normalize(lo, hi), colormaps["YlGnBu"])
 
-    fig = _new_figure(1.2 + 1.55 * per_row + 1.0, 1.0 + n_blocks * (0.9 + 0.21 * k))
+    fig = new_figure(1.2 + 1.55 * per_row + 1.0, 1.0 + n_blocks * (0.9 + 0.21 * k))
     axes = fig.subplots(n_blocks, 1, squeeze=False)[:, 0]
     for b, ax in enumerate(axes):
         idx = docs[b * per_row:(b + 1) * per_row]
         headers = [_header(i, titles[i], charmap) for i in idx]
-        _draw_lens_block(ax, [top_tokens[i] for i in idx], headers, k, per_row, cmap, norm, token_charmap)
+        _draw_lens_block(ax, [top_tokens[i] for i in idx], headers, (k, per_row), colours, token_charmap)
     mappable = axes[0].images[0]
     cbar = fig.colorbar(mappable, ax=list(axes), fraction=0.03, pad=0.01, aspect=40)
     cbar.set_label("score")
@@ -315,7 +317,7 @@ def plot_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str]
     if len(docs) < n_docs:
         title += f"\nshowing {len(docs)} of {n_docs} documents (evenly sampled)"
     fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -----------------------------------------------------------------------------

@@ -13,23 +13,21 @@ import json
 import math
 import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 import yaml
 
+from docmem.cli import fail
+from docmem.errors import ConfigError
 from document_memories import BUILTIN_KEY_ACTIVATIONS, MODULE_TYPES, activation_names
+from foundations.registry import MODEL_SIZES, NUM_LAYERS
+from wikitext import DATASETS
 
-LM_NAMES = ("pythia", "llama2_hf", "llama2_chat_hf", "smollm2")
-LM_SIZES = {
-    "pythia": ("70m", "160m", "410m", "1b", "1.4b", "2.8b", "6.9b", "12b"),
-    "llama2_hf": ("7b", "13b"),
-    "llama2_chat_hf": ("7b", "13b"),
-    "smollm2": ("135m",),
-}
-DATASETS = ("wikitext-103-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-2-raw-v1", "synthetic")
+PROG = "train_guidance.py"
+
 NEGATIVE_KEY_TYPES = ("other", "random", "zero", "perturb")
 GUIDANCE_LOSSES = ("clamped_mse", "abs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -44,14 +42,6 @@ RUN_CONFIG_NAME = "config.yaml"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-class ConfigError(ValueError):
-    """A bad setting: the message is one line naming the flag, the value and what is allowed."""
-
-    def __init__(self, flag: str, value: Any, allowed: str) -> None:
-        super().__init__(f"--{flag} {value!r}: {allowed}")
-        self.flag = flag
-
-
 def _none_if_none(value: str | None) -> str | None:
     # run.sh passes the released defaults literally, e.g. lm_cache_dir=none.
     return None if value is None or value.lower() in ("none", "") else value
@@ -64,7 +54,7 @@ def _help(text: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     # --- the language model ---
-    lm_name: str = _help("model family: " + ", ".join(LM_NAMES), default="pythia")
+    lm_name: str = _help("model family: " + ", ".join(MODEL_SIZES), default="pythia")
     lm_size: str = _help("model size within the family (pythia: 70m..12b, llama2: 7b 13b, smollm2: 135m)", default="1b")
     lm_path: str | None = _help("local folder or Hub id of any GPT-NeoX/Llama-like causal LM; overrides --lm_name/--lm_size", default=None)
     lm_cache_dir: str | None = _help("Hugging Face cache folder for model weights ('none' = library default)", default=None)
@@ -137,15 +127,16 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
 
+    def to_yaml(self, extra: dict[str, Any] | None = None) -> str:
+        """config.yaml's text: every field, then `extra` sections (a run adds resolved and documents)."""
+        return yaml.safe_dump({**self.to_dict(), **(extra or {})}, sort_keys=False, allow_unicode=True)
+
     def save_yaml(self, path: Path, extra: dict[str, Any] | None = None) -> None:
-        data = self.to_dict()
-        if extra:
-            data.update(extra)
-        path.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+        path.write_text(self.to_yaml(extra))
 
     @property
     def uses_keys(self) -> bool:
@@ -155,12 +146,10 @@ class TrainConfig:
     def guidance_active(self) -> bool:
         return self.uses_keys and self.guidance > 0
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Checks that need no model or data; raises ConfigError on the first bad flag.
 
         Reads nothing bigger than a model folder's config.json, and writes nothing."""
-        from foundations.registry import MODEL_SIZES, NUM_LAYERS
-
         self._check_types()
 
         def choice(flag: str, allowed: tuple[str, ...]) -> None:
@@ -212,8 +201,6 @@ class TrainConfig:
         if not _DEVICE.fullmatch(self.device):
             raise ConfigError("device", self.device, "allowed: auto, cpu, cuda, cuda:N")
         if self.device.startswith("cuda") and self.num_gpus > 0:
-            import torch
-
             if not torch.cuda.is_available():
                 raise ConfigError("device", self.device, "CUDA is not available here: use --device auto or cpu, "
                                                          "or --num_gpus 0")
@@ -315,21 +302,24 @@ def _check_run_dir(run_dir: str) -> None:
         raise ConfigError("resume", run_dir, "the run folder is not writable")
 
 
-def load_run_config(run_dir: str | Path) -> tuple[TrainConfig, dict[str, Any]]:
-    """The TrainConfig saved in run_dir/config.yaml (checked), and the whole file as a dict."""
+def load_run_config(run_dir: str | Path, flag: str = "resume") -> tuple[TrainConfig, dict[str, Any]]:
+    """The TrainConfig saved in run_dir/config.yaml (checked), and the whole file as a dict.
+    A missing or bad file is a ConfigError naming `flag` (the option that gave run_dir)."""
     path = Path(run_dir).expanduser() / RUN_CONFIG_NAME
+    if not path.is_file():
+        raise ConfigError(flag, str(run_dir), f"no {RUN_CONFIG_NAME} (not a run folder written by train_guidance.py)")
     try:
         data = yaml.safe_load(path.read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
         message = " ".join(str(err).split())
-        raise ConfigError("resume", str(run_dir), f"unreadable {path} ({message})") from err
+        raise ConfigError(flag, str(run_dir), f"unreadable {path} ({message})") from err
     if not isinstance(data, dict):
-        raise ConfigError("resume", str(run_dir), f"{path} does not hold a run config")
+        raise ConfigError(flag, str(run_dir), f"{path} does not hold a run config")
     try:
         saved = TrainConfig.from_dict(data)
         saved._check_types()
     except (TypeError, ConfigError) as err:
-        raise ConfigError("resume", str(run_dir), f"{path} holds an invalid config ({err})") from err
+        raise ConfigError(flag, str(run_dir), f"{path} holds an invalid config ({err})") from err
     return saved, data
 
 
@@ -357,13 +347,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad command line (unknown flag, bad type) in one stderr line, exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        fail(f"{message} (see --help)")
+        fail(PROG, f"{message} (see --help)")
 
 
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     """The command line. explicit_only: no defaults, so parsing gives only the flags actually given."""
     parser = OneLineArgumentParser(
-        prog="train_guidance.py",
+        prog=PROG,
         description="Train a document-wise memory with guidance on a frozen causal LM (Park & Choi, IJCAI 2024).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
@@ -400,16 +390,6 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
     return resume_config(config, explicit)
 
 
-def resolve_device(config: TrainConfig) -> str:
-    import torch
-
-    if config.num_gpus == 0:
-        return "cpu"
-    if config.device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return config.device
-
-
 def flags_markdown() -> str:
     """The README's table of flags, made from the config itself (a test keeps them in step)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
@@ -418,11 +398,3 @@ def flags_markdown() -> str:
         meaning = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| {name} | `{f.default}` | {meaning} |")
     return "\n".join(rows) + "\n"
-
-
-def fail(message: str, code: int = 2, label: str = "error") -> NoReturn:
-    """One line on stderr, no traceback."""
-    sys.stderr.write(f"train_guidance.py: {label}: {' '.join(str(message).split())}\n")
-    sys.stderr.flush()
-    raise SystemExit(code)
-

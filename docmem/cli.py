@@ -1,0 +1,61 @@
+"""The one place a command-line entry point meets the user: logging set up once, and every
+expected failure (docmem.errors.DocmemError) turned into one stderr line and its exit code.
+
+Messages go through `logging` to stderr, progress through tqdm bars (also stderr); the only
+things a script writes to stdout are its results (evaluate_memory.py's JSON and tables).
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from tqdm.auto import tqdm
+
+from docmem.errors import DocmemError
+
+
+class _ToStderr(logging.Handler):
+    """Writes through tqdm (a line never cuts a progress bar) to the sys.stderr of the moment."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The `docmem` loggers (every module logs under that name) to stderr as bare lines."""
+    root = logging.getLogger("docmem")
+    if not any(isinstance(h, _ToStderr) for h in root.handlers):
+        handler = _ToStderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def error_line(prog: str, message: str, label: str = "error") -> None:
+    """The one stderr line of a failed command: `prog: label: message`, whitespace folded."""
+    sys.stderr.write(f"{prog}: {label}: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
+
+
+def fail(prog: str, message: str, code: int = 2) -> NoReturn:
+    """One stderr line, then exit `code` (argparse errors, which happen before any work)."""
+    error_line(prog, message)
+    raise SystemExit(code)
+
+
+def run_command(prog: str, body: Callable[[], object]) -> int:
+    """Run a command's body; returns its exit status (0, or the failure's exit code)."""
+    setup_logging()
+    try:
+        body()
+    except DocmemError as err:
+        error_line(prog, str(err), err.label)
+        return err.exit_code
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        error_line(prog, "interrupted", "stopped")
+        return 128 + signal.SIGINT
+    return 0

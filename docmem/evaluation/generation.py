@@ -1,0 +1,207 @@
+"""Recall in generation: each segment's first tokens as a prompt, a greedy continuation under
+each condition (the right key, other documents' keys, the memory without a key, no memory),
+scored by ROUGE recall against the segment's true next tokens (eval/recall.json)."""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from rouge_score import rouge_scorer
+
+import wikitext
+from docmem.batching import left_pad
+from docmem.engines import NO_MEMORY, KeySet
+from docmem.errors import EvalError
+from docmem.evaluation.options import EvalOptions
+from docmem.run_folder import LoadedRun
+from document_memories import DocumentMemory
+from foundations import Foundation
+from hook_lm import attach_memory
+
+log = logging.getLogger(__name__)
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+MEASURES = ("recall", "precision", "f1")
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, dict[str, float]]]:
+    """ROUGE-1/2/L of each prediction against its reference: [{rouge: {recall, precision, f1}}]."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES))
+    out = []
+    for prediction, reference in zip(predictions, references):
+        scores = scorer.score(reference, prediction)  # score(target, prediction)
+        out.append({r: {"recall": scores[r].recall, "precision": scores[r].precision, "f1": scores[r].fmeasure}
+                    for r in ROUGE_TYPES})
+    return out
+
+
+def mean_scores(scores: Sequence[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]] | None:
+    """Element-wise mean of rouge_scores() entries; None for an empty list."""
+    if not scores:
+        return None
+    return {r: {m: float(np.mean([s[r][m] for s in scores])) for m in MEASURES} for r in ROUGE_TYPES}
+
+
+def other_documents(doc: int, num_docs: int, limit: int) -> list[int]:
+    """Up to `limit` other documents, deterministic and spread evenly over the rest, starting
+    with the next one (so every key serves as a wrong key about equally often)."""
+    others = [(doc + step) % num_docs for step in range(1, num_docs)]
+    if len(others) <= limit:
+        return others
+    picks = np.linspace(0, len(others) - 1, limit).round().astype(int)
+    return [others[i] for i in picks]
+
+
+@dataclass
+class Prompt:
+    doc: int
+    segment: int
+    ids: list[int]  # the first prompt_tokens tokens of the segment
+    reference_ids: list[int]  # the segment's next (up to new_tokens) tokens
+    reference: str  # reference_ids decoded
+
+
+def segment_prompts(tokenizer, documents: Sequence, prompt_tokens: int, new_tokens: int, max_length: int
+                    ) -> tuple[list[Prompt], int]:
+    """Every segment split into prompt and reference, tokenized as in training (same special
+    tokens, truncated to max_length: the memory saw only those tokens). Segments of fewer than
+    prompt_tokens + 1 tokens have nothing to recall: skipped and counted."""
+    prompts, skipped = [], 0
+    for d, doc in enumerate(documents):
+        for s, segment in enumerate(doc.segments):
+            ids = tokenizer(segment, truncation=True, max_length=max_length)["input_ids"]
+            if len(ids) < prompt_tokens + 1:
+                skipped += 1
+                continue
+            reference_ids = ids[prompt_tokens: prompt_tokens + new_tokens]
+            prompts.append(Prompt(d, s, ids[:prompt_tokens], reference_ids,
+                                  tokenizer.decode(reference_ids, skip_special_tokens=True)))
+    return prompts, skipped
+
+
+def prompt_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of token rows, padded on the left so every row's last token is real."""
+    width = max(len(r) for r in rows)
+    ids = [left_pad(torch.tensor(list(r), dtype=torch.long).view(1, -1), width, pad_id) for r in rows]
+    mask = [left_pad(torch.ones(1, len(r), dtype=torch.long), width, 0) for r in rows]
+    return torch.cat(ids), torch.cat(mask)
+
+
+def _stop_ids(foundation: Foundation) -> set[int]:
+    found = {foundation.tokenizer.eos_token_id}
+    generation = getattr(foundation.model, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    found.update(eos if isinstance(eos, (list, tuple)) else [eos])
+    return {int(i) for i in found if i is not None}
+
+
+@torch.no_grad()
+def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, prompts: Sequence[Sequence[int]],
+                    keys: KeySet,
+                    new_tokens: int | Sequence[int], batch_size: int = 64) -> list[list[int]]:
+    """Greedy continuations (new token ids, cut at the first end-of-text) with the memory on `layer`.
+
+    keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key), or
+    engines.NO_MEMORY (the plain LM). new_tokens: one count for all rows, or one per row (each
+    batch then generates only as far as its longest row needs)."""
+    if isinstance(keys, torch.Tensor) and keys.shape[0] != len(prompts):
+        raise ValueError(f"{keys.shape[0]} keys for {len(prompts)} prompts")
+    wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
+    if len(wanted) != len(prompts):
+        raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
+    pad_id = foundation.tokenizer.pad_token_id
+    stop = _stop_ids(foundation)
+    out: list[list[int]] = []
+    with attach_memory(foundation.block(layer), memory) as hook:
+        hook.enabled = not (isinstance(keys, str) and keys == NO_MEMORY)
+        for start in range(0, len(prompts), batch_size):
+            rows = prompts[start: start + batch_size]
+            ids, mask = prompt_batch(rows, pad_id)
+            hook.keys = keys[start: start + len(rows)] if isinstance(keys, torch.Tensor) else None
+            device = foundation.input_device
+            generated = foundation.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
+                max_new_tokens=max(1, max(wanted[start: start + len(rows)])), min_new_tokens=0, pad_token_id=pad_id, num_beams=1,
+                temperature=None, top_p=None, top_k=None)
+            for n, row in zip(wanted[start: start + len(rows)], generated[:, ids.shape[1]:].tolist()):
+                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
+                out.append(row[:min(cut, n)])
+    return out
+
+
+def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], options: EvalOptions) -> dict[str, Any]:
+    """ROUGE of greedy continuations under every condition, per document and averaged."""
+    foundation, memory, config = run.foundation, run.memory, run.config
+    tokenizer = foundation.tokenizer
+    prompts, skipped = segment_prompts(tokenizer, documents, options.prompt_tokens, options.new_tokens,
+                                       config.max_length)
+    if not prompts:
+        raise EvalError(f"every segment is shorter than --prompt_tokens {options.prompt_tokens} + 1 tokens: "
+                        "lower --prompt_tokens")
+    n_docs = len(documents)
+    keyed = config.uses_keys
+    doc_keys = memory.doc_keys.detach()[:n_docs]
+
+    # condition -> (rows of (prompt index, key document or None), keys for generate)
+    plans: dict[str, tuple[list[tuple[int, int | None]], Any]] = {}
+    if keyed:
+        rows = [(i, p.doc) for i, p in enumerate(prompts)]
+        plans["right_key"] = (rows, doc_keys[[p.doc for p in prompts]])
+        rows = [(i, j) for i, p in enumerate(prompts) for j in other_documents(p.doc, n_docs, options.max_other_keys)]
+        if rows:
+            plans["other_keys"] = (rows, doc_keys[[j for _, j in rows]])
+        plans["no_key"] = ([(i, None) for i in range(len(prompts))], None)
+    else:
+        plans["memory"] = ([(i, None) for i in range(len(prompts))], None)
+    plans["no_memory"] = ([(i, None) for i in range(len(prompts))], NO_MEMORY)
+
+    per_document: list[dict[str, Any]] = [
+        {"title": doc.title, "segments": len(doc.segments), "scored_segments": 0, "conditions": {}}
+        for doc in documents]
+    for p in prompts:
+        per_document[p.doc]["scored_segments"] += 1
+    examples: dict[int, dict[str, Any]] = {}
+    for condition, (rows, keys) in plans.items():
+        started = time.time()
+        texts = [prompts[i].ids for i, _ in rows]
+        # generate (and score) as many tokens as the reference has: a segment near its end has fewer
+        # than new_tokens left, and a longer continuation would only dilute precision
+        continuations = generate_greedy(foundation, memory, config.hook_memory_layer, texts, keys,
+                                        [len(prompts[i].reference_ids) for i, _ in rows], options.gen_batch_size)
+        decoded = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+        scores = rouge_scores(decoded, [prompts[i].reference for i, _ in rows])
+        for d in range(n_docs):
+            mine = [s for s, (i, _) in zip(scores, rows) if prompts[i].doc == d]
+            per_document[d]["conditions"][condition] = mean_scores(mine)
+        for text, (i, key_doc) in zip(decoded, rows):
+            p = prompts[i]
+            if p.doc not in examples:
+                examples[p.doc] = {"title": documents[p.doc].title, "segment": p.segment,
+                                   "prompt": tokenizer.decode(p.ids, skip_special_tokens=True),
+                                   "reference": p.reference, "continuations": {}}
+            if p.segment == examples[p.doc]["segment"] and condition not in examples[p.doc]["continuations"]:
+                label = condition if key_doc is None or condition == "right_key" else f"{condition} (key of {key_doc})"
+                examples[p.doc]["continuations"][condition] = {"key_of": key_doc, "label": label, "text": text}
+        log.info(f"recall: {condition}: {len(rows)} generations in {time.time() - started:.1f}s")
+
+    mean: dict[str, Any] = {}
+    for condition in plans:
+        rows_ = [doc["conditions"][condition] for doc in per_document if doc["conditions"].get(condition)]
+        mean[condition] = mean_scores(rows_)
+    return {
+        "settings": {"prompt_tokens": options.prompt_tokens, "new_tokens": options.new_tokens,
+                     "max_other_keys": options.max_other_keys, "decoding": "greedy",
+                     "scored_tokens": "each continuation is as many tokens as its reference (up to new_tokens)",
+                     "rouge": "rouge-score RougeScorer(rouge1, rouge2, rougeL), no stemming"},
+        "conditions": list(plans),
+        "segments_scored": len(prompts), "segments_skipped_too_short": skipped,
+        "mean": mean, "per_document": per_document,
+        "examples": [examples[d] for d in sorted(examples)],
+    }

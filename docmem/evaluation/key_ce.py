@@ -1,0 +1,56 @@
+"""The cross-entropy of the training batches under each document's own key and under negative
+keys: what training reports before its first epoch and after its last (summary.json)."""
+from __future__ import annotations
+
+import torch
+
+from docmem.batching import Batch
+from docmem.config import TrainConfig
+from docmem.distributed import DistContext
+from docmem.engines import LossEngine
+from document_memories import DocumentMemory
+from utils import negative_keys
+
+MAX_EVAL_OTHER_KEYS = 8  # past this many documents, `other` negatives are evaluated on a sample
+
+
+@torch.no_grad()
+def ce_under_keys(engine: LossEngine, memory: DocumentMemory, batches: list[Batch], config: TrainConfig,
+                  dist_ctx: DistContext | None = None) -> dict[str, float | None]:
+    """Token-weighted mean CE under each document's own key, and under negative keys: for
+    `other`, every other document's key (the expectation of the training draw; a fixed sample of
+    MAX_EVAL_OTHER_KEYS of them when there are more); for the other types, one draw from a fixed
+    generator. Under torchrun every process evaluates its batches and the sums are combined."""
+    n_docs = memory.config.num_docs
+    sums = [0.0, 0.0, 0.0, 0.0]  # positive CE x tokens, tokens, negative CE x tokens, tokens
+    generator = torch.Generator().manual_seed(12345)
+    for batch in batches:
+        doc_of_group = torch.unique_consecutive(batch.group_ids, return_inverse=True)[1]
+        first_rows = torch.cat([torch.ones(1, dtype=torch.bool), batch.group_ids[1:] != batch.group_ids[:-1]])
+        group_docs = batch.doc_ids[first_rows]
+        valid = (batch.labels[:, 1:] != -100).sum(dim=1).float()
+        tokens = torch.zeros(len(group_docs)).index_add(0, doc_of_group, valid)
+        if not config.uses_keys:
+            (ce,) = engine.losses(batch, [None], per_document=True)
+            sums[0] += float((ce.cpu() * tokens).sum())
+            sums[1] += float(tokens.sum())
+            continue
+        own = engine.losses(batch, [memory.keys_for(batch.doc_ids)], per_document=True)[0].cpu()
+        if config.negative_key_type == "other" and n_docs > 1:
+            others = range(n_docs)
+            if n_docs - 1 > MAX_EVAL_OTHER_KEYS:
+                others = torch.randperm(n_docs, generator=generator)[:MAX_EVAL_OTHER_KEYS + 1].tolist()
+            per_key = torch.stack(engine.losses(batch, [memory.keys_for(torch.full_like(batch.doc_ids, j))
+                                                        for j in others], per_document=True)).cpu()  # (keys, G)
+            is_own = torch.tensor(list(others)).unsqueeze(1) == group_docs.unsqueeze(0)
+            neg = (per_key * ~is_own).sum(0) / (~is_own).sum(0).clamp(min=1)
+        else:
+            drawn = negative_keys(config.negative_key_type, batch.doc_ids, memory.doc_keys, generator, config.delta)
+            neg = engine.losses(batch, [drawn], per_document=True)[0].cpu()
+        sums[0] += float((own * tokens).sum())
+        sums[1] += float(tokens.sum())
+        sums[2] += float((neg * tokens).sum())
+        sums[3] += float(tokens.sum())
+    if dist_ctx is not None and dist_ctx.enabled:
+        sums = [v * dist_ctx.world_size for v in dist_ctx.mean(sums)]
+    return {"ce_positive": sums[0] / max(sums[1], 1.0), "ce_negative": sums[2] / sums[3] if sums[3] else None}

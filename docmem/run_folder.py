@@ -1,0 +1,310 @@
+"""A run folder, save_dir/run_N: everything that creates, locks, writes and reads one.
+
+Training writes a run folder and evaluation reads it; both go through this module, so neither
+script imports the other. What a run folder holds, file by file: docs/run_folder.md.
+
+- creating: new_run_dir (run_N, the first free N), RunLock (one process per run),
+  write_atomic (every file replaced whole, fsync'd), write_run_config (config.yaml).
+- the run's inputs: resolve_device, resolve_dtype, load_documents, open_foundation, new_memory.
+- a saved run: resolve_run_dir, load_run -> LoadedRun (its config, LM, memory and documents,
+  the documents checked against config.yaml).
+- continuing: update_num_epochs, rewind_run_dir (the folder made to agree with a checkpoint),
+  save_memory (memory/ replaced as a whole).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+import foundations
+import wikitext
+from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
+from docmem.errors import ConfigError
+from document_memories import DocumentMemory, MemoryConfig, load_memory
+from foundations import Foundation
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEMORY_DIR = "memory"
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+# the picture of each summaries/epoch_NNNN/ folder that goes into each GIF (SummaryWriter.frames)
+GIF_FRAMES = (("losses", "losses.png"), ("docreps", "selection.png"), ("logits", "logit_lens.png"))
+
+
+# ---- creating and writing ----------------------------------------------------------------------
+
+def new_run_dir(save_dir: str | Path) -> Path:
+    """save_dir/run_N with N the first free number. mkdir is atomic, so two runs started at
+    once into one save_dir never share a folder."""
+    root = Path(save_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    n = 0
+    while True:
+        candidate = root / f"run_{n}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+
+
+class RunLock:
+    """An exclusive lock on the run folder (flock: released when the process ends, however it
+    ends), so two processes never train the same run_N."""
+
+    def __init__(self) -> None:
+        self.fd: int | None = None
+
+    def acquire(self, run_dir: Path) -> None:
+        fd = os.open(run_dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError("resume", str(run_dir), "another process is training this run right now") from None
+        self.fd = fd
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: str | bytes) -> Path:
+    """Replace `path` whole: written to a hidden temporary beside it, fsync'd, renamed over it.
+    A crash leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return path
+
+
+def document_entries(documents: list[wikitext.Document]) -> list[dict[str, Any]]:
+    """config.yaml's `documents`: what identifies each trained document, in key order."""
+    return [{"title": d.title, "article_index": d.article_index, "segments": len(d.segments)} for d in documents]
+
+
+def write_run_config(run_dir: Path, config: TrainConfig, resolved: dict[str, Any],
+                     documents: list[wikitext.Document]) -> None:
+    """config.yaml: the TrainConfig, what it resolved to here, and the documents drawn."""
+    write_atomic(run_dir / RUN_CONFIG_NAME, config.to_yaml({"resolved": resolved,
+                                                            "documents": document_entries(documents)}))
+
+
+def update_num_epochs(run_dir: Path, num_epochs: int) -> None:
+    path = run_dir / RUN_CONFIG_NAME
+    data = yaml.safe_load(path.read_text())
+    if data.get("num_epochs") != num_epochs:
+        data["num_epochs"] = num_epochs
+        write_atomic(path, yaml.safe_dump(data, sort_keys=False, allow_unicode=True))
+
+
+def rewind_run_dir(run_dir: Path, history: list[dict], frames: dict[str, list[Path]]) -> None:
+    """Make the run folder agree with a checkpoint at epoch len(history): metrics.jsonl holds
+    exactly its epochs, later summaries are removed, and the GIF frame lists (SummaryWriter.frames:
+    GIF name -> its frames) are rebuilt from the summaries kept."""
+    epoch = len(history)
+    for tmp in run_dir.glob(".*.tmp"):  # half-written files of a process killed while writing
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
+        else:
+            tmp.unlink()
+    write_atomic(run_dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in history))
+    (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
+    for folder in sorted((run_dir / "summaries").glob("epoch_*")):
+        if not folder.name.removeprefix("epoch_").isdigit() or int(folder.name.removeprefix("epoch_")) > epoch:
+            shutil.rmtree(folder)
+            continue
+        for kind, picture in GIF_FRAMES:
+            if (folder / picture).is_file():
+                frames[kind].append(folder / picture)
+
+
+def save_memory(memory: DocumentMemory, run_dir: Path) -> None:
+    """run_dir/memory/ (memory.safetensors + memory_config.json), replaced as a whole."""
+    final, tmp = run_dir / MEMORY_DIR, run_dir / f".{MEMORY_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    memory.save(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl's records (one per epoch); [] when the run has none yet."""
+    path = run_dir / METRICS_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ---- the run's inputs: device, dtype, documents, the LM, the memory ------------------------------
+
+def resolve_device(config: TrainConfig, requested: str = "auto") -> str:
+    """The device of a single-device run. `requested` (evaluation's --device) wins unless auto."""
+    if requested != "auto":
+        return requested
+    if config.num_gpus == 0:
+        return "cpu"
+    if config.device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    return config.device
+
+
+def resolve_dtype(config: TrainConfig, device: str) -> torch.dtype:
+    if config.precision == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return DTYPES[config.precision]
+
+
+def load_documents(config: TrainConfig) -> list[wikitext.Document]:
+    """The config's documents, drawn from its data source exactly as in training."""
+    try:
+        articles = wikitext.load_articles(config.dataset, data_split=config.data_split, data_path=config.data_path,
+                                          cache_dir=config.data_cache_dir, num_synthetic=config.synthetic_articles,
+                                          seed=config.seed)
+    except ValueError as err:  # a local copy without the asked-for config, split or column
+        flag, value = ("data_path", config.data_path) if config.data_path else ("dataset", config.dataset)
+        raise ConfigError(flag, value, str(err).removeprefix(f"--{flag} {value} ")) from err
+    if config.max_labels > len(articles):
+        raise ConfigError("max_labels", config.max_labels, f"only {len(articles)} articles are available")
+    try:  # the released draw (README, fixes): NumPy's seeded choice, in draw order
+        return wikitext.select_documents(articles, config.max_labels, config.seed, config.segment_length,
+                                         config.max_segments)
+    except ValueError as err:
+        raise ConfigError("max_labels", config.max_labels, str(err)) from err
+
+
+def documents_mismatch(saved: list[Any], documents: list[wikitext.Document]) -> str | None:
+    """How the documents drawn now differ from config.yaml's `documents` (None: they agree).
+    Entries written before article_index was recorded compare on what they hold."""
+    now = document_entries(documents)
+    if len(saved) != len(now):
+        return f"{len(now)} documents now, {len(saved)} in {RUN_CONFIG_NAME}"
+    for i, (old, new) in enumerate(zip(saved, now)):
+        old = old if isinstance(old, dict) else {"title": str(old)}
+        for key in ("title", "article_index", "segments"):
+            if key in old and old[key] != new[key]:
+                return f"document {i}: {key} {new[key]!r} now, {old[key]!r} in {RUN_CONFIG_NAME}"
+    return None
+
+
+def open_foundation(config: TrainConfig, device: str, dtype: torch.dtype) -> Foundation:
+    """The run's frozen LM on `device` (split over config.num_gpus GPUs unless it is the CPU)."""
+    num_gpus = 0 if device == "cpu" else max(1, config.num_gpus)
+    foundation = foundations.load_foundation(config.lm_name, config.lm_size, lm_path=config.lm_path,
+                                             lm_cache_dir=config.lm_cache_dir, num_gpus=num_gpus, dtype=dtype)
+    if config.hook_memory_layer >= foundation.num_blocks:
+        raise ConfigError("hook_memory_layer", config.hook_memory_layer,
+                          f"{foundation.name} has blocks 0..{foundation.num_blocks - 1}")
+    return foundation
+
+
+def new_memory(config: TrainConfig, foundation: Foundation, num_docs: int) -> DocumentMemory:
+    """A freshly initialised memory for the config, on the device of its hooked block."""
+    memory_config = MemoryConfig(
+        hidden_size=foundation.hidden_size, num_docs=num_docs, memory_dim=config.hook_memory_dim,
+        key_dim=config.key_dim, key_activation=config.key_activation, lm_act=config.lm_act,
+        module_type=config.document_key_module_type, key_internal_dim=config.key_internal_dim,
+        key_internal_layers=config.key_internal_layers, key_internal_activation=config.key_internal_activation,
+        learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys)
+    memory = DocumentMemory(memory_config, generator=torch.Generator().manual_seed(config.seed))
+    return memory.to(foundations.block_device(foundation, config.hook_memory_layer))
+
+
+# ---- a saved run ---------------------------------------------------------------------------------
+
+@dataclass
+class LoadedRun:
+    run_dir: Path
+    config: TrainConfig
+    saved: dict[str, Any]  # config.yaml as written (with resolved and documents)
+    foundation: Foundation
+    memory: DocumentMemory
+    documents: list[wikitext.Document]  # in key order
+    dtype: torch.dtype
+
+
+class DeviceChoice(Protocol):
+    device: str  # auto, cpu, cuda, cuda:N (evaluation.options.EvalOptions has it)
+
+
+FoundationCache = dict[tuple, Foundation]
+
+
+def resolve_run_dir(path: str | Path, flag: str = "run_dir") -> Path:
+    """A run folder (has config.yaml), or a save_dir: its highest-numbered run_N with a memory."""
+    path = Path(path)
+    if (path / RUN_CONFIG_NAME).is_file():
+        return path
+    if path.is_dir():
+        runs = sorted((p for p in path.glob("run_*") if p.name[4:].isdigit() and (p / MEMORY_DIR).is_dir()),
+                      key=lambda p: int(p.name[4:]))
+        if runs:
+            return runs[-1]
+        raise ConfigError(flag, str(path), f"neither a run folder (no {RUN_CONFIG_NAME}) nor a save_dir holding "
+                                           "a finished run_N")
+    raise ConfigError(flag, str(path), "no such folder")
+
+
+def load_run(run_dir: str | Path, options: DeviceChoice | None = None,
+             foundation_cache: FoundationCache | None = None) -> LoadedRun:
+    """The run's LM (from its config), its documents (checked against config.yaml) and its
+    memory. options.device picks the device (auto: the run's own choice). A foundation_cache
+    shares one loaded LM between runs that use the same one."""
+    run_dir = Path(run_dir)
+    config, saved = load_run_config(run_dir, flag="run_dir")
+    device = resolve_device(config, options.device if options is not None else "auto")
+    dtype = resolve_dtype(config, device)
+    cache_key = (config.lm_name, config.lm_size, config.lm_path, config.lm_cache_dir, device, str(dtype))
+    foundation = (foundation_cache or {}).get(cache_key)
+    if foundation is None:
+        log.info(f"loading the LM ({config.lm_path or f'{config.lm_name}-{config.lm_size}'}) on {device}")
+        foundation = open_foundation(config, device, dtype)
+        if foundation_cache is not None:
+            foundation_cache[cache_key] = foundation
+    documents = load_documents(config)
+    mismatch = documents_mismatch(saved.get("documents", []), documents) if "documents" in saved else None
+    if mismatch:
+        raise ConfigError("run_dir", str(run_dir), f"the documents rebuilt from {RUN_CONFIG_NAME} differ from those "
+                                                   f"it was trained on ({mismatch}): the data source or the "
+                                                   "segmentation code changed")
+    if not (run_dir / MEMORY_DIR).is_dir():
+        raise ConfigError("run_dir", str(run_dir), f"no {MEMORY_DIR}/ folder (the run has not finished, or it crashed)")
+    memory = load_memory(run_dir / MEMORY_DIR, device=foundations.block_device(foundation, config.hook_memory_layer),
+                         expect_hidden_size=foundation.hidden_size, expect_num_docs=len(documents))
+    memory.eval()
+    return LoadedRun(run_dir, config, saved, foundation, memory, documents, dtype)
