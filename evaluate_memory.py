@@ -551,6 +551,14 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     if ce["matrix"] is not None:
         analysis_plots.plot_ce_matrix(np.array(ce["matrix"]), titles, out / "ce_matrix.png")
     log(f"CE matrix in {time.time() - t0:.1f}s")
+    attribution = None
+    if keyed:  # which document a text came from: training segments and held-out continuations
+        from docmem.attribution import evaluate_attribution
+
+        attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass)
+        _write_json(out / "attribution.json", attribution)
+        attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
+        log(f"attribution top-1 accuracy: {attribution}")
 
     # 3. selection statistics over training and of the final memory
     history = read_metrics(run.run_dir)
@@ -617,6 +625,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
         log(f"landscape ({options.grid}x{options.grid} keys) in {time.time() - t0:.1f}s")
 
     summary = _summarise(run, options, recall, ce, final_stats, r, landscape_summary, time.time() - started)
+    summary["attribution_top1_accuracy"] = attribution
     _write_json(out / "summary.json", summary)
     log(f"written to {out} in {summary['wall_seconds']:.0f}s")
     return summary
@@ -806,6 +815,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--run_dir", help="a run folder save_dir/run_N (or a save_dir: its newest finished run)")
     what.add_argument("--compare", nargs="+", metavar="RUN", help="runs to set side by side (evaluated if needed)")
     parser.add_argument("--out", help="folder of the comparison (with --compare)")
+    parser.add_argument("--forget", metavar="DOC", help="with --run_dir: measure forgetting this document (index or "
+                        "title) both ways (drop_key, edit), before and after; writes eval/forget_doc_NN.json and .md")
     defaults = EvalOptions()
     parser.add_argument("--prompt_tokens", type=int, default=defaults.prompt_tokens, help="segment tokens given as the prompt")
     parser.add_argument("--new_tokens", type=int, default=defaults.new_tokens, help="tokens generated greedily and scored")
@@ -839,13 +850,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.compare:
             if not args.out:
                 raise EvalError("--compare needs --out DIR")
+            if args.forget is not None:
+                raise EvalError("--forget goes with --run_dir (one run), not --compare")
             compare(args.compare, args.out, options)
+        elif args.forget is not None:
+            from docmem.forgetting import evaluate_forgetting, forgetting_table
+
+            print(forgetting_table(evaluate_forgetting(args.run_dir, args.forget, options)))
         else:
             if args.out:
                 raise EvalError("--out goes with --compare; a single run writes into RUN/eval/")
             summary = evaluate_run(args.run_dir, options)
             print(json.dumps({k: summary[k] for k in ("run_dir", "rougeL_recall", "ce", "length_l0_pearson_r",
-                                                      "landscape", "acceptance")}, indent=1))
+                                                      "landscape", "attribution_top1_accuracy", "acceptance")}, indent=1))
     except EvalError as err:
         sys.stderr.write(f"evaluate_memory.py: error: {err}\n")
         return 2

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, remove_stale_temporaries,
                         restore_checkpoint, save_checkpoint)
 from config import RUN_CONFIG_NAME, ConfigError, TrainConfig, fail, parse_args, resolve_device, resume_config
+from docmem.provenance import provenance_from_saved
 from document_memories import DocumentMemory, MemoryConfig, MemoryFileError
 from batching import make_batches
 from distributed import DistContext, init_distributed, shutdown, wrap_memory
@@ -310,10 +311,10 @@ def rewind_run_dir(run_dir: Path, history: list[dict], frames: dict[str, list[Pa
 
 
 def save_memory(memory: DocumentMemory, run_dir: Path) -> None:
-    """run_dir/memory/ (memory.safetensors + memory_config.json), replaced as a whole."""
+    """run_dir/memory/ (memory.safetensors + memory_config.json with the run's provenance), replaced as a whole."""
     final, tmp = run_dir / "memory", run_dir / ".memory.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    memory.save(tmp)
+    memory.save(tmp, provenance=provenance_from_saved(yaml.safe_load((run_dir / RUN_CONFIG_NAME).read_text())))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

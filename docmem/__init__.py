@@ -1,0 +1,1 @@
+"""docmem: document-wise memory with guidance for LLMs (library modules beside the root scripts)."""
