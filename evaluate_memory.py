@@ -856,7 +856,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.forget is not None:
             from docmem.forgetting import evaluate_forgetting, forgetting_table
 
-            print(forgetting_table(evaluate_forgetting(args.run_dir, args.forget, options)))
+            try:
+                print(forgetting_table(evaluate_forgetting(args.run_dir, args.forget, options)))
+            except ValueError as err:
+                raise EvalError(str(err)) from err
         else:
             if args.out:
                 raise EvalError("--out goes with --compare; a single run writes into RUN/eval/")

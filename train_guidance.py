@@ -39,6 +39,7 @@ from checkpoint import (CheckpointError, checkpoint_path, read_checkpoint, remov
                         restore_checkpoint, save_checkpoint)
 from config import RUN_CONFIG_NAME, ConfigError, TrainConfig, fail, parse_args, resolve_device, resume_config
 from docmem.provenance import provenance_from_saved
+from docmem.tensorboard_log import open_tensorboard
 from document_memories import DocumentMemory, MemoryConfig, MemoryFileError
 from batching import make_batches
 from distributed import DistContext, init_distributed, shutdown, wrap_memory
@@ -381,7 +382,7 @@ def train_epoch(config: TrainConfig, engine, memory: DocumentMemory, batches: li
 
 def train(config: TrainConfig, engine, memory: DocumentMemory, batches: list[Batch], optimizer, scheduler,
           generator: torch.Generator, progress: Progress, writer, run_dir: Path, save, stop: StopOnSignal,
-          dist_ctx: DistContext = DistContext()) -> None:
+          dist_ctx: DistContext = DistContext(), tensorboard=None) -> None:
     """Epochs progress.epoch + 1 .. num_epochs: a metrics.jsonl line each, a summary and a
     checkpoint every save_freq epochs and at the end (rank 0 alone writes under torchrun)."""
     bar = tqdm(total=config.num_epochs, initial=progress.epoch, desc="epochs", unit="epoch", dynamic_ncols=True,
@@ -401,6 +402,8 @@ def train(config: TrainConfig, engine, memory: DocumentMemory, batches: list[Bat
             if dist_ctx.is_main:
                 with (run_dir / "metrics.jsonl").open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                if tensorboard is not None:
+                    tensorboard.log_epoch(record, memory)
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
                              if k in ("loss", "ce_positive", "ce_negative") and v is not None}, refresh=False)
             bar.update(1)
@@ -417,6 +420,8 @@ def train(config: TrainConfig, engine, memory: DocumentMemory, batches: list[Bat
                 raise stop.interrupted(f"after epoch {epoch} (step {progress.step})", run_dir)
     finally:
         bar.close()  # before any message, which would otherwise come out mid-bar
+        if tensorboard is not None:
+            tensorboard.close()
 
 
 # ---- a run -----------------------------------------------------------------------------------
@@ -538,7 +543,9 @@ def train_run(config: TrainConfig, stop: StopOnSignal, lock: "RunLock", dist_ctx
     with torch.autograd.set_detect_anomaly(config.detect_anomaly):
         try:
             train(config, engine, memory, batches, optimizer, scheduler, generator, progress, writer,
-                  run_dir, save, stop, dist_ctx)
+                  run_dir, save, stop, dist_ctx, tensorboard=open_tensorboard(config.report_to, run_dir, titles,
+                                                                              config.key_activation)
+                  if dist_ctx.is_main else None)
         except NonFiniteLoss as err:
             last = read_checkpoint(checkpoint_path(run_dir)).state
             raise NonFiniteLoss(f"{err}; stopped, and kept the last good checkpoint {checkpoint_path(run_dir)} "

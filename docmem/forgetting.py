@@ -215,13 +215,15 @@ def forgetting_table(report: dict[str, Any]) -> str:
 
 
 def evaluate_forgetting(run_dir: str | Path, doc: str, options: EvalOptions) -> dict[str, Any]:
-    """evaluate_memory.py --forget DOC: measure, write RUN/eval/forget_doc_NN.{json,md}, return the report."""
-    run = load_run(resolve_run_dir(run_dir), options.validate())
+    """evaluate_memory.py --forget DOC: measure, write RUN/eval/forget_doc_NN.{json,md}, return the report.
+
+    Expected failures raise ValueError (evaluate_memory.py, run as a script, has its own EvalError class)."""
     try:
+        run = load_run(resolve_run_dir(run_dir), options.validate())
         index = document_index([{"index": i, "title": d.title} for i, d in enumerate(run.documents)], doc)
         report = measure_forgetting(run, index, options)
-    except ValueError as err:
-        raise EvalError(str(err).removeprefix("--doc ").replace("--doc", "--forget")) from err
+    except (EvalError, ValueError) as err:
+        raise ValueError(str(err).replace("--doc", "--forget")) from err
     out = run.run_dir / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / f"forget_doc_{index:02d}.json", report)
