@@ -14,7 +14,7 @@ import json
 import sys
 
 from docmem.cli import new_parser, run_command
-from docmem.trained_memory import load_memory_run
+from docmem.trained_memory import document_index, load_memory_run, locate_memory, read_provenance
 
 PROG = "generate.py"
 
@@ -49,8 +49,10 @@ def check_args(args) -> None:
 
 
 def generations(args) -> list[dict]:
+    documents = read_provenance(*locate_memory(args.run_dir)).get("documents") or []
+    # (documents are checked before the LM loads)
+    docs = list(range(len(documents))) if "all" in args.doc else [document_index(documents, d) for d in args.doc]
     tm = load_memory_run(args.run_dir, device=args.device)
-    docs = list(range(len(tm.documents))) if "all" in args.doc else [tm.doc_index(d) for d in args.doc]
     plans = []  # (set the condition, prompt)
     for doc in docs:
         plans.append((lambda d=doc: tm.select(d), args.prompt or tm.titles[doc]))

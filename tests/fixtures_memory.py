@@ -3,6 +3,7 @@ per session: `from fixtures_memory import tiny_lm_dir, tiny_run`."""
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,3 +28,11 @@ def copy_run(run: Path, where: Path) -> Path:
     target = where / "run_0"
     shutil.copytree(run, target)
     return target
+
+
+def exit_code(main: Callable[[list[str]], int], argv: list[str]) -> int:
+    """A command's exit code, whether main() returns it or argparse exits."""
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return int(stop.code)
