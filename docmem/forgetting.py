@@ -53,9 +53,8 @@ def _checked(memory: DocumentMemory, doc: int) -> None:
 
 
 @torch.no_grad()
-def forget_direction(memory: DocumentMemory, doc: int) -> torch.Tensor:
-    """The unit vector of selection space that only `doc` uses: s_doc minus its projection on
-    the span of the other documents' selections, normalised."""
+def unique_part(memory: DocumentMemory, doc: int) -> tuple[torch.Tensor, float]:
+    """(u, |u| / |s_doc|): s_doc minus its projection on the span of the other documents' selections."""
     _checked(memory, doc)
     selections = memory.selection(memory.doc_keys).double()
     mine = selections[doc]
@@ -63,11 +62,17 @@ def forget_direction(memory: DocumentMemory, doc: int) -> torch.Tensor:
     basis = torch.linalg.svd(others, full_matrices=False).Vh  # rows span the others' selections
     rank = int((torch.linalg.svdvals(others) > 1e-9 * max(1.0, float(others.abs().max()))).sum())
     unique = mine - basis[:rank].T @ (basis[:rank] @ mine)
-    norm = float(unique.norm())
-    if norm < MIN_UNIQUE_NORM * max(1.0, float(mine.norm())):
+    return unique, float(unique.norm()) / max(float(mine.norm()), 1e-30)
+
+
+@torch.no_grad()
+def forget_direction(memory: DocumentMemory, doc: int) -> torch.Tensor:
+    """The unit vector of selection space that only `doc` uses."""
+    unique, fraction = unique_part(memory, doc)
+    if fraction < MIN_UNIQUE_NORM:
         raise ValueError(f"document {doc}'s selection is a combination of the others': no direction is its own, "
                          "so no edit can remove it without changing them (use drop_key, or retrain)")
-    return (unique / norm).to(memory.doc_keys.dtype)
+    return (unique / unique.norm()).to(memory.doc_keys.dtype)
 
 
 @torch.no_grad()
@@ -171,7 +176,9 @@ def measure_forgetting(run: Any, doc: int, options: EvalOptions, methods: Sequen
     plain = _recalls(run, memory, prompts, [("plain", doc, NO_MEMORY)], options)["plain"]
     plain_ce = CETable(run, documents, options).ce(doc, [NO_MEMORY])[0]
     report: dict[str, Any] = {
-        "document": {"index": doc, "title": documents[doc].title, "old_key": old_key.tolist()},
+        "document": {"index": doc, "title": documents[doc].title, "old_key": old_key.tolist(),
+                     # how much of its selection lies outside the span of the others' (what `edit` removes)
+                     "selection_unique_fraction": unique_part(memory, doc)[1]},
         "grid": grid, "axis": [float(axis[0]), float(axis[-1])],
         "plain_lm": {"rougeL_recall": plain, "ce": plain_ce},
         "before": _state(run, memory, documents, doc, old_key, before_remaining, axis, prompts, options),
