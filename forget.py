@@ -17,7 +17,12 @@ from pathlib import Path
 
 from docmem.cli import new_parser, run_command
 from docmem.forgetting import FORGET_METHODS, forget, forgotten_provenance
-from docmem.trained_memory import MemoryRunError, document_index, locate_memory, read_provenance
+from docmem.trained_memory import (
+    MemoryRunError,
+    document_index,
+    locate_memory,
+    read_provenance,
+)
 from document_memories import load_memory
 
 PROG = "forget.py"

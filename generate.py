@@ -14,7 +14,12 @@ import json
 import sys
 
 from docmem.cli import new_parser, run_command
-from docmem.trained_memory import document_index, load_memory_run, locate_memory, read_provenance
+from docmem.trained_memory import (
+    document_index,
+    load_memory_run,
+    locate_memory,
+    read_provenance,
+)
 
 PROG = "generate.py"
 

@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import torch
 
+import wikitext
 from document_memories import DocumentMemory
 from engines import NO_MEMORY, Batch, FastEngine
 from evaluate_memory import left_pad
 from foundations import Foundation
-import wikitext
 
 MIN_HELD_OUT_WORDS = 8  # a shorter tail of an article is not a held-out text
 
@@ -125,8 +125,8 @@ def attribution_accuracy(texts: Sequence[str], truth: Sequence[int], scores: Seq
 
 def evaluate_attribution(run: Any, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int) -> dict[str, Any]:
     """Attribution accuracy on training segments and held-out continuations (run: LoadedRun)."""
-    scorer = dict(foundation=run.foundation, memory=run.memory, layer=run.config.hook_memory_layer, dtype=run.dtype,
-                  max_length=run.config.max_length, rows_per_batch=rows_per_batch, key_sets_per_pass=key_sets_per_pass)
+    scorer = {"foundation": run.foundation, "memory": run.memory, "layer": run.config.hook_memory_layer, "dtype": run.dtype,
+                  "max_length": run.config.max_length, "rows_per_batch": rows_per_batch, "key_sets_per_pass": key_sets_per_pass}
     result: dict[str, Any] = {"documents": [d.title for d in documents],
                               "rule": "top-1 = the document whose key gives the text the lowest mean token CE"}
     for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),

@@ -33,8 +33,20 @@ import torch
 from docmem.trained_memory import document_index
 from document_memories import DocumentMemory
 from engines import NO_MEMORY
-from evaluate_memory import (EVAL_DIR, CETable, EvalError, EvalOptions, _write_json, generate_greedy, grid_keys,
-                             landscape_axis, load_run, resolve_run_dir, rouge_scores, segment_prompts)
+from evaluate_memory import (
+    EVAL_DIR,
+    CETable,
+    EvalError,
+    EvalOptions,
+    _write_json,
+    generate_greedy,
+    grid_keys,
+    landscape_axis,
+    load_run,
+    resolve_run_dir,
+    rouge_scores,
+    segment_prompts,
+)
 
 FORGET_METHODS = ("drop_key", "edit")
 MIN_UNIQUE_NORM = 1e-6  # below this the document's selection is a combination of the others'

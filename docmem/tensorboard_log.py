@@ -64,7 +64,9 @@ def open_tensorboard(report_to: str, run_dir: Path, titles: list[str], key_activ
     """None for --report_to none; else a log writing into run_dir/tensorboard/."""
     if report_to == "none":
         return None
-    from torch.utils.tensorboard import SummaryWriter  # needs the optional tensorboard package
+    from torch.utils.tensorboard import (
+        SummaryWriter,  # needs the optional tensorboard package
+    )
 
     vmax = 1.0 if key_activation in ("tanh", "sigmoid") else None
     return TensorBoardLog(SummaryWriter(log_dir=str(run_dir / LOG_DIR)), titles, vmax)

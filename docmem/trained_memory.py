@@ -22,7 +22,14 @@ import yaml
 
 from config import RUN_CONFIG_NAME, TrainConfig
 from docmem.provenance import provenance_from_saved
-from document_memories import CONFIG_NAME, PROVENANCE_FIELD, DocumentMemory, MemoryFileError, load_memory, read_memory_json
+from document_memories import (
+    CONFIG_NAME,
+    PROVENANCE_FIELD,
+    DocumentMemory,
+    MemoryFileError,
+    load_memory,
+    read_memory_json,
+)
 from engines import NO_MEMORY
 from evaluate_memory import resolve_run_dir
 from foundations import Foundation, block_device, load_foundation
@@ -136,16 +143,16 @@ class TrainedMemory:
             raise UnknownDocumentError("this is a shared memory (trained without keys): it has no document to select")
         return self.memory.keys_for([self.doc_index(doc)]).detach()
 
-    def select(self, doc: int | str) -> "TrainedMemory":
+    def select(self, doc: int | str) -> TrainedMemory:
         index = self.doc_index(doc)
         self.condition, self.label, self.selected = self.key(index), f"doc {index}: {self.titles[index]}", index
         return self
 
-    def no_key(self) -> "TrainedMemory":
+    def no_key(self) -> TrainedMemory:
         self.condition, self.label, self.selected = None, "no_key", None
         return self
 
-    def plain_lm(self) -> "TrainedMemory":
+    def plain_lm(self) -> TrainedMemory:
         self.condition, self.label, self.selected = NO_MEMORY, "no_memory", None
         return self
 

@@ -15,7 +15,9 @@ def gguf_block_count(path: str | Path) -> int | None:
     """The block count the file's metadata declares (`<architecture>.block_count`), if any.
 
     Raises ValueError when the file is not a readable GGUF file."""
-    from gguf import GGUFReader  # reads the header and tensor table only (memory-mapped)
+    from gguf import (
+        GGUFReader,  # reads the header and tensor table only (memory-mapped)
+    )
 
     try:
         reader = GGUFReader(str(Path(path).expanduser()))

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from fixtures_tiny import run_training, tiny_argv, tiny_lm_dir  # noqa: F401
 
 _RUNS: dict[str, Path] = {}

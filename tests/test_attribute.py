@@ -6,13 +6,19 @@ import json
 
 import numpy as np
 import pytest
+from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 import attribute
 import evaluate_memory as em
-from docmem.attribution import attribution_accuracy, evaluate_attribution, held_out_texts, score_texts, TextScores
+from docmem.attribution import (
+    TextScores,
+    attribution_accuracy,
+    evaluate_attribution,
+    held_out_texts,
+    score_texts,
+)
 from docmem.trained_memory import load_memory_run
 from engines import NO_MEMORY
-from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 
 def test_scores_match_the_ce_table(tiny_run):  # noqa: F811

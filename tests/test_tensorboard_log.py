@@ -7,12 +7,12 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401
 
 import train_guidance
 from config import ConfigError, TrainConfig
 from docmem.tensorboard_log import TensorBoardLog, heatmap_image, open_tensorboard
 from document_memories import DocumentMemory, MemoryConfig
-from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401
 
 
 class FakeWriter:

@@ -6,10 +6,10 @@ import json
 
 import pytest
 import torch
+from fixtures_memory import copy_run, tiny_lm_dir, tiny_run  # noqa: F401
 
 from docmem.trained_memory import MemoryRunError, UnknownDocumentError, load_memory_run
-from document_memories import CONFIG_NAME, WEIGHTS_NAME, MemoryFileError, load_memory
-from fixtures_memory import copy_run, tiny_lm_dir, tiny_run  # noqa: F401
+from document_memories import CONFIG_NAME, MemoryFileError, load_memory
 
 
 def test_training_writes_provenance_and_checksum(tiny_run):  # noqa: F811
