@@ -255,8 +255,6 @@ def load_memory(directory: str | Path, device: str | torch.device = "cpu",
         config = MemoryConfig.from_dict(data)
     except (TypeError, ValueError) as err:
         raise MemoryFileError(f"{config_path}: invalid memory config ({err})") from err
-    if checksum is not None and file_sha256(weights_path) != checksum:
-        raise MemoryFileError(f"{weights_path}: SHA-256 differs from the one in {CONFIG_NAME} (corrupt or replaced)")
     if expect_hidden_size is not None and config.hidden_size != expect_hidden_size:
         raise MemoryFileError(f"{config_path}: hidden_size {config.hidden_size} does not match the LM's {expect_hidden_size}")
     if expect_num_docs is not None and config.num_docs != expect_num_docs:
@@ -275,5 +273,8 @@ def load_memory(directory: str | Path, device: str | torch.device = "cpu",
         if tensor.shape != expected[name].shape:
             raise MemoryFileError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[name].shape)}")
+    # last: a file that fails the checks above gets the more precise message
+    if checksum is not None and file_sha256(weights_path) != checksum:
+        raise MemoryFileError(f"{weights_path}: SHA-256 differs from the one in {CONFIG_NAME} (corrupt or replaced)")
     memory.load_state_dict(state)
     return memory.to(device)
