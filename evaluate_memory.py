@@ -2,6 +2,7 @@
 
     python evaluate_memory.py --run_dir outputs/demo/run_0 [--prompt_tokens 32 --new_tokens 64 --grid 10]
     python evaluate_memory.py --compare RUN_A RUN_B [...] --out DIR
+    python evaluate_memory.py --run_dir RUN --forget DOC      (docmem/forgetting.py: eval/forget_doc_NN.*)
 
 One run: rebuilds the run's frozen LM and documents from its config.yaml, loads its memory/,
 and writes into RUN/eval/:
@@ -19,6 +20,8 @@ and writes into RUN/eval/:
                                        their Pearson R
     landscape.json, landscape.png,     key_dim == 2: perplexity of each document over a grid of keys,
     landscape/doc_NN.png               one heatmap per document, where each minimum lies
+    attribution.json                   keyed run: top-1 accuracy of attributing each training segment and
+                                       each held-out continuation to its document (docmem/attribution.py)
     selection_stats.json, .png         L0, L2, pairwise and normalised distance over epochs
                                        (metrics.jsonl) and of the final memory
     summary.json                       the headline numbers (what --compare reads)
