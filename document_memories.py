@@ -10,10 +10,13 @@ With no key the `* s` factor is left out and the module is one shared memory.
 The non-linear variant replaces W_gate by an MLP (the released make_mlp). Keys are the rows of an orthogonally
 initialised (num_docs x key_dim) matrix, fixed by default (the released code) or trainable.
 
-Saved as `memory.safetensors` + `memory_config.json` (never pickle).
+Saved as `memory.safetensors` + `memory_config.json` (never pickle). The JSON also holds, when
+the trainer gives it, a `provenance` block (base model, hooked block, documents, precision, project
+version) and the SHA-256 of the weights file, checked on load; older files without them still load.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -31,6 +34,7 @@ MODULE_TYPES = ("linear", "nonlinear")
 BUILTIN_KEY_ACTIVATIONS = ("tanh", "relu", "sigmoid", "swiglu")
 WEIGHTS_NAME = "memory.safetensors"
 CONFIG_NAME = "memory_config.json"
+PROVENANCE_FIELD, CHECKSUM_FIELD = "provenance", "weights_sha256"  # beside MemoryConfig's fields in the JSON
 
 
 def activation_names() -> tuple[str, ...]:
@@ -88,12 +92,15 @@ class MemoryConfig:
     key_internal_activation: str = "relu"
     learn_doc_keys: bool = False
     use_keys: bool = True  # False: a shared memory, trained without keys (the paper's baseline)
+    forgotten_directions: int = 0  # rows of `forget_basis`: selection directions projected out (forgetting)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_docs", "memory_dim", "key_dim", "key_internal_dim", "key_internal_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.forgotten_directions, int) or self.forgotten_directions < 0:
+            raise ValueError(f"MemoryConfig.forgotten_directions must be >= 0, got {self.forgotten_directions!r}")
         if self.module_type not in MODULE_TYPES:
             raise ValueError(f"module_type must be one of {MODULE_TYPES}, got {self.module_type!r}")
         if self.key_activation != "swiglu":
@@ -140,6 +147,8 @@ class DocumentMemory(nn.Module):
             self.key_act = SwiGLU() if config.key_activation == "swiglu" else get_activation(config.key_activation)
             # The documents' keys (DocReps); fixed unless learn_doc_keys.
             self.doc_keys = nn.Parameter(torch.empty(config.num_docs, config.key_dim), requires_grad=config.learn_doc_keys)
+            if config.forgotten_directions:  # orthonormal rows; only a memory edited by forgetting has them
+                self.register_buffer("forget_basis", torch.zeros(config.forgotten_directions, m))
         self.reset_parameters(generator)
 
     @torch.no_grad()
@@ -164,8 +173,11 @@ class DocumentMemory(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def selection(self, keys: torch.Tensor) -> torch.Tensor:
-        """s = key_act(gate(k)): (..., key_dim) -> (..., m)."""
-        return self.key_act(self.gate(keys.to(self.doc_keys.dtype)))
+        """s = key_act(gate(k)): (..., key_dim) -> (..., m), minus its part along forgotten directions."""
+        s = self.key_act(self.gate(keys.to(self.doc_keys.dtype)))
+        if self.config.forgotten_directions:
+            s = s - (s @ self.forget_basis.T) @ self.forget_basis
+        return s
 
     def keys_for(self, doc_ids: torch.Tensor | list[int]) -> torch.Tensor:
         ids = torch.as_tensor(doc_ids, dtype=torch.long, device=self.doc_keys.device)
@@ -202,13 +214,40 @@ class DocumentMemory(nn.Module):
 
     # ---- saving and loading: safetensors + JSON, no pickle -------------------------------
 
-    def save(self, directory: str | Path) -> Path:
+    def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
+        """Weights + JSON config (+ provenance and the weights' checksum)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
         save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        (directory / CONFIG_NAME).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        data = self.config.to_dict()
+        if provenance is not None:
+            data[PROVENANCE_FIELD] = provenance
+        data[CHECKSUM_FIELD] = file_sha256(directory / WEIGHTS_NAME)
+        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return directory
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_memory_json(directory: str | Path) -> dict:
+    """memory_config.json as a dict (MemoryConfig fields, and provenance/checksum when written)."""
+    config_path = Path(directory) / CONFIG_NAME
+    if not config_path.is_file():
+        raise MemoryFileError(f"{config_path}: file not found")
+    try:
+        data = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MemoryFileError(f"{config_path}: invalid memory config ({err})") from err
+    if not isinstance(data, dict):
+        raise MemoryFileError(f"{config_path}: invalid memory config (not a JSON object)")
+    return data
 
 
 def load_memory(directory: str | Path, device: str | torch.device = "cpu",
@@ -218,9 +257,12 @@ def load_memory(directory: str | Path, device: str | torch.device = "cpu",
     for path in (config_path, weights_path):
         if not path.is_file():
             raise MemoryFileError(f"{path}: file not found")
+    data = read_memory_json(directory)
+    data.pop(PROVENANCE_FIELD, None)
+    checksum = data.pop(CHECKSUM_FIELD, None)
     try:
-        config = MemoryConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        config = MemoryConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
         raise MemoryFileError(f"{config_path}: invalid memory config ({err})") from err
     if expect_hidden_size is not None and config.hidden_size != expect_hidden_size:
         raise MemoryFileError(f"{config_path}: hidden_size {config.hidden_size} does not match the LM's {expect_hidden_size}")
@@ -240,5 +282,8 @@ def load_memory(directory: str | Path, device: str | torch.device = "cpu",
         if tensor.shape != expected[name].shape:
             raise MemoryFileError(f"{weights_path}: tensor {name} has shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(expected[name].shape)}")
+    # last: a file that fails the checks above gets the more precise message
+    if checksum is not None and file_sha256(weights_path) != checksum:
+        raise MemoryFileError(f"{weights_path}: SHA-256 differs from the one in {CONFIG_NAME} (corrupt or replaced)")
     memory.load_state_dict(state)
     return memory.to(device)

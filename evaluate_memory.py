@@ -2,6 +2,7 @@
 
     python evaluate_memory.py --run_dir outputs/demo/run_0 [--prompt_tokens 32 --new_tokens 64 --grid 10]
     python evaluate_memory.py --compare RUN_A RUN_B [...] --out DIR
+    python evaluate_memory.py --run_dir RUN --forget DOC      (docmem/forgetting.py: eval/forget_doc_NN.*)
 
 One run: rebuilds the run's frozen LM and documents from its config.yaml, loads its memory/,
 and writes into RUN/eval/:
@@ -19,6 +20,8 @@ and writes into RUN/eval/:
                                        their Pearson R
     landscape.json, landscape.png,     key_dim == 2: perplexity of each document over a grid of keys,
     landscape/doc_NN.png               one heatmap per document, where each minimum lies
+    attribution.json                   keyed run: top-1 accuracy of attributing each training segment and
+                                       each held-out continuation to its document (docmem/attribution.py)
     selection_stats.json, .png         L0, L2, pairwise and normalised distance over epochs
                                        (metrics.jsonl) and of the final memory
     summary.json                       the headline numbers (what --compare reads)
@@ -37,23 +40,27 @@ from pathlib import Path
 
 import torch
 
-from docmem.cli import run_command
+from docmem.cli import OneLineParser, run_command
 from docmem.errors import EvalError
 from docmem.evaluation.compare import compare
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_run
+from docmem.forgetting import evaluate_forgetting, forgetting_table
 
 PROG = "evaluate_memory.py"
-PRINTED = ("run_dir", "rougeL_recall", "ce", "length_l0_pearson_r", "landscape", "acceptance")
+PRINTED = ("run_dir", "rougeL_recall", "ce", "length_l0_pearson_r", "landscape", "attribution_top1_accuracy",
+           "acceptance")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run_dir", help="a run folder save_dir/run_N (or a save_dir: its newest finished run)")
     what.add_argument("--compare", nargs="+", metavar="RUN", help="runs to set side by side (evaluated if needed)")
     parser.add_argument("--out", help="folder of the comparison (with --compare)")
+    parser.add_argument("--forget", metavar="DOC", help="with --run_dir: measure forgetting this document (index or "
+                        "title) both ways (drop_key, edit), before and after; writes eval/forget_doc_NN.json and .md")
     defaults = EvalOptions()
     parser.add_argument("--prompt_tokens", type=int, default=defaults.prompt_tokens, help="segment tokens given as the prompt")
     parser.add_argument("--new_tokens", type=int, default=defaults.new_tokens, help="tokens generated greedily and scored")
@@ -82,9 +89,13 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.compare:
         if not args.out:
             raise EvalError("--compare needs --out DIR")
+        if args.forget is not None:
+            raise EvalError("--forget goes with --run_dir (one run), not --compare")
         compare(args.compare, args.out, options)
         table = (Path(args.out) / "compare.md").read_text().split("\n\n")[0]  # the notes follow a blank line
         sys.stdout.write(table + "\n")
+    elif args.forget is not None:
+        sys.stdout.write(forgetting_table(evaluate_forgetting(args.run_dir, args.forget, options)) + "\n")
     else:
         if args.out:
             raise EvalError("--out goes with --compare; a single run writes into RUN/eval/")

@@ -152,6 +152,8 @@ def end_of_epoch(state: RunState) -> dict:
     if dist_ctx.is_main:
         with (state.run_dir / METRICS_NAME).open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if state.tensorboard is not None:
+            state.tensorboard.log_epoch(record, state.memory)
     return record
 
 
@@ -181,6 +183,8 @@ def train(state: RunState) -> None:
                 raise state.stop.interrupted(f"after epoch {epoch} (step {progress.step})", state.run_dir)
     finally:
         bar.close()  # before any message, which would otherwise come out mid-bar
+        if state.tensorboard is not None:
+            state.tensorboard.close()
 
 
 # ---- a run -------------------------------------------------------------------------------------

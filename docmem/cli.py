@@ -6,6 +6,7 @@ things a script writes to stdout are its results (evaluate_memory.py's JSON and 
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -59,3 +60,21 @@ def run_command(prog: str, body: Callable[[], object]) -> int:
         error_line(prog, "interrupted", "stopped")
         return 128 + signal.SIGINT
     return 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one stderr line and exit 2, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(self.prog, f"{message} (see --help)")
+
+
+def new_parser(prog: str, description: str, loads_lm: bool = True) -> OneLineParser:
+    """The flags the trained-memory commands (generate.py, attribute.py, forget.py) share."""
+    parser = OneLineParser(prog=prog, description=description, allow_abbrev=False,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--run_dir", required=True, help="a run folder save_dir/run_N, its memory/ folder, or a save_dir")
+    if loads_lm:
+        parser.add_argument("--device", default="auto", help="auto (cuda:0 if available, else cpu), cpu, cuda:N")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser

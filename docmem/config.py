@@ -9,20 +9,22 @@ from it is an error (only the flags in RESUME_MAY_CHANGE may change).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 import yaml
 
-from docmem.cli import fail
+from docmem.cli import OneLineParser
 from docmem.errors import ConfigError
 from document_memories import BUILTIN_KEY_ACTIVATIONS, MODULE_TYPES, activation_names
+from foundations.gguf_file import gguf_block_count, is_gguf_file
 from foundations.registry import MODEL_SIZES, NUM_LAYERS
 from wikitext import DATASETS
 
@@ -37,7 +39,8 @@ MEMORY_MODULES = ("linear",)
 # Flags that may differ from the saved config on --resume: they change neither the numbers nor
 # the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
 # and debugging only).
-RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end")
+RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end", "report_to")
+REPORT_TO = ("none", "tensorboard")  # --report_to: docmem/tensorboard_log.py
 RUN_CONFIG_NAME = "config.yaml"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -56,7 +59,7 @@ class TrainConfig:
     # --- the language model ---
     lm_name: str = _help("model family: " + ", ".join(MODEL_SIZES), default="pythia")
     lm_size: str = _help("model size within the family (pythia: 70m..12b, llama2: 7b 13b, smollm2: 135m)", default="1b")
-    lm_path: str | None = _help("local folder or Hub id of any GPT-NeoX/Llama-like causal LM; overrides --lm_name/--lm_size", default=None)
+    lm_path: str | None = _help("local folder, .gguf file or Hub id of any GPT-NeoX/Llama-like causal LM; overrides --lm_name/--lm_size", default=None)
     lm_cache_dir: str | None = _help("Hugging Face cache folder for model weights ('none' = library default)", default=None)
     num_gpus: int = _help("GPUs to split the LM's blocks over; 0 = CPU", default=1)
     device: str = _help("device for a single-device run: auto (cuda:0 if available, else cpu), cpu, cuda, cuda:N", default="auto")
@@ -115,6 +118,8 @@ class TrainConfig:
     l0_threshold: float = _help("a memory entry counts as selected (L0) when |s_i| exceeds this", default=1e-2)
     eval_at_end: bool = _help("run evaluate_memory.py's measurements (recall, CE matrix, landscape) when training ends",
                               default=False)
+    report_to: str = _help("also log losses, selection statistics and selection heatmaps to: none, tensorboard "
+                           "(run_N/tensorboard/; needs the optional tensorboard package)", default="none")
     resume: str | None = _help("continue the interrupted run in this folder (save_dir/run_N) from its checkpoint, "
                                "with its own config.yaml; only --num_epochs (to extend it), --detect_anomaly and "
                                "--cache_budget_gb may be given differently", default=None)
@@ -173,6 +178,11 @@ class TrainConfig:
         choice("negative_key_type", NEGATIVE_KEY_TYPES)
         choice("guidance_loss", GUIDANCE_LOSSES)
         choice("lr_scheduler", LR_SCHEDULERS)
+        choice("report_to", REPORT_TO)
+        if self.report_to == "tensorboard":
+            if importlib.util.find_spec("tensorboard") is None:
+                raise ConfigError("report_to", self.report_to, "the tensorboard package is not installed "
+                                                               "(pip install tensorboard), or use --report_to none")
         key_acts = BUILTIN_KEY_ACTIVATIONS + activation_names()
         if self.key_activation not in key_acts:
             raise ConfigError("key_activation", self.key_activation, "allowed: " + ", ".join(sorted(set(key_acts))))
@@ -251,7 +261,15 @@ class TrainConfig:
         """A local model folder needs a config.json; its block count bounds --hook_memory_layer.
         Anything else must look like a Hub id (owner/name), checked when it downloads."""
         path = Path(self.lm_path).expanduser()
-        if path.is_dir():
+        if path.is_file() and is_gguf_file(path):
+            try:
+                blocks = gguf_block_count(path)
+            except ValueError as err:
+                raise ConfigError("lm_path", self.lm_path, str(err)) from err
+            if blocks is not None and self.hook_memory_layer >= blocks:
+                raise ConfigError("hook_memory_layer", self.hook_memory_layer,
+                                  f"the model in {self.lm_path} has blocks 0..{blocks - 1}")
+        elif path.is_dir():
             config_file = path / "config.json"
             if not config_file.is_file():
                 raise ConfigError("lm_path", self.lm_path, "the folder holds no config.json: save a causal LM there "
@@ -265,7 +283,7 @@ class TrainConfig:
                 raise ConfigError("hook_memory_layer", self.hook_memory_layer,
                                   f"the model in {self.lm_path} has blocks 0..{blocks - 1}")
         elif path.exists() or self.lm_path.startswith(("/", ".", "~")) or self.lm_path.count("/") > 1:
-            raise ConfigError("lm_path", self.lm_path, "no such folder (nor a Hub id like owner/name)")
+            raise ConfigError("lm_path", self.lm_path, "no such folder or .gguf file (nor a Hub id like owner/name)")
 
 
 def _num_blocks(model_config: object) -> int | None:
@@ -343,16 +361,9 @@ def resume_config(given: TrainConfig, explicit: set[str] | None = None) -> Train
     return replace(saved, **changes).validate()
 
 
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse that reports a bad command line (unknown flag, bad type) in one stderr line, exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        fail(PROG, f"{message} (see --help)")
-
-
 def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
     """The command line. explicit_only: no defaults, so parsing gives only the flags actually given."""
-    parser = OneLineArgumentParser(
+    parser = OneLineParser(
         prog=PROG,
         description="Train a document-wise memory with guidance on a frozen causal LM (Park & Choi, IJCAI 2024).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -47,6 +47,18 @@ class MemoryFileError(DocmemError, ValueError):
     """A memory file that is missing, corrupt, or does not match what it is loaded into."""
 
 
+class UsageError(DocmemError, ValueError):
+    """A bad command line or input of a trained-memory command (empty text, bad sampling setting)."""
+
+
+class MemoryRunError(DocmemError, ValueError):
+    """A path that holds no loadable trained memory (with what is wrong, in one line)."""
+
+
+class UnknownDocumentError(DocmemError, ValueError):
+    """A document index or title that the memory does not have."""
+
+
 class CheckpointError(MemoryFileError):
     """A checkpoint that is missing, truncated, tampered with, or does not fit this run."""
 

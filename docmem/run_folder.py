@@ -29,6 +29,7 @@ import foundations
 import wikitext
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.errors import ConfigError
+from docmem.provenance import provenance_from_saved
 from document_memories import DocumentMemory, MemoryConfig, load_memory
 from foundations import Foundation
 
@@ -155,10 +156,11 @@ def rewind_run_dir(run_dir: Path, history: list[dict], frames: dict[str, list[Pa
 
 
 def save_memory(memory: DocumentMemory, run_dir: Path) -> None:
-    """run_dir/memory/ (memory.safetensors + memory_config.json), replaced as a whole."""
+    """run_dir/memory/ (memory.safetensors + memory_config.json with the run's provenance, from its
+    config.yaml), replaced as a whole."""
     final, tmp = run_dir / MEMORY_DIR, run_dir / f".{MEMORY_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    memory.save(tmp)
+    memory.save(tmp, provenance=provenance_from_saved(load_run_config(run_dir, flag="run_dir")[1]))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 

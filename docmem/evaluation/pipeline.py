@@ -19,6 +19,7 @@ import torch
 
 import wikitext
 from docmem import analysis_plots
+from docmem.attribution import evaluate_attribution
 from docmem.config import TrainConfig
 from docmem.evaluation.ce_table import CETable, evaluate_ce_matrix
 from docmem.evaluation.generation import evaluate_recall
@@ -60,6 +61,12 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     if ce["matrix"] is not None:
         analysis_plots.plot_ce_matrix(np.array(ce["matrix"]), titles, out / "ce_matrix.png")
     log.info(f"CE matrix in {time.time() - t0:.1f}s")
+    attribution = None
+    if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
+        attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass)
+        write_json(out / "attribution.json", attribution)
+        attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
+        log.info(f"attribution top-1 accuracy: {attribution}")
 
     # 3. selection statistics over training and of the final memory
     history = read_metrics(run.run_dir)
@@ -81,6 +88,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     landscape_summary = landscape(run, table, titles, options, out)
     measured = {"selection_final": selection["final"], "length_l0_pearson_r": r, "landscape": landscape_summary}
     summary = _summarise(run, options, recall, ce, measured, time.time() - started)
+    summary["attribution_top1_accuracy"] = attribution
     write_json(out / "summary.json", summary)
     log.info(f"written to {out} in {summary['wall_seconds']:.0f}s")
     return summary

@@ -1,0 +1,141 @@
+"""Which document did a text come from? Rank the memory's documents by the text's token CE under
+each document's key, against the memory without a key and the plain LM.
+
+A text is tokenized as in training and cut into windows of the run's max_length tokens (each
+window is scored on its own; a text's CE is the token-weighted mean over its windows). The
+prefix below the hooked block runs once per window; every key is one batched pass above it.
+
+The evaluation (`evaluate_attribution`, written by evaluate_memory.py as attribution.json):
+top-1 accuracy of attributing each training segment to its document, and each held-out
+continuation: the text of the same article after the words it was trained on, cut into
+pieces of segment_length words (at most max_segments per document).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import wikitext
+from docmem.batching import Batch
+from docmem.engines import NO_MEMORY, FastEngine
+from docmem.errors import UsageError
+from docmem.evaluation.generation import prompt_batch
+from docmem.run_folder import LoadedRun
+from document_memories import DocumentMemory
+from foundations import Foundation
+
+MIN_HELD_OUT_WORDS = 8  # a shorter tail of an article is not a held-out text
+
+
+@dataclass
+class TextScores:
+    tokens: int  # tokens scored
+    key_ce: list[float]  # mean token CE under each document's key (key row order)
+    no_key: float  # the memory without a key
+    no_memory: float  # the plain LM
+
+    def ranking(self) -> list[int]:
+        """Documents from the most to the least likely source (lowest CE first)."""
+        return [int(i) for i in np.argsort(np.asarray(self.key_ce), kind="stable")]
+
+
+def text_windows(tokenizer: Any, text: str, max_length: int) -> list[list[int]]:
+    if not text.strip():
+        raise UsageError("the text is empty")
+    ids = tokenizer(text)["input_ids"]
+    windows = [ids[i: i + max_length] for i in range(0, len(ids), max_length)]
+    windows = [w for w in windows if len(w) >= 2]  # one token predicts nothing
+    if not windows:
+        raise UsageError(f"the text is {len(ids)} token(s) long: at least 2 are needed to score it")
+    return windows
+
+
+@torch.no_grad()
+def score_texts(foundation: Foundation, memory: DocumentMemory, layer: int, dtype: torch.dtype, texts: Sequence[str],
+                max_length: int, rows_per_batch: int = 16, key_sets_per_pass: int = 16) -> list[TextScores]:
+    """Every text's CE under each key, no key, and the plain LM."""
+    if not memory.config.use_keys:
+        raise UsageError("a shared memory (trained without keys) cannot attribute: it has no document keys")
+    tokenizer = foundation.tokenizer
+    rows: list[tuple[int, list[int]]] = [(t, w) for t, text in enumerate(texts)
+                                          for w in text_windows(tokenizer, text, max_length)]
+    keys = memory.doc_keys.detach()
+    columns: list[Any] = [keys[j] for j in range(keys.shape[0])] + [None, NO_MEMORY]
+    sums = np.zeros((len(texts), len(columns)))
+    counts = np.zeros(len(texts))
+    engine = FastEngine(foundation, memory, layer, dtype, cache_budget_bytes=0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for index, start in enumerate(range(0, len(rows), rows_per_batch)):
+        chunk = rows[start: start + rows_per_batch]
+        ids, mask = prompt_batch([w for _, w in chunk], pad_id)
+        batch = Batch(index=index, doc_ids=torch.arange(len(chunk)), input_ids=ids, attention_mask=mask,
+                      labels=ids.masked_fill(mask == 0, -100))
+        tokens = (mask[:, 1:] == 1).sum(dim=1).numpy()
+        for c in range(0, len(columns), key_sets_per_pass):
+            sets = [col.expand(len(chunk), -1) if isinstance(col, torch.Tensor) else col
+                    for col in columns[c: c + key_sets_per_pass]]
+            per_row = torch.stack(engine.losses(batch, sets, per_document=True)).float().cpu().numpy()  # (sets, rows)
+            for r, (text_index, _) in enumerate(chunk):
+                sums[text_index, c: c + len(sets)] += per_row[:, r] * tokens[r]
+        for r, (text_index, _) in enumerate(chunk):
+            counts[text_index] += tokens[r]
+    n = keys.shape[0]
+    means = sums / counts[:, None]
+    return [TextScores(int(counts[t]), means[t, :n].tolist(), float(means[t, n]), float(means[t, n + 1]))
+            for t in range(len(texts))]
+
+
+def held_out_texts(article: str, segments: int, segment_length: int, max_segments: int) -> list[str]:
+    """The article's text after the words its `segments` training windows covered, in pieces of
+    segment_length words (at most max_segments; a last piece of fewer than MIN_HELD_OUT_WORDS is dropped)."""
+    words = article.split()
+    if len(words) < segment_length:
+        return []  # the whole article was one segment
+    stride = max(1, segment_length // 2)
+    rest = words[stride * (segments - 1) + segment_length:]
+    pieces = [rest[i: i + segment_length] for i in range(0, len(rest), segment_length)][:max_segments]
+    return [" ".join(p) for p in pieces if len(p) >= MIN_HELD_OUT_WORDS]
+
+
+def load_held_out(config: Any, documents: Sequence) -> list[list[str]]:
+    """Held-out continuations of each document, from the run's data source (config: TrainConfig)."""
+    articles = wikitext.load_articles(config.dataset, data_split=config.data_split, data_path=config.data_path,
+                                      cache_dir=config.data_cache_dir, num_synthetic=config.synthetic_articles,
+                                      seed=config.seed)
+    return [held_out_texts(articles[d.article_index], len(d.segments), config.segment_length, config.max_segments)
+            for d in documents]
+
+
+def attribution_accuracy(texts: Sequence[str], truth: Sequence[int], scores: Sequence[TextScores]) -> dict[str, Any]:
+    """Top-1 accuracy and the per-text details."""
+    items = []
+    for text, doc, s in zip(texts, truth, scores):
+        ranking = s.ranking()
+        items.append({"document": doc, "top1": ranking[0], "correct": ranking[0] == doc, "rank": ranking.index(doc) + 1,
+                      "ce_right_key": s.key_ce[doc], "ce_best_other_key": min(
+                          (c for j, c in enumerate(s.key_ce) if j != doc), default=None),
+                      "ce_no_key": s.no_key, "ce_no_memory": s.no_memory, "tokens": s.tokens,
+                      "text_start": text[:80]})
+    correct = sum(i["correct"] for i in items)
+    return {"texts": len(items), "correct": correct, "top1_accuracy": correct / len(items) if items else None,
+            "mean_rank": float(np.mean([i["rank"] for i in items])) if items else None,
+            "right_key_below_plain_lm": sum(i["ce_right_key"] < i["ce_no_memory"] for i in items), "items": items}
+
+
+def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int) -> dict[str, Any]:
+    """Attribution accuracy on training segments and held-out continuations (run: LoadedRun)."""
+    scorer = {"foundation": run.foundation, "memory": run.memory, "layer": run.config.hook_memory_layer, "dtype": run.dtype,
+                  "max_length": run.config.max_length, "rows_per_batch": rows_per_batch, "key_sets_per_pass": key_sets_per_pass}
+    result: dict[str, Any] = {"documents": [d.title for d in documents],
+                              "rule": "top-1 = the document whose key gives the text the lowest mean token CE"}
+    for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),
+                          ("held_out", load_held_out(run.config, documents))):
+        texts = [t for doc_texts in per_doc for t in doc_texts]
+        truth = [d for d, doc_texts in enumerate(per_doc) for _ in doc_texts]
+        scores = score_texts(texts=texts, **scorer) if texts else []
+        result[name] = attribution_accuracy(texts, truth, scores)
+    return result

@@ -1,0 +1,242 @@
+"""Taking one document out of a trained memory, without retraining, and measuring what is left.
+
+Two ways (both keep every other document's key and weights):
+
+- `drop_key`: the document's key row is removed; it can no longer be selected by name. The
+  weights are untouched, so its content is still there for whoever finds a key near the old one.
+- `edit`: the key is dropped *and* the memory is edited so that no key can select the document's
+  content any more. A document's content is read through its selection s_i (one number per
+  entry). We split s_doc into the part that lies in the span of the other documents' selections
+  and the rest u (orthogonal to all of them), and project u out of every selection the memory
+  computes from then on (`forget_basis`, one unit vector per forgotten document). Every other
+  document's selection is unchanged exactly (it has no component along u); under any key,
+  the direction that only this document used is gone. Removing whole entries (the entries its
+  selection uses and the others' do not) is the special case where u lies along entry axes; with
+  tanh selections every document uses every entry, so there are none to remove.
+
+`measure_forgetting` (evaluate_memory.py --forget DOC): before and after each way, the
+document's ROUGE-L recall and CE under its old key, under every remaining key and under the best
+key of a grid search over the key plane (the landscape grid, key_dim 2), next to the plain LM;
+and every other document's right-key recall and CE.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from docmem.engines import NO_MEMORY
+from docmem.errors import UnknownDocumentError, UsageError
+from docmem.evaluation.ce_table import CETable
+from docmem.evaluation.generation import generate_greedy, rouge_scores, segment_prompts
+from docmem.evaluation.landscape import grid_keys, landscape_axis
+from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
+from docmem.run_folder import load_run, resolve_run_dir
+from docmem.trained_memory import document_index
+from document_memories import DocumentMemory
+
+FORGET_METHODS = ("drop_key", "edit")
+MIN_UNIQUE_NORM = 1e-6  # below this the document's selection is a combination of the others'
+RECALL_TOLERANCE = 0.05  # the others' right-key ROUGE-L recall may move at most this much
+
+
+def _checked(memory: DocumentMemory, doc: int) -> None:
+    if not memory.config.use_keys:
+        raise UsageError("a shared memory (trained without keys) has no document to take out: the baseline must be "
+                         "retrained without the document")
+    n = memory.config.num_docs
+    if not 0 <= doc < n:
+        raise UsageError(f"document {doc}: no such document (0..{n - 1})")
+    if n < 2:
+        raise UsageError("the memory holds one document: forgetting it leaves nothing (train without it)")
+
+
+@torch.no_grad()
+def unique_part(memory: DocumentMemory, doc: int) -> tuple[torch.Tensor, float]:
+    """(u, |u| / |s_doc|): s_doc minus its projection on the span of the other documents' selections."""
+    _checked(memory, doc)
+    selections = memory.selection(memory.doc_keys).double()
+    mine = selections[doc]
+    others = torch.cat([selections[:doc], selections[doc + 1:]])
+    basis = torch.linalg.svd(others, full_matrices=False).Vh  # rows span the others' selections
+    rank = int((torch.linalg.svdvals(others) > 1e-9 * max(1.0, float(others.abs().max()))).sum())
+    unique = mine - basis[:rank].T @ (basis[:rank] @ mine)
+    return unique, float(unique.norm()) / max(float(mine.norm()), 1e-30)
+
+
+@torch.no_grad()
+def forget_direction(memory: DocumentMemory, doc: int) -> torch.Tensor:
+    """The unit vector of selection space that only `doc` uses."""
+    unique, fraction = unique_part(memory, doc)
+    if fraction < MIN_UNIQUE_NORM:
+        raise UsageError(f"document {doc}'s selection is a combination of the others': no direction is its own, "
+                         "so no edit can remove it without changing them (use drop_key, or retrain)")
+    return (unique / unique.norm()).to(memory.doc_keys.dtype)
+
+
+@torch.no_grad()
+def forget(memory: DocumentMemory, doc: int, method: str) -> DocumentMemory:
+    """A new memory without document `doc` (its key row removed; `edit` also projects out its direction)."""
+    if method not in FORGET_METHODS:
+        raise UsageError(f"--method {method!r}: allowed: {', '.join(FORGET_METHODS)}")
+    _checked(memory, doc)
+    direction = forget_direction(memory, doc) if method == "edit" else None
+    config = replace(memory.config, num_docs=memory.config.num_docs - 1,
+                     forgotten_directions=memory.config.forgotten_directions + (direction is not None))
+    state = {k: v.detach().clone() for k, v in memory.state_dict().items()}
+    state["doc_keys"] = torch.cat([state["doc_keys"][:doc], state["doc_keys"][doc + 1:]])
+    if direction is not None:
+        previous = state.get("forget_basis", torch.zeros(0, direction.shape[0], device=direction.device))
+        state["forget_basis"] = torch.cat([previous, direction.unsqueeze(0).to(previous)])
+    edited = DocumentMemory(config).to(memory.doc_keys.device)
+    edited.load_state_dict(state)
+    return edited.eval()
+
+
+def forgotten_provenance(provenance: dict[str, Any], doc: int, method: str) -> dict[str, Any]:
+    """The provenance of the memory after forgetting: documents renumbered, the forgotten one listed."""
+    out = copy.deepcopy(provenance)
+    documents = out.get("documents") or []
+    gone = documents[doc] if doc < len(documents) else {"index": doc}
+    out["documents"] = [dict(d, index=i) for i, d in enumerate(documents[:doc] + documents[doc + 1:])]
+    out.setdefault("forgotten", []).append({"title": gone.get("title"), "source_row": gone.get("source_row"),
+                                            "index_before": doc, "method": method})
+    return out
+
+
+# ---- measuring it ------------------------------------------------------------------------------
+
+def _recalls(run: Any, memory: Any, prompts: Sequence, plan: Sequence[tuple[str, int, Any]], options: EvalOptions
+             ) -> dict[str, float]:
+    """Mean ROUGE-L recall of greedy continuations per label; plan: (label, document, key or NO_MEMORY)."""
+    rows = [(label, p, key) for label, doc, key in plan for p in prompts if p.doc == doc]
+    if not rows:
+        return {}
+    keyed = [r for r in rows if isinstance(r[2], torch.Tensor)]
+    plain = [r for r in rows if not isinstance(r[2], torch.Tensor)]
+    texts: dict[int, list[int]] = {}
+    layer = run.config.hook_memory_layer
+    for group, keys in ((keyed, torch.stack([r[2] for r in keyed]) if keyed else None), (plain, NO_MEMORY)):
+        if group:
+            out = generate_greedy(run.foundation, memory, layer, [r[1].ids for r in group], keys,
+                                  [len(r[1].reference_ids) for r in group], options.gen_batch_size)
+            texts.update({id(r): ids for r, ids in zip(group, out)})
+    decoded = [run.foundation.tokenizer.decode(texts[id(r)], skip_special_tokens=True) for r in rows]
+    scores = rouge_scores(decoded, [r[1].reference for r in rows])
+    by_label: dict[str, list[float]] = {}
+    for (label, _, _), s in zip(rows, scores):
+        by_label.setdefault(label, []).append(s["rougeL"]["recall"])
+    return {label: float(np.mean(v)) for label, v in by_label.items()}
+
+
+def _state(run: Any, memory: DocumentMemory, documents: Sequence, doc: int, old_key: torch.Tensor,
+           remaining: dict[int, torch.Tensor], axis: np.ndarray, prompts: Sequence, options: EvalOptions
+           ) -> dict[str, Any]:
+    """One memory's numbers: the document under its old key, the remaining keys and the best grid key;
+    every other document under its own key."""
+    table = CETable(replace(run, memory=memory), documents, options)
+    candidates = grid_keys(axis).to(old_key)
+    grid_ce = np.asarray(table.ce(doc, list(candidates)))
+    best = candidates[int(np.argmin(grid_ce))]
+    plan = [("old_key", doc, old_key), ("best_key", doc, best)]
+    plan += [(f"key_of_{j}", doc, k) for j, k in remaining.items()]
+    plan += [(f"right_key_{j}", j, k) for j, k in remaining.items()]
+    recall = _recalls(run, memory, prompts, plan, options)
+    doc_ce = table.ce(doc, [old_key, best, *remaining.values()])
+    titles = [d.title for d in documents]
+    return {
+        "document": {
+            "old_key": {"rougeL_recall": recall["old_key"], "ce": doc_ce[0]},
+            "best_key": {"key": best.tolist(), "rougeL_recall": recall["best_key"], "ce": doc_ce[1],
+                         "grid_ce_min": float(grid_ce.min())},
+            "remaining_keys": {titles[j]: {"rougeL_recall": recall[f"key_of_{j}"], "ce": c}
+                               for j, c in zip(remaining, doc_ce[2:])},
+        },
+        "others_right_key": {titles[j]: {"rougeL_recall": recall[f"right_key_{j}"], "ce": table.ce(j, [k])[0]}
+                             for j, k in remaining.items()},
+    }
+
+
+def measure_forgetting(run: Any, doc: int, options: EvalOptions, methods: Sequence[str] = FORGET_METHODS
+                       ) -> dict[str, Any]:
+    """Before and after forgetting `doc` each way (run: evaluate_memory.LoadedRun, key_dim 2 for the grid)."""
+    memory, documents = run.memory, run.documents
+    _checked(memory, doc)
+    if memory.config.key_dim != 2:
+        raise UsageError(f"the key search runs over the landscape grid, which needs key_dim 2 (this run: "
+                         f"{memory.config.key_dim})")
+    grid = options.grid or 10
+    keys = memory.doc_keys.detach()
+    axis = landscape_axis(keys.float().cpu().numpy(), grid)
+    prompts, _ = segment_prompts(run.foundation.tokenizer, documents, options.prompt_tokens, options.new_tokens,
+                                 run.config.max_length)
+    old_key = keys[doc]
+    before_remaining = {j: keys[j] for j in range(len(documents)) if j != doc}
+    plain = _recalls(run, memory, prompts, [("plain", doc, NO_MEMORY)], options)["plain"]
+    plain_ce = CETable(run, documents, options).ce(doc, [NO_MEMORY])[0]
+    report: dict[str, Any] = {
+        "document": {"index": doc, "title": documents[doc].title, "old_key": old_key.tolist(),
+                     # how much of its selection lies outside the span of the others' (what `edit` removes)
+                     "selection_unique_fraction": unique_part(memory, doc)[1]},
+        "grid": grid, "axis": [float(axis[0]), float(axis[-1])],
+        "plain_lm": {"rougeL_recall": plain, "ce": plain_ce},
+        "before": _state(run, memory, documents, doc, old_key, before_remaining, axis, prompts, options),
+        "after": {}, "others_recall_change_max": {}, "others_within_tolerance": {},
+        "tolerance": RECALL_TOLERANCE,
+    }
+    for method in methods:
+        edited = forget(memory, doc, method)
+        new_keys = edited.doc_keys.detach()
+        remaining = {j: new_keys[j if j < doc else j - 1] for j in before_remaining}
+        after = _state(run, edited, documents, doc, old_key, remaining, axis, prompts, options)
+        report["after"][method] = after
+        change = max(abs(after["others_right_key"][t]["rougeL_recall"] - v["rougeL_recall"])
+                     for t, v in report["before"]["others_right_key"].items())
+        report["others_recall_change_max"][method] = change
+        report["others_within_tolerance"][method] = change <= RECALL_TOLERANCE
+    return report
+
+
+def forgetting_table(report: dict[str, Any]) -> str:
+    """A markdown table of the document's recall (and CE) under each condition, before and after."""
+    states = [("before", report["before"])] + list(report["after"].items())
+    header = "| condition | " + " | ".join(name for name, _ in states) + " |"
+    lines = [header, "|" + "---|" * (len(states) + 1)]
+
+    def cell(entry: dict[str, Any]) -> str:
+        return f"{entry['rougeL_recall']:.3f} (CE {entry['ce']:.2f})"
+
+    lines.append("| old key | " + " | ".join(cell(s["document"]["old_key"]) for _, s in states) + " |")
+    for title in report["before"]["document"]["remaining_keys"]:
+        lines.append(f"| key of {title} | " + " | ".join(cell(s["document"]["remaining_keys"][title])
+                                                         for _, s in states) + " |")
+    lines.append("| best key of the grid search | " + " | ".join(
+        f"{cell(s['document']['best_key'])} at ({s['document']['best_key']['key'][0]:.2f}, "
+        f"{s['document']['best_key']['key'][1]:.2f})" for _, s in states) + " |")
+    plain = report["plain_lm"]
+    lines.append("| plain LM | " + " | ".join(cell(plain) for _ in states) + " |")
+    lines.append("| others' right key, max change of recall | – | " + " | ".join(
+        f"{report['others_recall_change_max'][m]:.3f}" for m in report["after"]) + " |")
+    return "\n".join(lines)
+
+
+def evaluate_forgetting(run_dir: str | Path, doc: str, options: EvalOptions) -> dict[str, Any]:
+    """evaluate_memory.py --forget DOC: measure, write RUN/eval/forget_doc_NN.{json,md}, return the report."""
+    try:
+        run = load_run(resolve_run_dir(run_dir), options.validate())
+        index = document_index([{"index": i, "title": d.title} for i, d in enumerate(run.documents)], doc)
+        report = measure_forgetting(run, index, options)
+    except UnknownDocumentError as err:  # the flag here is --forget
+        raise UnknownDocumentError(str(err).replace("--doc", "--forget")) from err
+    out = run.run_dir / EVAL_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"forget_doc_{index:02d}.json", report)
+    (out / f"forget_doc_{index:02d}.md").write_text(
+        f"Forgetting document {index} ({report['document']['title']}): its ROUGE-L recall (and CE) before and "
+        f"after each way\n\n{forgetting_table(report)}\n")
+    return report

@@ -1,0 +1,97 @@
+"""Generate from a trained memory, one block per condition.
+
+    python generate.py --run_dir outputs/demo/run_0 --doc 0                       # prompt: the title
+    python generate.py --run_dir RUN --doc "Some Title" --doc 3 --prompt "..." --no_memory
+    python generate.py --run_dir RUN --doc all --no_key --json
+
+--doc (repeatable, an index or a title, or `all`) selects documents' keys; --no_key adds the
+memory without a key and --no_memory the plain LM, each with the same prompt. Greedy unless
+--temperature > 0 (then sampled with --top_p, seeded by --seed).
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+from docmem.cli import new_parser, run_command
+from docmem.errors import UsageError
+from docmem.trained_memory import (
+    document_index,
+    load_memory_run,
+    locate_memory,
+    read_provenance,
+)
+
+PROG = "generate.py"
+
+
+def build_parser():
+    parser = new_parser(PROG, "Generate from a trained document memory.")
+    parser.add_argument("--doc", action="append", default=[], metavar="TITLE_OR_INDEX",
+                        help="document to select (repeatable; `all` for every document)")
+    parser.add_argument("--prompt", default=None, help="the prompt (default: the selected document's title)")
+    parser.add_argument("--no_key", action="store_true", help="also generate with the memory and no key")
+    parser.add_argument("--no_memory", action="store_true", help="also generate with the plain LM")
+    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; > 0: sample")
+    parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling (with --temperature > 0)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of sampling")
+    return parser
+
+
+def check_args(args) -> None:
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty: give some text, or leave it out to prompt with the title")
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
+    if args.temperature < 0:
+        raise UsageError(f"--temperature {args.temperature}: must be >= 0 (0 = greedy)")
+    if not 0 < args.top_p <= 1:
+        raise UsageError(f"--top_p {args.top_p}: must be in (0, 1]")
+    if not args.doc and not (args.no_key or args.no_memory):
+        raise UsageError("nothing to generate: give --doc TITLE_OR_INDEX (or all), --no_key or --no_memory")
+    if not args.doc and args.prompt is None:
+        raise UsageError("--no_key/--no_memory without --doc need --prompt")
+
+
+def generations(args) -> list[dict]:
+    documents = read_provenance(*locate_memory(args.run_dir)).get("documents") or []
+    # (documents are checked before the LM loads)
+    docs = list(range(len(documents))) if "all" in args.doc else [document_index(documents, d) for d in args.doc]
+    tm = load_memory_run(args.run_dir, device=args.device)
+    plans = []  # (set the condition, prompt)
+    for doc in docs:
+        plans.append((lambda d=doc: tm.select(d), args.prompt or tm.titles[doc]))
+    prompts = list(dict.fromkeys(p for _, p in plans)) or [args.prompt]
+    for prompt in prompts:
+        if args.no_key:
+            plans.append((tm.no_key, prompt))
+        if args.no_memory:
+            plans.append((tm.plain_lm, prompt))
+    out = []
+    for choose, prompt in plans:
+        choose()
+        text = tm.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p, seed=args.seed)
+        out.append({"condition": tm.label, "doc": tm.selected, "title": None if tm.selected is None else tm.titles[tm.selected],
+                    "prompt": prompt, "continuation": text})
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+
+    def body() -> None:
+        check_args(args)
+        results = generations(args)
+        if args.json:
+            print(json.dumps(results, indent=1, ensure_ascii=False))
+            return
+        for r in results:
+            print(f"=== {r['condition']} | prompt: {r['prompt']!r}\n{r['prompt']}{r['continuation']}\n")
+
+    return run_command(PROG, body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
