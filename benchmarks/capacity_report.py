@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 COLUMNS = ("kind", "entries", "documents", "recall_own", "recall_other", "recall_no_memory",
            "ce_own", "ce_other", "ce_no_memory")
@@ -100,8 +102,6 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     """Two panels against the number of documents (log axis): ROUGE-L recall and CE."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(11, 4.2))
     FigureCanvasAgg(fig)

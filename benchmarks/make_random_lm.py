@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.bench_train_step import DTYPES, SHAPES, model_config
 
@@ -37,7 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     if device.startswith("cuda") and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA GPU here")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
     config = model_config(args.shape)
