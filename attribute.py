@@ -13,7 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from docmem.attribution import score_texts
+from docmem.attribution import Scorer, score_texts
 from docmem.cli import new_parser, run_command
 from docmem.errors import UsageError
 from docmem.trained_memory import load_memory_run
@@ -51,7 +51,7 @@ def attribution(args) -> dict:
         raise UsageError(f"--top {args.top}: must be >= 0 (0: all)")
     text = read_text(args)
     tm = load_memory_run(args.run_dir, device=args.device)
-    (scores,) = score_texts(tm.foundation, tm.memory, tm.layer, tm.dtype, [text], tm.max_length)
+    (scores,) = score_texts(Scorer(tm.foundation, tm.memory, tm.layer, tm.dtype, tm.max_length), [text])
     ranking = scores.ranking()
     shown = ranking if args.top == 0 else ranking[: args.top]
     return {"tokens": scores.tokens, "no_key_ce": scores.no_key, "no_memory_ce": scores.no_memory,

@@ -21,6 +21,7 @@ import torch
 
 import wikitext
 from docmem.batching import Batch
+from docmem.config import TrainConfig
 from docmem.engines import NO_MEMORY, FastEngine
 from docmem.errors import UsageError
 from docmem.evaluation.generation import prompt_batch
@@ -54,10 +55,23 @@ def text_windows(tokenizer: Any, text: str, max_length: int) -> list[list[int]]:
     return windows
 
 
+@dataclass
+class Scorer:
+    """What scoring texts needs: the LM, the memory on its block, and how much to batch."""
+    foundation: Foundation
+    memory: DocumentMemory
+    layer: int  # the hooked block
+    dtype: torch.dtype
+    max_length: int  # tokens per window (the run's --max_length)
+    rows_per_batch: int = 16
+    key_sets_per_pass: int = 16
+
+
 @torch.no_grad()
-def score_texts(foundation: Foundation, memory: DocumentMemory, layer: int, dtype: torch.dtype, texts: Sequence[str],
-                max_length: int, rows_per_batch: int = 16, key_sets_per_pass: int = 16) -> list[TextScores]:
+def score_texts(scorer: Scorer, texts: Sequence[str]) -> list[TextScores]:
     """Every text's CE under each key, no key, and the plain LM."""
+    foundation, memory, max_length = scorer.foundation, scorer.memory, scorer.max_length
+    rows_per_batch, key_sets_per_pass = scorer.rows_per_batch, scorer.key_sets_per_pass
     if not memory.config.use_keys:
         raise UsageError("a shared memory (trained without keys) cannot attribute: it has no document keys")
     tokenizer = foundation.tokenizer
@@ -67,7 +81,7 @@ def score_texts(foundation: Foundation, memory: DocumentMemory, layer: int, dtyp
     columns: list[Any] = [keys[j] for j in range(keys.shape[0])] + [None, NO_MEMORY]
     sums = np.zeros((len(texts), len(columns)))
     counts = np.zeros(len(texts))
-    engine = FastEngine(foundation, memory, layer, dtype, cache_budget_bytes=0)
+    engine = FastEngine(foundation, memory, scorer.layer, scorer.dtype, cache_budget_bytes=0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for index, start in enumerate(range(0, len(rows), rows_per_batch)):
         chunk = rows[start: start + rows_per_batch]
@@ -101,7 +115,7 @@ def held_out_texts(article: str, segments: int, segment_length: int, max_segment
     return [" ".join(p) for p in pieces if len(p) >= MIN_HELD_OUT_WORDS]
 
 
-def load_held_out(config: Any, documents: Sequence) -> list[list[str]]:
+def load_held_out(config: TrainConfig, documents: Sequence[wikitext.Document]) -> list[list[str]]:
     """Held-out continuations of each document, from the run's data source (config: TrainConfig)."""
     articles = wikitext.load_articles(config.dataset, data_split=config.data_split, data_path=config.data_path,
                                       cache_dir=config.data_cache_dir, num_synthetic=config.synthetic_articles,
@@ -128,14 +142,14 @@ def attribution_accuracy(texts: Sequence[str], truth: Sequence[int], scores: Seq
 
 def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int) -> dict[str, Any]:
     """Attribution accuracy on training segments and held-out continuations (run: LoadedRun)."""
-    scorer = {"foundation": run.foundation, "memory": run.memory, "layer": run.config.hook_memory_layer, "dtype": run.dtype,
-                  "max_length": run.config.max_length, "rows_per_batch": rows_per_batch, "key_sets_per_pass": key_sets_per_pass}
+    scorer = Scorer(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype, run.config.max_length,
+                    rows_per_batch, key_sets_per_pass)
     result: dict[str, Any] = {"documents": [d.title for d in documents],
                               "rule": "top-1 = the document whose key gives the text the lowest mean token CE"}
     for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),
                           ("held_out", load_held_out(run.config, documents))):
         texts = [t for doc_texts in per_doc for t in doc_texts]
         truth = [d for d, doc_texts in enumerate(per_doc) for _ in doc_texts]
-        scores = score_texts(texts=texts, **scorer) if texts else []
+        scores = score_texts(scorer, texts) if texts else []
         result[name] = attribution_accuracy(texts, truth, scores)
     return result

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.generation import generate_greedy, rouge_scores, segment_prompts
 from docmem.evaluation.landscape import grid_keys, landscape_axis
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
-from docmem.run_folder import load_run, resolve_run_dir
+from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
 from docmem.trained_memory import document_index
 from document_memories import DocumentMemory
 
@@ -111,7 +111,7 @@ def forgotten_provenance(provenance: dict[str, Any], doc: int, method: str) -> d
 
 # ---- measuring it ------------------------------------------------------------------------------
 
-def _recalls(run: Any, memory: Any, prompts: Sequence, plan: Sequence[tuple[str, int, Any]], options: EvalOptions
+def _recalls(run: LoadedRun, memory: DocumentMemory, prompts: Sequence, plan: Sequence[tuple[str, int, Any]], options: EvalOptions
              ) -> dict[str, float]:
     """Mean ROUGE-L recall of greedy continuations per label; plan: (label, document, key or NO_MEMORY)."""
     rows = [(label, p, key) for label, doc, key in plan for p in prompts if p.doc == doc]
@@ -134,11 +134,24 @@ def _recalls(run: Any, memory: Any, prompts: Sequence, plan: Sequence[tuple[str,
     return {label: float(np.mean(v)) for label, v in by_label.items()}
 
 
-def _state(run: Any, memory: DocumentMemory, documents: Sequence, doc: int, old_key: torch.Tensor,
-           remaining: dict[int, torch.Tensor], axis: np.ndarray, prompts: Sequence, options: EvalOptions
-           ) -> dict[str, Any]:
+@dataclass
+class _Probe:
+    """What stays the same across the memories measured: the run, the document and its old key,
+    the key grid searched, the prompts and the options."""
+    run: LoadedRun
+    doc: int
+    old_key: torch.Tensor
+    axis: np.ndarray
+    prompts: Sequence
+    options: EvalOptions
+
+
+def _state(probe: _Probe, memory: DocumentMemory, remaining: dict[int, torch.Tensor]) -> dict[str, Any]:
     """One memory's numbers: the document under its old key, the remaining keys and the best grid key;
     every other document under its own key."""
+    run, doc, old_key, axis, prompts, options = (probe.run, probe.doc, probe.old_key, probe.axis, probe.prompts,
+                                                 probe.options)
+    documents = run.documents
     table = CETable(replace(run, memory=memory), documents, options)
     candidates = grid_keys(axis).to(old_key)
     grid_ce = np.asarray(table.ce(doc, list(candidates)))
@@ -162,9 +175,9 @@ def _state(run: Any, memory: DocumentMemory, documents: Sequence, doc: int, old_
     }
 
 
-def measure_forgetting(run: Any, doc: int, options: EvalOptions, methods: Sequence[str] = FORGET_METHODS
+def measure_forgetting(run: LoadedRun, doc: int, options: EvalOptions, methods: Sequence[str] = FORGET_METHODS
                        ) -> dict[str, Any]:
-    """Before and after forgetting `doc` each way (run: evaluate_memory.LoadedRun, key_dim 2 for the grid)."""
+    """Before and after forgetting `doc` each way (key_dim 2 for the grid)."""
     memory, documents = run.memory, run.documents
     _checked(memory, doc)
     if memory.config.key_dim != 2:
@@ -177,6 +190,7 @@ def measure_forgetting(run: Any, doc: int, options: EvalOptions, methods: Sequen
                                  run.config.max_length)
     old_key = keys[doc]
     before_remaining = {j: keys[j] for j in range(len(documents)) if j != doc}
+    probe = _Probe(run, doc, old_key, axis, prompts, options)
     plain = _recalls(run, memory, prompts, [("plain", doc, NO_MEMORY)], options)["plain"]
     plain_ce = CETable(run, documents, options).ce(doc, [NO_MEMORY])[0]
     report: dict[str, Any] = {
@@ -185,7 +199,7 @@ def measure_forgetting(run: Any, doc: int, options: EvalOptions, methods: Sequen
                      "selection_unique_fraction": unique_part(memory, doc)[1]},
         "grid": grid, "axis": [float(axis[0]), float(axis[-1])],
         "plain_lm": {"rougeL_recall": plain, "ce": plain_ce},
-        "before": _state(run, memory, documents, doc, old_key, before_remaining, axis, prompts, options),
+        "before": _state(probe, memory, before_remaining),
         "after": {}, "others_recall_change_max": {}, "others_within_tolerance": {},
         "tolerance": RECALL_TOLERANCE,
     }
@@ -193,7 +207,7 @@ def measure_forgetting(run: Any, doc: int, options: EvalOptions, methods: Sequen
         edited = forget(memory, doc, method)
         new_keys = edited.doc_keys.detach()
         remaining = {j: new_keys[j if j < doc else j - 1] for j in before_remaining}
-        after = _state(run, edited, documents, doc, old_key, remaining, axis, prompts, options)
+        after = _state(probe, edited, remaining)
         report["after"][method] = after
         change = max(abs(after["others_right_key"][t]["rougeL_recall"] - v["rougeL_recall"])
                      for t, v in report["before"]["others_right_key"].items())

@@ -9,6 +9,7 @@ import pytest
 
 import attribute
 from docmem.attribution import (
+    Scorer,
     TextScores,
     attribution_accuracy,
     evaluate_attribution,
@@ -28,9 +29,13 @@ def test_scores_match_the_ce_table(tiny_run):  # noqa: F811
     table = CETable(run, run.documents, EvalOptions())
     keys = run.memory.doc_keys.detach()
     for doc in range(3):  # a document's segments scored as texts == its row of the CE matrix
-        # (in one batch, so the left padding, which shifts positions, is the same as in training)
-        scores = score_texts(run.foundation, run.memory, 2, run.dtype, run.documents[doc].segments,
-                             run.config.max_length, rows_per_batch=16, key_sets_per_pass=2)
+        # (in training's batches, so the left padding, which shifts positions, is the same as there)
+        # each segment as training saw it: its first max_length tokens (longer ones were truncated there)
+        tok = run.foundation.tokenizer
+        texts = [tok.decode(tok(seg)["input_ids"][: run.config.max_length]) for seg in run.documents[doc].segments]
+        assert all(len(tok(t)["input_ids"]) <= run.config.max_length for t in texts)
+        scores = score_texts(Scorer(run.foundation, run.memory, 2, run.dtype, run.config.max_length,
+                                    rows_per_batch=run.config.batch_size, key_sets_per_pass=2), texts)
         tokens = np.array([s.tokens for s in scores])
         pooled = [float(np.dot([s.key_ce[j] for s in scores], tokens) / tokens.sum()) for j in range(3)]
         pooled += [float(np.dot([s.no_key for s in scores], tokens) / tokens.sum()),
@@ -42,14 +47,15 @@ def test_scores_match_the_ce_table(tiny_run):  # noqa: F811
 def test_long_text_is_windowed_and_ranking_is_by_ce(tiny_run):  # noqa: F811
     tm = load_memory_run(tiny_run, device="cpu")
     text = " ".join(["word"] * 300)
-    (s,) = score_texts(tm.foundation, tm.memory, tm.layer, tm.dtype, [text], max_length=64)
+    (s,) = score_texts(Scorer(tm.foundation, tm.memory, tm.layer, tm.dtype, max_length=64), [text])
     n = len(tm.foundation.tokenizer(text)["input_ids"])
     # windows of 64 tokens score 63 targets each; the last, shorter one is left padded in the batch
     # and (as in training) its first token is a target too, predicted from the pad (= eos) before it
-    assert n == 300 and s.tokens == 4 * 63 + (n - 4 * 64)
+    full, rest = divmod(n, 64)
+    assert full >= 2 and s.tokens == full * 63 + rest
     assert s.ranking() == sorted(range(3), key=lambda j: s.key_ce[j])
     with pytest.raises(ValueError, match="empty"):
-        score_texts(tm.foundation, tm.memory, tm.layer, tm.dtype, ["  "], 64)
+        score_texts(Scorer(tm.foundation, tm.memory, tm.layer, tm.dtype, 64), ["  "])
 
 
 def test_accuracy_accounting():
