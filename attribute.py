@@ -9,12 +9,11 @@ well below the plain LM's is a likely source.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from docmem.attribution import Scorer, score_texts
-from docmem.cli import new_parser, run_command
+from docmem.cli import new_parser, run_and_print
 from docmem.errors import UsageError
 from docmem.trained_memory import load_memory_run
 
@@ -59,22 +58,20 @@ def attribution(args) -> dict:
                          "ce_below_plain_lm": scores.no_memory - scores.key_ce[d]} for r, d in enumerate(shown)]}
 
 
+def as_text(result: dict) -> str:
+    lines = [f"{result['tokens']} tokens; mean token CE (nats), lowest first:",
+             f"{'rank':>4}  {'doc':>3}  {'CE':>7}  {'vs plain LM':>11}  title"]
+    lines += [f"{r['rank']:>4}  {r['doc']:>3}  {r['ce']:7.3f}  {-r['ce_below_plain_lm']:+11.3f}  {r['title']}"
+              for r in result["ranking"]]
+    lines.append(f"{'':>4}  {'':>3}  {result['no_key_ce']:7.3f}  "
+                 f"{result['no_key_ce'] - result['no_memory_ce']:+11.3f}  (memory, no key)")
+    lines.append(f"{'':>4}  {'':>3}  {result['no_memory_ce']:7.3f}  {0:+11.3f}  (plain LM)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def body() -> None:
-        result = attribution(args)
-        if args.json:
-            print(json.dumps(result, indent=1, ensure_ascii=False))
-            return
-        print(f"{result['tokens']} tokens; mean token CE (nats), lowest first:")
-        print(f"{'rank':>4}  {'doc':>3}  {'CE':>7}  {'vs plain LM':>11}  title")
-        for r in result["ranking"]:
-            print(f"{r['rank']:>4}  {r['doc']:>3}  {r['ce']:7.3f}  {-r['ce_below_plain_lm']:+11.3f}  {r['title']}")
-        print(f"{'':>4}  {'':>3}  {result['no_key_ce']:7.3f}  {result['no_key_ce'] - result['no_memory_ce']:+11.3f}  (memory, no key)")
-        print(f"{'':>4}  {'':>3}  {result['no_memory_ce']:7.3f}  {0:+11.3f}  (plain LM)")
-
-    return run_command(PROG, body)
+    return run_and_print(PROG, lambda: attribution(args), args.json, as_text)
 
 
 if __name__ == "__main__":

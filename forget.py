@@ -11,11 +11,10 @@ like any memory/ (generate.py, attribute.py --run_dir NEW). Measure the effect w
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from docmem.cli import new_parser, run_command
+from docmem.cli import new_parser, run_and_print
 from docmem.forgetting import FORGET_METHODS, forget, forgotten_provenance
 from docmem.trained_memory import (
     MemoryRunError,
@@ -52,18 +51,14 @@ def forget_command(args) -> dict:
             "documents_left": len(documents) - 1}
 
 
+def as_text(result: dict) -> str:
+    return (f"wrote {result['out']}: document {result['forgotten']['index']} ({result['forgotten']['title']!r}) "
+            f"forgotten by {result['method']}; {result['documents_left']} documents left")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-
-    def body() -> None:
-        result = forget_command(args)
-        if args.json:
-            print(json.dumps(result, indent=1, ensure_ascii=False))
-        else:
-            print(f"wrote {result['out']}: document {result['forgotten']['index']} ({result['forgotten']['title']!r}) "
-                  f"forgotten by {result['method']}; {result['documents_left']} documents left")
-
-    return run_command(PROG, body)
+    return run_and_print(PROG, lambda: forget_command(args), args.json, as_text)
 
 
 if __name__ == "__main__":

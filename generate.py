@@ -10,10 +10,9 @@ memory without a key and --no_memory the plain LM, each with the same prompt. Gr
 """
 from __future__ import annotations
 
-import json
 import sys
 
-from docmem.cli import new_parser, run_command
+from docmem.cli import new_parser, run_and_print
 from docmem.errors import UsageError
 from docmem.trained_memory import (
     document_index,
@@ -78,19 +77,18 @@ def generations(args) -> list[dict]:
     return out
 
 
+def as_text(results: list[dict]) -> str:
+    return "\n".join(f"=== {r['condition']} | prompt: {r['prompt']!r}\n{r['prompt']}{r['continuation']}\n" for r in results)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    def body() -> None:
+    def work() -> list[dict]:
         check_args(args)
-        results = generations(args)
-        if args.json:
-            print(json.dumps(results, indent=1, ensure_ascii=False))
-            return
-        for r in results:
-            print(f"=== {r['condition']} | prompt: {r['prompt']!r}\n{r['prompt']}{r['continuation']}\n")
+        return generations(args)
 
-    return run_command(PROG, body)
+    return run_and_print(PROG, work, args.json, as_text)
 
 
 if __name__ == "__main__":

@@ -189,11 +189,8 @@ def probe(env: dict[str, str], packages: list[str]) -> dict[str, Any]:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def read_manifests(kits: list[Path]) -> dict[str, Any]:

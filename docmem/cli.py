@@ -7,11 +7,12 @@ things a script writes to stdout are its results (evaluate_memory.py's JSON and 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import signal
 import sys
 from collections.abc import Callable
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
@@ -78,3 +79,13 @@ def new_parser(prog: str, description: str, loads_lm: bool = True) -> OneLinePar
         parser.add_argument("--device", default="auto", help="auto (cuda:0 if available, else cpu), cpu, cuda:N")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     return parser
+
+
+def run_and_print(prog: str, work: Callable[[], Any], as_json: bool, text: Callable[[Any], str]) -> int:
+    """run_command for the trained-memory commands: the result of `work` goes to stdout as JSON
+    (--json) or as `text(result)`."""
+    def body() -> None:
+        result = work()
+        sys.stdout.write((json.dumps(result, indent=1, ensure_ascii=False) if as_json else text(result)) + "\n")
+
+    return run_command(prog, body)
