@@ -25,7 +25,8 @@ from docmem.run_folder import resolve_dtype
 from docmem.run_state import Progress
 from docmem.signals import StopOnSignal
 from document_memories import DocumentMemory, MemoryConfig, SwiGLU
-from fixtures_tiny import finish, start_training, tiny_lm_dir  # noqa: F401
+from fixtures_tiny import build_tokenizer, finish, start_training, tiny_lm_dir  # noqa: F401
+from foundations import prepare_tokenizer
 from train_guidance import optimizer_step, train_epoch
 
 WIKITEXT_2 = SHARED_DATA / "wikitext_document_level" / "wikitext-2-v1" / "wikitext-2-v1-test.parquet"
@@ -311,13 +312,8 @@ def test_grad_clip_zero_is_off_where_released_zeroed_the_gradient():
 
 # --- batching, precision and the released hook ------------------------------------------------
 
-@needs_shared
 def test_each_batch_is_padded_to_its_own_longest_segment_as_released():
-    from transformers import AutoTokenizer
-
-    from foundations import prepare_tokenizer
-
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(str(SHARED_DATA / "tokenizers" / "gpt-neox-20b")))
+    tokenizer = prepare_tokenizer(build_tokenizer())  # any tokenizer: padding is what is checked
     segments = [" ".join(["word"] * n) for n in (20, 3, 4, 5)]
     doc = wikitext.Document(index=0, article_index=0, title="t", segments=segments)
     batches = make_batches([doc], tokenizer, batch_size=2, max_length=64)

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 import foundations
 from foundations import (
@@ -25,7 +25,8 @@ from foundations import (
     prepare_tokenizer,
     split_device_map,
 )
-from tests.conftest import SHARED_DATA, needs_shared, tiny_config, tiny_model
+from tests.conftest import SHARED_DATA, tiny_config, tiny_model
+from tests.fixtures_tiny import build_tokenizer
 
 PYTHIA_TOKENIZER = SHARED_DATA / "tokenizers" / "gpt-neox-20b"
 PYTHIA_VOCAB = 50304  # Pythia's embedding rows (the tokenizer's ids all fit)
@@ -49,8 +50,10 @@ def tiny_by_arch(arch: str, **kw: int) -> PreTrainedModel:
 
 
 def pythia_tokenizer() -> PreTrainedTokenizerBase:
-    from transformers import AutoTokenizer
-
+    """The real Pythia tokenizer where ../shared/data has it; else the fixtures' small byte-level BPE
+    one (same end-of-text token), so the loading tests below also run on a fresh clone."""
+    if not SHARED_DATA.is_dir():
+        return build_tokenizer()
     return AutoTokenizer.from_pretrained(PYTHIA_TOKENIZER)
 
 
@@ -95,7 +98,6 @@ def test_find_blocks_without_a_block_list_is_a_clear_error() -> None:
 # --- from_model ----------------------------------------------------------------------------------
 
 
-@needs_shared
 def test_from_model_freezes_and_prepares_the_tokenizer(arch: str) -> None:
     model = tiny_model(arch, vocab_size=PYTHIA_VOCAB)
     model.train()  # from_model must undo this: dropout off (released-code defect 8)
@@ -241,7 +243,6 @@ def test_split_device_map_works_on_an_empty_skeleton() -> None:
 # --- loading -------------------------------------------------------------------------------------
 
 
-@needs_shared
 def test_load_from_lm_path(arch: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     model = tiny_model(arch, vocab_size=PYTHIA_VOCAB)
     model.save_pretrained(tmp_path)
@@ -272,7 +273,6 @@ def test_lm_path_without_a_model_is_unavailable(tmp_path: Path) -> None:
         assert "\n" not in str(caught.value) and str(lm_path) in str(caught.value)
 
 
-@needs_shared
 def test_lm_path_with_broken_weights_is_unavailable(tmp_path: Path) -> None:
     tiny_model("gpt_neox").config.save_pretrained(tmp_path)  # a config but no weights
     pythia_tokenizer().save_pretrained(tmp_path)

@@ -7,7 +7,8 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, needs_shared
+from conftest import ROOT, SHARED_DATA
+from fixtures_tiny import build_local_wikitext, build_tokenizer
 
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
@@ -17,10 +18,22 @@ def _run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
                           timeout=timeout, check=False)
 
 
-@needs_shared
+def smoke_data(tmp_path) -> list[str]:
+    """--data for the smoke run: ../shared/data where it exists (the real Pythia tokenizer and
+    WikiText copy); else the same layout built from the test fixtures (a small trained tokenizer,
+    fictional articles), so the kit is checked on a fresh clone too."""
+    if SHARED_DATA.is_dir():
+        return []
+    data = tmp_path / "data"
+    build_tokenizer().save_pretrained(data / "tokenizers" / "gpt-neox-20b")
+    build_local_wikitext(data / "wikitext_document_level")
+    return ["--data", str(data)]
+
+
 def test_smoke_runs_every_stage(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
-    done = _run("--smoke", "--out", str(out), "--work", str(work))
+    data = smoke_data(tmp_path)
+    done = _run("--smoke", "--out", str(out), "--work", str(work), *data)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     stages = results["stages"]
@@ -55,7 +68,7 @@ def test_smoke_runs_every_stage(tmp_path):
     assert "| e capacity | ok |" in done.stdout
 
     # a second invocation with some stages merges the others' earlier results
-    again = _run("--smoke", "--stages", "a", "--out", str(tmp_path / "out2"), "--work", str(work))
+    again = _run("--smoke", "--stages", "a", "--out", str(tmp_path / "out2"), "--work", str(work), *data)
     assert again.returncode == 0, again.stdout[-2000:]
     merged = json.loads((tmp_path / "out2" / "gpu_check.json").read_text())["stages"]
     assert set(merged) == set("abcde") and merged["e"]["from_earlier_invocation"] is True
