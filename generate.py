@@ -1,6 +1,6 @@
 """Generate from a trained memory, one block per condition.
 
-    python generate.py --run_dir outputs/demo/run_0 --doc 0                       # prompt: the title
+    python generate.py --run_dir outputs/demo/run_0 --doc 0                       # prompt: its title as it opens it
     python generate.py --run_dir RUN --doc "Some Title" --doc 3 --prompt "..." --no_memory
     python generate.py --run_dir RUN --doc all --no_key --json
 
@@ -28,7 +28,7 @@ def build_parser():
     parser = new_parser(PROG, "Generate from a trained document memory.")
     parser.add_argument("--doc", action="append", default=[], metavar="TITLE_OR_INDEX",
                         help="document to select (repeatable; `all` for every document)")
-    parser.add_argument("--prompt", default=None, help="the prompt (default: the selected document's title)")
+    parser.add_argument("--prompt", default=None, help="the prompt (default: the selected document's title as it opens the document, e.g. '= Title =' for a WikiText article)")
     parser.add_argument("--no_key", action="store_true", help="also generate with the memory and no key")
     parser.add_argument("--no_memory", action="store_true", help="also generate with the plain LM")
     parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate")
@@ -40,7 +40,7 @@ def build_parser():
 
 def check_args(args) -> None:
     if args.prompt is not None and not args.prompt.strip():
-        raise UsageError("--prompt is empty: give some text, or leave it out to prompt with the title")
+        raise UsageError("--prompt is empty: give some text, or leave it out to prompt with the document's title")
     if args.max_new_tokens < 1:
         raise UsageError(f"--max_new_tokens {args.max_new_tokens}: must be >= 1")
     if args.temperature < 0:
@@ -60,7 +60,7 @@ def generations(args) -> list[dict]:
     tm = load_memory_run(args.run_dir, device=args.device)
     plans = []  # (set the condition, prompt)
     for doc in docs:
-        plans.append((lambda d=doc: tm.select(d), args.prompt or tm.titles[doc]))
+        plans.append((lambda d=doc: tm.select(d), args.prompt or tm.openings[doc]))
     prompts = list(dict.fromkeys(p for _, p in plans)) or [args.prompt]
     for prompt in prompts:
         if args.no_key:

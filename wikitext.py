@@ -183,6 +183,14 @@ def extract_title(article: str, num_words: int = 8) -> str:
     return " ".join(article.split()[:num_words])
 
 
+def opening(segment: str, title: str) -> str:
+    """How a document opens with its title, as it was trained: the ` = Title = ` heading (newlines
+    are spaces in a segment), or the title itself where the article has no heading. Generation
+    prompted with this continues the document where training saw it continue."""
+    heading = f"= {title} ="
+    return heading if segment.startswith(heading) else title
+
+
 def segment_article(article: str, segment_length: int, max_segments: int) -> list[str]:
     """Word windows of one article, each joined with single spaces.
 

@@ -57,7 +57,7 @@ def provenance_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
     """The provenance block from a run's config.yaml (as a dict)."""
     resolved = saved.get("resolved") or {}
     documents = [{"index": i, "title": d.get("title"), "source_row": d.get("article_index"),
-                  "segments": d.get("segments")}
+                  "segments": d.get("segments"), "opening": d.get("opening")}
                  for i, d in enumerate(saved.get("documents") or []) if isinstance(d, dict)]
     return {
         "docmem_version": project_version(),

@@ -116,7 +116,8 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 def document_entries(documents: list[wikitext.Document]) -> list[dict[str, Any]]:
     """config.yaml's `documents`: what identifies each trained document, in key order."""
-    return [{"title": d.title, "article_index": d.article_index, "segments": len(d.segments)} for d in documents]
+    return [{"title": d.title, "article_index": d.article_index, "segments": len(d.segments),
+             "opening": wikitext.opening(d.segments[0], d.title)} for d in documents]
 
 
 def write_run_config(run_dir: Path, config: TrainConfig, resolved: dict[str, Any],

@@ -2,7 +2,7 @@
 
     from docmem.trained_memory import load_memory_run
     tm = load_memory_run("outputs/demo/run_0")          # a run folder, its memory/, or a save_dir
-    print(tm.select(0).generate())                       # document 0, prompted with its title
+    print(tm.select(0).generate())                       # document 0, prompted with its opening title
 
 `select(doc)` takes an index or a title; `no_key()` runs the memory without a key; `plain_lm()`
 bypasses it. The memory is attached (a forward hook) only while `generate` runs, so the LM is
@@ -113,6 +113,11 @@ class TrainedMemory:
         return [d["title"] for d in self.documents]
 
     @property
+    def openings(self) -> list[str]:
+        """Each document's title as it opens the document (the default prompt)."""
+        return [d.get("opening") or d["title"] for d in self.documents]
+
+    @property
     def max_length(self) -> int:
         return int((self.provenance.get("data") or {}).get("max_length") or 256)
 
@@ -142,12 +147,13 @@ class TrainedMemory:
     @torch.no_grad()
     def generate(self, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> str:
-        """The continuation of `prompt` (default: the selected document's title) under the current
+        """The continuation of `prompt` (default: the selected document's title as it opens the document,
+        e.g. `= Title =` for a WikiText article; its bare title for a memory saved without it) under the current
         condition: greedy when temperature is 0, else sampled (seeded)."""
         if prompt is None:
             if self.selected is None:
                 raise UsageError("no prompt given and no document selected to take the title of")
-            prompt = self.titles[self.selected]
+            prompt = self.openings[self.selected]
         if not prompt.strip():
             raise UsageError("the prompt is empty")
         if max_new_tokens < 1:

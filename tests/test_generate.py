@@ -17,12 +17,14 @@ def test_blocks_per_condition(tiny_run, capsys):  # noqa: F811
                           "--max_new_tokens", "5"]) == 0
     out = capsys.readouterr().out
     headers = [line for line in out.splitlines() if line.startswith("=== ")]
-    assert headers == [f"=== doc 0: {tm.titles[0]} | prompt: {tm.titles[0]!r}",
-                       f"=== doc 2: {tm.titles[2]} | prompt: {tm.titles[2]!r}",
-                       f"=== no_key | prompt: {tm.titles[0]!r}", f"=== no_memory | prompt: {tm.titles[0]!r}",
-                       f"=== no_key | prompt: {tm.titles[2]!r}", f"=== no_memory | prompt: {tm.titles[2]!r}"]
+    first, third = tm.openings[0], tm.openings[2]  # the default prompt: each title as it opens its document
+    assert first == f"= {tm.titles[0]} ="  # the synthetic articles open with a WikiText heading
+    assert headers == [f"=== doc 0: {tm.titles[0]} | prompt: {first!r}",
+                       f"=== doc 2: {tm.titles[2]} | prompt: {third!r}",
+                       f"=== no_key | prompt: {first!r}", f"=== no_memory | prompt: {first!r}",
+                       f"=== no_key | prompt: {third!r}", f"=== no_memory | prompt: {third!r}"]
     # the text printed is the one the library generates
-    assert f"{tm.titles[0]}{tm.select(0).generate(max_new_tokens=5)}" in out.splitlines()
+    assert f"{first}{tm.select(0).generate(max_new_tokens=5)}" in out.splitlines()
 
 
 def test_json_all_and_prompt(tiny_run, capsys):  # noqa: F811

@@ -29,4 +29,4 @@ def test_generation_snippet_works(tiny_lm_dir, tmp_path):
     import yaml
 
     title = yaml.safe_load((tmp_path / "runs" / "run_0" / "config.yaml").read_text())["documents"][0]["title"]
-    assert text.startswith(title) and len(text) > len(title)
+    assert text.startswith(f"= {title} =") and len(text) > len(title) + 4  # prompted with its heading

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+import wikitext
 from docmem.errors import MemoryFileError
 from docmem.trained_memory import MemoryRunError, UnknownDocumentError, load_memory_run
 from document_memories import CONFIG_NAME, load_memory
@@ -79,9 +80,10 @@ def test_select_by_index_or_title_and_conditions(tiny_run):  # noqa: F811
             tm.doc_index(bad)
     assert torch.equal(tm.select(title).condition, tm.memory.doc_keys[1:2])
     block = tm.foundation.block(tm.layer)
-    keyed = tm.select(0).generate(max_new_tokens=6)  # default prompt: the title
+    keyed = tm.select(0).generate(max_new_tokens=6)  # default prompt: the title as it opens the document
     assert not block._forward_hooks  # the hook is gone after generate
-    assert keyed == tm.generate(tm.titles[0], max_new_tokens=6)
+    assert tm.openings[0] == f"= {tm.titles[0]} ="
+    assert keyed == tm.generate(tm.openings[0], max_new_tokens=6)
     plain = tm.plain_lm().generate(tm.titles[0], max_new_tokens=6)
     # the plain LM is the model without any hook
     ids = tm.foundation.tokenizer(tm.titles[0], return_tensors="pt")
@@ -92,3 +94,12 @@ def test_select_by_index_or_title_and_conditions(tiny_run):  # noqa: F811
         tm.generate()
     sampled = [tm.select(0).generate(max_new_tokens=6, temperature=1.5, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # seeded
+
+
+def test_opening_is_the_heading_as_trained_and_the_title_without_one(tiny_run):  # noqa: F811
+    assert wikitext.opening("= Abc Def = The Abc Def is", "Abc Def") == "= Abc Def ="
+    assert wikitext.opening("Some words that open it", "Some words") == "Some words"
+    tm = load_memory_run(tiny_run, device="cpu")
+    for entry in tm.documents:  # an older memory/ without `opening` prompts with the bare title
+        entry.pop("opening")
+    assert tm.openings == tm.titles
