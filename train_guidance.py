@@ -36,7 +36,7 @@ from docmem.batching import Batch
 from docmem.checkpoint import checkpoint_path, read_checkpoint
 from docmem.cli import run_command
 from docmem.config import TrainConfig, parse_args
-from docmem.distributed import init_distributed, shutdown
+from docmem.distributed import DistContext, init_distributed, shutdown
 from docmem.engines import LossEngine
 from docmem.errors import NonFiniteLoss
 from docmem.evaluation.key_ce import ce_under_keys
@@ -194,31 +194,42 @@ def run(config: TrainConfig) -> Path:
     returns the run folder."""
     dist_ctx = init_distributed(use_cuda=resolve_device(config).startswith("cuda"))
     try:
-        with StopOnSignal() as stop, RunLock() as lock:
-            state = start_run(config, stop, lock, dist_ctx)
-            with torch.autograd.set_detect_anomaly(config.detect_anomaly):
-                try:
-                    train(state)
-                except NonFiniteLoss as err:
-                    path = checkpoint_path(state.run_dir)
-                    last = read_checkpoint(path).state
-                    raise NonFiniteLoss(f"{err}; stopped, and kept the last good checkpoint {path} (epoch "
-                                        f"{last['epoch']}, step {last['step']}); try a lower --lr, or "
-                                        "--detect_anomaly to find the operation") from err
-            state.memory.eval()
-            final = ce_under_keys(state.engine, state.memory, state.batches, state.config, dist_ctx)
-            if not dist_ctx.is_main:
-                return state.run_dir
-            summary = finish_run(state, final)
-            if state.config.eval_at_end:
-                evaluate_trained(state.run_dir, state.config, state.foundation, state.memory, state.documents,
-                                 state.dtype, EvalOptions(l0_threshold=state.config.l0_threshold))
+        # train_and_finish returns only plain values: the run's state (and the DDP wrapper in it)
+        # is freed before the process group is destroyed. Freed after it, DDP's reducer took the
+        # last reference to the gloo group, whose destructor joined its threads while holding the
+        # GIL one of them needed: an intermittent hang of the non-main rank at exit.
+        run_dir, summary = train_and_finish(config, dist_ctx)
     finally:
         shutdown(dist_ctx)
-    negative = summary["final_ce_negative"]
-    log.info(f"run written to {state.run_dir}: CE own key {summary['initial_ce_positive']:.3f} -> "
-             f"{summary['final_ce_positive']:.3f}" + (f", other keys {negative:.3f}" if negative is not None else ""))
-    return state.run_dir
+    if summary is not None:
+        negative = summary["final_ce_negative"]
+        log.info(f"run written to {run_dir}: CE own key {summary['initial_ce_positive']:.3f} -> "
+                 f"{summary['final_ce_positive']:.3f}" + (f", other keys {negative:.3f}" if negative is not None else ""))
+    return run_dir
+
+
+def train_and_finish(config: TrainConfig, dist_ctx: DistContext) -> tuple[Path, dict | None]:
+    """The run from start to memory/ and summary.json: (run folder, summary; None on other ranks)."""
+    with StopOnSignal() as stop, RunLock() as lock:
+        state = start_run(config, stop, lock, dist_ctx)
+        with torch.autograd.set_detect_anomaly(config.detect_anomaly):
+            try:
+                train(state)
+            except NonFiniteLoss as err:
+                path = checkpoint_path(state.run_dir)
+                last = read_checkpoint(path).state
+                raise NonFiniteLoss(f"{err}; stopped, and kept the last good checkpoint {path} (epoch "
+                                    f"{last['epoch']}, step {last['step']}); try a lower --lr, or "
+                                    "--detect_anomaly to find the operation") from err
+        state.memory.eval()
+        final = ce_under_keys(state.engine, state.memory, state.batches, state.config, dist_ctx)
+        if not dist_ctx.is_main:
+            return state.run_dir, None
+        summary = finish_run(state, final)
+        if state.config.eval_at_end:
+            evaluate_trained(state.run_dir, state.config, state.foundation, state.memory, state.documents,
+                             state.dtype, EvalOptions(l0_threshold=state.config.l0_threshold))
+        return state.run_dir, summary
 
 
 def main(argv: list[str] | None = None) -> int:
