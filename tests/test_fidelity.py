@@ -95,7 +95,8 @@ def test_seeds_1_2_3_select_the_released_articles_in_draw_order(tiny_lm_dir, tmp
                      "segments": min(1, released_segment_count(pages[row], 128, 1))} for row in drawn]
         expected = [doc for doc in expected if doc["segments"] > 0]
         config = yaml.safe_load((tmp_path / f"seed{seed}" / "run_0" / "config.yaml").read_text())
-        assert config["documents"] == expected, seed
+        got = [{k: d[k] for k in ("title", "article_index", "segments")} for d in config["documents"]]
+        assert got == expected, seed
     assert len(pages) == 62
     np.random.seed(1)
     assert np.random.choice(range(62), 10, replace=False).tolist() == [21, 52, 38, 24, 2, 41, 60, 50, 35, 44]
