@@ -17,7 +17,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 
 def pytest_configure(config) -> None:
-    # registered here rather than in a pytest.ini: `pytest -m cuda` selects the GPU tests (gpu_check.py stage a)
+    # registered here rather than in a pytest.ini: `pytest -m cuda` selects the GPU tests (gpu_check.py stage a); pyproject's addopts leaves them out otherwise
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one); run them with -m cuda")
 
 

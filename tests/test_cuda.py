@@ -1,8 +1,8 @@
 """The CUDA paths: fast path against the reference loop (fp32 and bf16), the pinned-host-memory prefix
 cache, the memory inside generate(), a checkpoint written and resumed, torchrun with NCCL.
 
-Every test here is marked `cuda` and skips without a GPU; `pytest -m cuda` (gpu_check.py stage a)
-runs them. The CPU equivalents are in test_engines.py, test_resume.py and test_distributed.py.
+Every test here is marked `cuda`: opt-in (a plain `pytest` leaves them out), skipped without a GPU;
+`pytest -m cuda` (gpu_check.py stage a) runs them. The CPU equivalents are in test_engines.py, test_resume.py and test_distributed.py.
 """
 from __future__ import annotations
 
