@@ -58,21 +58,19 @@ def generations(args) -> list[dict]:
     # (documents are checked before the LM loads)
     docs = list(range(len(documents))) if "all" in args.doc else [document_index(documents, d) for d in args.doc]
     tm = load_memory_run(args.run_dir, device=args.device)
-    plans = []  # (set the condition, prompt)
-    for doc in docs:
-        plans.append((lambda d=doc: tm.select(d), args.prompt or tm.openings[doc]))
+    plans = [(tm.select(doc), args.prompt or tm.openings[doc]) for doc in docs]  # (view, prompt)
     prompts = list(dict.fromkeys(p for _, p in plans)) or [args.prompt]
     for prompt in prompts:
         if args.no_key:
-            plans.append((tm.no_key, prompt))
+            plans.append((tm.no_key(), prompt))
         if args.no_memory:
-            plans.append((tm.plain_lm, prompt))
+            plans.append((tm.plain_lm(), prompt))
     out = []
-    for choose, prompt in plans:
-        choose()
-        text = tm.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_p=args.top_p, seed=args.seed)
-        out.append({"condition": tm.label, "doc": tm.selected, "title": None if tm.selected is None else tm.titles[tm.selected],
+    for view, prompt in plans:
+        text = view.generate(prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                             top_p=args.top_p, seed=args.seed)
+        out.append({"condition": view.label, "doc": view.selected,
+                    "title": None if view.selected is None else view.titles[view.selected],
                     "prompt": prompt, "continuation": text})
     return out
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from huggingface_hub.utils import LocalEntryNotFoundError, httpx
 
-from docmem import synthetic
+from docmem import hub, synthetic
 from docmem.errors import DataUnavailableError
 
 if TYPE_CHECKING:
@@ -68,13 +68,19 @@ def load_articles(dataset: str, data_split: str = "train", data_path: str | None
 
 
 def _load_hub(dataset: str, data_split: str, cache_dir: str | None) -> list[str]:
+    # An unreachable Hub: read the cache only, rather than wait for the client's retries.
+    unreachable = None if _offline_requested() else hub.unreachable_reason()
     try:
-        with _offline_from_environment():
+        with _offline_from_environment(force=unreachable is not None):
             rows = datasets.load_dataset(HUB_DATASET, dataset, split=data_split, cache_dir=cache_dir)
     except _HUB_UNREACHABLE as e:
+        what = f"{HUB_DATASET} (config {dataset}, split {data_split})"
+        if unreachable is not None:
+            raise DataUnavailableError(f"the Hugging Face Hub ({hub.endpoint()}) cannot be reached ({unreachable}) "
+                                       f"and {what} is not in the cache: {hub.OFFLINE_ADVICE}") from e
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:200]  # one line, whatever the library wrote
         raise DataUnavailableError(
-            f"could not download {HUB_DATASET} (config {dataset}, split {data_split}) from the Hugging Face Hub"
+            f"could not download {what} from the Hugging Face Hub"
             f" ({reason}); pass --data_path with a local copy, or use --dataset synthetic"
         ) from e
     return _pages(rows, HUB_DATASET)
@@ -89,15 +95,15 @@ def _offline_requested() -> bool:
 
 
 @contextlib.contextmanager
-def _offline_from_environment() -> Iterator[None]:
-    """Honour the offline variables as they are now, for this call only.
+def _offline_from_environment(force: bool = False) -> Iterator[None]:
+    """Honour the offline variables as they are now (or go offline anyway: `force`), for this call only.
 
     datasets and huggingface_hub read them once, at import; set after that (a test, a notebook)
     they would be ignored and the Hub tried, with retries. Offline mode still reads the local cache.
     """
     saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
              huggingface_hub.constants.HF_HUB_OFFLINE)
-    if _offline_requested():
+    if force or _offline_requested():
         datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
         huggingface_hub.constants.HF_HUB_OFFLINE = True
     try:

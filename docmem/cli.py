@@ -12,11 +12,15 @@ import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
 from docmem.errors import DocmemError
+
+# The console entry points' prefix (pyproject.toml: docmem-train, docmem-evaluate, ...).
+ENTRY_POINT_PREFIX = "docmem-"
 
 
 class _ToStderr(logging.Handler):
@@ -37,6 +41,13 @@ def setup_logging(level: int = logging.INFO) -> None:
     root.propagate = False
 
 
+def command_name(script: str) -> str:
+    """The name the user ran: `docmem-train`, ... as a console entry point (pip's wrapper script keeps its
+    own name in sys.argv[0]), else the script's file name (`python train_guidance.py`, `python -m ...`)."""
+    invoked = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return invoked if invoked.startswith(ENTRY_POINT_PREFIX) else script
+
+
 def error_line(prog: str, message: str, label: str = "error") -> None:
     """The one stderr line of a failed command: `prog: label: message`, whitespace folded."""
     sys.stderr.write(f"{prog}: {label}: {' '.join(str(message).split())}\n")
@@ -55,16 +66,20 @@ def run_command(prog: str, body: Callable[[], object]) -> int:
     try:
         body()
     except DocmemError as err:
-        error_line(prog, str(err), err.label)
+        error_line(command_name(prog), str(err), err.label)
         return err.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
-        error_line(prog, "interrupted", "stopped")
+        error_line(command_name(prog), "interrupted", "stopped")
         return 128 + signal.SIGINT
     return 0
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse whose usage errors are one stderr line and exit 2, like every other failure."""
+    """argparse whose usage errors are one stderr line and exit 2, like every other failure; its
+    usage line names the command as the user ran it (command_name)."""
+
+    def __init__(self, prog: str | None = None, **kwargs: Any) -> None:
+        super().__init__(prog=command_name(prog) if prog else None, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         fail(self.prog, f"{message} (see --help)")

@@ -5,15 +5,18 @@
     print(tm.select(0).generate())                       # document 0, prompted with its opening title
 
 `select(doc)` takes an index or a title; `no_key()` runs the memory without a key; `plain_lm()`
-bypasses it. The memory is attached (a forward hook) only while `generate` runs, so the LM is
-left untouched between calls and other code can attach its own hooks.
+bypasses it. Each returns a new view that holds its own condition and shares the loaded LM and
+memory (no copy of any weight), so `a = tm.select(0); b = tm.plain_lm()` keeps two conditions: `a`
+generates document 0 and `b` the plain LM, in any order. The memory is attached (a forward hook)
+only while `generate` runs, so the LM is left untouched between calls and other code can attach
+its own hooks.
 
 What to load comes from memory/memory_config.json's provenance block; an older memory/ without
 one takes it from its run's config.yaml.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +96,11 @@ def document_index(documents: list[dict[str, Any]], doc: int | str) -> int:
     raise UnknownDocumentError(f"--doc {text!r}: no document has this title (allowed: 0..{n - 1} or one of {shown})")
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainedMemory:
+    """A loaded memory under one condition (the plain LM as loaded); select(), no_key() and plain_lm()
+    return other views of the same LM and memory."""
+
     foundation: Foundation
     memory: DocumentMemory
     layer: int  # the hooked block
@@ -132,23 +138,23 @@ class TrainedMemory:
         return self.memory.keys_for([self.doc_index(doc)]).detach()
 
     def select(self, doc: int | str) -> TrainedMemory:
+        """A view that generates under the document's key (this one is left as it is)."""
         index = self.doc_index(doc)
-        self.condition, self.label, self.selected = self.key(index), f"doc {index}: {self.titles[index]}", index
-        return self
+        return replace(self, condition=self.key(index), label=f"doc {index}: {self.titles[index]}", selected=index)
 
     def no_key(self) -> TrainedMemory:
-        self.condition, self.label, self.selected = None, "no_key", None
-        return self
+        """A view that runs the memory without a key."""
+        return replace(self, condition=None, label="no_key", selected=None)
 
     def plain_lm(self) -> TrainedMemory:
-        self.condition, self.label, self.selected = NO_MEMORY, "no_memory", None
-        return self
+        """A view that bypasses the memory: the frozen LM alone."""
+        return replace(self, condition=NO_MEMORY, label="no_memory", selected=None)
 
     @torch.no_grad()
     def generate(self, prompt: str | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                  top_p: float = 1.0, seed: int = 0) -> str:
         """The continuation of `prompt` (default: the selected document's title as it opens the document,
-        e.g. `= Title =` for a WikiText article; its bare title for a memory saved without it) under the current
+        e.g. `= Title =` for a WikiText article; its bare title for a memory saved without it) under this view's
         condition: greedy when temperature is 0, else sampled (seeded)."""
         if prompt is None:
             if self.selected is None:

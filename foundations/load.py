@@ -12,6 +12,7 @@ from huggingface_hub import constants as hub_constants
 from huggingface_hub import errors as hub_errors
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
+from docmem import hub
 from docmem.errors import FoundationUnavailableError
 
 from . import smollm2
@@ -105,7 +106,10 @@ def load_pretrained(
 ) -> Foundation:
     """Load a causal LM and its tokenizer with from_pretrained (a local folder or a Hub id)."""
     gpus = gpu_count(num_gpus)
-    options: dict[str, object] = {"revision": revision, "cache_dir": cache_dir, "local_files_only": hub_offline()}
+    # A Hub id with the Hub unreachable: read the cache only, rather than wait for the client's retries.
+    unreachable = None if hub_offline() or Path(source).is_dir() else hub.unreachable_reason()
+    local_only = hub_offline() or unreachable is not None
+    options: dict[str, object] = {"revision": revision, "cache_dir": cache_dir, "local_files_only": local_only}
     if gguf_file is not None:
         options["gguf_file"] = gguf_file
     try:
@@ -116,6 +120,11 @@ def load_pretrained(
             source, config=config, dtype=dtype, device_map=_device_map(config, gpus), **options
         )
     except LOAD_ERRORS as err:
+        if unreachable is not None:
+            at = f" at revision {revision}" if revision else ""
+            raise FoundationUnavailableError(
+                f"the Hugging Face Hub ({hub.endpoint()}) cannot be reached ({unreachable}) and the model "
+                f"{source}{at} is not in the cache: {hub.MODEL_OFFLINE_ADVICE}") from err
         raise _unavailable(source, revision, err) from err
     return from_model(model, tokenizer, name=name)
 

@@ -80,18 +80,18 @@ def test_select_by_index_or_title_and_conditions(tiny_run):  # noqa: F811
             tm.doc_index(bad)
     assert torch.equal(tm.select(title).condition, tm.memory.doc_keys[1:2])
     block = tm.foundation.block(tm.layer)
-    keyed = tm.select(0).generate(max_new_tokens=6)  # default prompt: the title as it opens the document
+    doc0 = tm.select(0)
+    keyed = doc0.generate(max_new_tokens=6)  # default prompt: the title as it opens the document
     assert not block._forward_hooks  # the hook is gone after generate
     assert tm.openings[0] == f"= {tm.titles[0]} ="
-    assert keyed == tm.generate(tm.openings[0], max_new_tokens=6)
+    assert keyed == doc0.generate(tm.openings[0], max_new_tokens=6)
     plain = tm.plain_lm().generate(tm.titles[0], max_new_tokens=6)
     # the plain LM is the model without any hook
     ids = tm.foundation.tokenizer(tm.titles[0], return_tensors="pt")
     expected = tm.foundation.model.generate(**ids, max_new_tokens=6, do_sample=False)
     assert plain == tm.foundation.tokenizer.decode(expected[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-    tm.no_key()
     with pytest.raises(ValueError, match="no prompt"):
-        tm.generate()
+        tm.no_key().generate()
     sampled = [tm.select(0).generate(max_new_tokens=6, temperature=1.5, seed=s) for s in (1, 1, 2)]
     assert sampled[0] == sampled[1]  # seeded
 
@@ -103,3 +103,34 @@ def test_opening_is_the_heading_as_trained_and_the_title_without_one(tiny_run): 
     for entry in tm.documents:  # an older memory/ without `opening` prompts with the bare title
         entry.pop("opening")
     assert tm.openings == tm.titles
+
+
+def test_views_are_independent_and_share_the_weights(tiny_run):  # noqa: F811
+    """The issue's sequence: `a = tm.select(0); b = tm.plain_lm(); a.generate(...)` generates
+    document 0 with `a` and the plain LM with `b`, in either order."""
+    alone = load_memory_run(tiny_run, device="cpu")  # what each condition gives on a fresh load
+    prompt, n = alone.openings[0], 8
+    expected_doc = alone.select(0).generate(prompt, max_new_tokens=n)
+    expected_plain = alone.plain_lm().generate(prompt, max_new_tokens=n)
+    expected_no_key = alone.no_key().generate(prompt, max_new_tokens=n)
+    assert expected_doc != expected_plain  # the memory changes what is generated, so a mix-up would show
+
+    tm = load_memory_run(tiny_run, device="cpu")
+    a = tm.select(0)
+    b = tm.plain_lm()
+    assert a is not b and a is not tm
+    assert a.generate(prompt, max_new_tokens=n) == expected_doc
+    assert b.generate(prompt, max_new_tokens=n) == expected_plain
+    a, b = tm.plain_lm(), tm.select(0)  # the other order, each generated after the other was made
+    assert b.generate(prompt, max_new_tokens=n) == expected_doc
+    assert a.generate(prompt, max_new_tokens=n) == expected_plain
+    c = tm.no_key()
+    assert tm.select(1).selected == 1 and c.generate(prompt, max_new_tokens=n) == expected_no_key
+    # the load itself stays as loaded: the plain LM, nothing selected
+    assert tm.label == "no_memory" and tm.selected is None
+    assert tm.generate(prompt, max_new_tokens=n) == expected_plain
+    # views share the loaded LM and memory: no copy of any weight
+    assert a.memory is tm.memory and b.foundation is tm.foundation
+    assert b.memory.doc_keys.data_ptr() == tm.memory.doc_keys.data_ptr()
+    with pytest.raises(AttributeError):
+        a.selected = 2  # a view cannot be changed behind another's back
