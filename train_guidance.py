@@ -183,6 +183,8 @@ def train(state: RunState) -> None:
                 raise state.stop.interrupted(f"after epoch {epoch} (step {progress.step})", state.run_dir)
     finally:
         bar.close()  # before any message, which would otherwise come out mid-bar
+        if state.dist_ctx.is_main:  # GIFs, selection_stats.png: at the end, on a stop or a failure
+            state.writer.write_run_pictures(progress.history)
         if state.tensorboard is not None:
             state.tensorboard.close()
 
