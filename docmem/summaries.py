@@ -11,6 +11,7 @@ ends, is interrupted or fails.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from docmem.config import TrainConfig
 from document_memories import DocumentMemory
 from foundations import Foundation
 from utils import final_norm, logit_lens
+
+log = logging.getLogger(__name__)
 
 
 class SummaryWriter:
@@ -65,6 +68,9 @@ class SummaryWriter:
         of a resumed run included: run_folder.rewind_run_dir lists them). Each GIF is written to a
         temporary file and renamed, so a stop in the middle leaves the previous GIF whole."""
         written = []
+        count = max(map(len, self.frames.values()))
+        if count:  # a stop waits for this: say why
+            log.info(f"drawing selection_stats.png and the GIFs of {count} summaries into {self.run_dir}")
         if history and self.memory.config.use_keys:
             written.append(analysis_plots.plot_selection_stats(
                 {self.run_dir.name: history}, self.run_dir / "selection_stats.png",
