@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -165,7 +166,9 @@ def train(state: RunState) -> None:
                disable=not state.dist_ctx.is_main)
     try:
         while progress.epoch < config.num_epochs:
+            started = time.perf_counter()
             train_epoch(state)
+            progress.train_seconds += time.perf_counter() - started
             record = end_of_epoch(state)
             epoch = progress.epoch
             bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
@@ -175,7 +178,9 @@ def train(state: RunState) -> None:
             if saved:
                 state.memory.eval()
                 if state.dist_ctx.is_main:
+                    started = time.perf_counter()
                     state.writer.write(epoch, progress.history)
+                    progress.summary_seconds += time.perf_counter() - started
                 state.save_checkpoint()
             if state.stop.signum:
                 if not saved:
@@ -183,6 +188,8 @@ def train(state: RunState) -> None:
                 raise state.stop.interrupted(f"after epoch {epoch} (step {progress.step})", state.run_dir)
     finally:
         bar.close()  # before any message, which would otherwise come out mid-bar
+        if state.dist_ctx.is_main:  # GIFs, selection_stats.png: at the end, on a stop or a failure
+            state.writer.write_run_pictures(progress.history)
         if state.tensorboard is not None:
             state.tensorboard.close()
 

@@ -20,6 +20,7 @@ each in turn, so a shared machine's drifting load hits all alike) and one after 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import ctypes
 import gc
@@ -338,6 +339,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "where other processes' load drifts; sequential on CUDA)")
     p.add_argument("--fast_chunk_size", type=int, default=1024, help="tokens per chunk of the fast path's linear+CE")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--tf32", action="store_true", help="let CUDA fp32 matmuls use TF32 "
+                   "(torch.backends.cuda.matmul.allow_tf32; off by default, as in PyTorch)")
+    p.add_argument("--imitate_cuda_autocast", action="store_true", help="on the CPU, run autocast with CUDA's "
+                   "fp32 op list (gpu_check.py --smoke: a CPU run meets what a GPU run would)")
     args = p.parse_args(argv)
     args.paths = [PATH_ALIASES.get(x.strip(), x.strip()) for x in args.paths.split(",") if x.strip()]
     bad = [x for x in args.paths if x not in PATHS]
@@ -356,6 +361,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def autocast_rules(imitate_cuda: bool) -> contextlib.AbstractContextManager:
+    """The autocast rules the timed steps run under: CPU autocast as it is, or imitating CUDA's fp32 op list."""
+    if imitate_cuda:
+        pass  # TODO(lead): return docmem.cuda_rules.imitate_cuda_autocast() (issue 15, point 1's module)
+    return contextlib.nullcontext()
+
+
 def median(xs: list[float]) -> float | None:
     return statistics.median(xs) if xs else None
 
@@ -364,6 +376,13 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # process-wide switches of this benchmark process alone, recorded in the report
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
+    with autocast_rules(args.imitate_cuda_autocast):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.precision]
     # the fast path fills its cache once per batch: warm up at least one pass over the batches
     warmup = max(args.warmup, args.num_batches)
@@ -432,7 +451,7 @@ def main(argv: list[str] | None = None) -> dict:
         "shape": args.shape, "num_params": n_params, "layer": args.layer, "batch": args.batch, "seq": args.seq,
         "precision": args.precision, "memory_dim": args.memory_dim, "key_dim": args.key_dim,
         "paths": args.paths, "order": args.order, "fast_chunk_size": args.fast_chunk_size,
-        "torch_version": torch.__version__,
+        "torch_version": torch.__version__, "tf32": args.tf32, "imitate_cuda_autocast": args.imitate_cuda_autocast,
     }
     for name in ("vs_released", "vs_frozen_two_pass"):
         if report[f"speedup_{name}"] is not None:

@@ -48,6 +48,8 @@ class Progress:
     history: list[dict] = field(default_factory=list)  # the metrics.jsonl records so far
     initial: dict[str, float] = field(default_factory=dict)  # evaluation before training
     wall_seconds: float = 0.0  # training time of earlier sessions of this run
+    train_seconds: float = 0.0  # of it, in the epochs' batches (steps); all sessions
+    summary_seconds: float = 0.0  # of it, drawing the periodic summaries; all sessions
 
 
 @dataclass
@@ -193,6 +195,13 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
     return state
 
 
+def peak_gpu_memory_gib(device: str) -> float | None:
+    """The most GPU memory this process held at once (torch.cuda.max_memory_allocated); None off CUDA."""
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated(torch.device(device)) / (1 << 30), 3)
+
+
 def finish_run(state: RunState, final: dict[str, float | None]) -> dict[str, object]:
     """memory/ and summary.json of a finished run; returns the summary."""
     run_folder.save_memory(state.memory, state.run_dir)
@@ -201,7 +210,9 @@ def finish_run(state: RunState, final: dict[str, float | None]) -> dict[str, obj
         "initial_ce_positive": initial["ce_positive"], "initial_ce_negative": initial["ce_negative"],
         "final_ce_positive": final["ce_positive"], "final_ce_negative": final["ce_negative"],
         "epochs": state.config.num_epochs, "steps": state.progress.step, "num_documents": len(state.documents),
-        "wall_seconds": state.wall_seconds(), "run_dir": str(state.run_dir),
+        "wall_seconds": state.wall_seconds(), "train_seconds": state.progress.train_seconds,
+        "summary_seconds": state.progress.summary_seconds, "peak_gpu_memory_gib": peak_gpu_memory_gib(state.device),
+        "run_dir": str(state.run_dir),
     }
     run_folder.write_atomic(state.run_dir / run_folder.SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return summary

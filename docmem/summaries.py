@@ -3,10 +3,16 @@ lens of every document's memory readout, and GIFs of those over time.
 
     run_N/summaries/epoch_0010/{losses.png, selection.png, selection.json, logit_lens.png, logit_lens.json}
     run_N/{losses.gif, docreps.gif, logits.gif, selection_stats.png}
+
+A summary draws only its own frames, so its cost does not grow with the epoch; the GIFs and
+selection_stats.png are drawn once (`write_run_pictures`, the GIFs from the frames on disk), when training
+ends, is interrupted or fails.
 """
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +22,8 @@ from docmem.config import TrainConfig
 from document_memories import DocumentMemory
 from foundations import Foundation
 from utils import final_norm, logit_lens
+
+log = logging.getLogger(__name__)
 
 
 class SummaryWriter:
@@ -36,8 +44,6 @@ class SummaryWriter:
 
         keys = self.memory.doc_keys if self.memory.config.use_keys else None
         if keys is not None:
-            analysis_plots.plot_selection_stats({self.run_dir.name: history}, self.run_dir / "selection_stats.png",
-                                                title=f"memory selection up to epoch {epoch}")
             selections = self.memory.selection(keys).float().cpu()
             (folder / "selection.json").write_text(json.dumps(
                 {"epoch": epoch, "titles": self.titles, "selections": selections.tolist()}) + "\n")
@@ -54,8 +60,28 @@ class SummaryWriter:
             {"epoch": epoch, "documents": [{"title": t, "top_tokens": [{"token": tok, "logit": v} for tok, v in row]}
                                            for t, row in zip(names, top)]}, ensure_ascii=False, indent=1) + "\n")
         self.frames["logits"].append(plots.plot_logit_lens(top, names, folder / "logit_lens.png", epoch=epoch))
-
-        for name, frames in self.frames.items():
-            if frames:
-                plots.make_gif(frames, self.run_dir / f"{name}.gif")
         return folder
+
+    def write_run_pictures(self, history: list[dict]) -> list[Path]:
+        """The run-wide pictures: selection_stats.png over `history` (the metrics so far), and
+        losses.gif, docreps.gif and logits.gif from every frame so far (those of an earlier session
+        of a resumed run included: run_folder.rewind_run_dir lists them). Each GIF is written to a
+        temporary file and renamed, so a stop in the middle leaves the previous GIF whole."""
+        written = []
+        count = max(map(len, self.frames.values()))
+        if count:  # a stop waits for this: say why
+            log.info(f"drawing selection_stats.png and the GIFs of {count} summaries into {self.run_dir}")
+        if history and self.memory.config.use_keys:
+            written.append(analysis_plots.plot_selection_stats(
+                {self.run_dir.name: history}, self.run_dir / "selection_stats.png",
+                title=f"memory selection up to epoch {history[-1].get('epoch', len(history))}"))
+        for name, frames in self.frames.items():
+            present = [f for f in frames if f.is_file()]
+            if not present:
+                continue
+            final = self.run_dir / f"{name}.gif"
+            tmp = self.run_dir / f".{name}.gif.tmp"  # rewind_run_dir removes leftovers of a killed process
+            plots.make_gif(present, tmp)
+            os.replace(tmp, final)
+            written.append(final)
+        return written

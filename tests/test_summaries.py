@@ -1,0 +1,60 @@
+"""The periodic summaries' GIFs: built once from the frames on disk (at the end of training, on a stop),
+never redrawn at each summary, and whole after an interrupted and resumed run."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from PIL import Image
+
+import train_guidance
+from docmem import plots
+from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
+
+GIFS = ("losses.gif", "docreps.gif", "logits.gif")
+
+
+def argv(lm_dir, save_dir) -> list[str]:
+    # 6 batches an epoch (3 documents x 2 segments, batch size 1); summaries at epochs 2 and 4
+    return tiny_argv(lm_dir, save_dir, "--batch_size", "1", num_epochs=4, save_freq=2)
+
+
+def frames(run_dir) -> dict[str, int]:
+    out = {}
+    for name in GIFS:
+        with Image.open(run_dir / name) as im:
+            out[name] = im.n_frames
+    return out
+
+
+def test_gifs_are_built_once_with_one_frame_per_summary(tiny_lm_dir, tmp_path, monkeypatch):
+    built = []
+    real = plots.make_gif
+    monkeypatch.setattr(plots, "make_gif", lambda paths, path, **kw: built.append(len(paths)) or real(paths, path, **kw))
+    assert train_guidance.main(argv(tiny_lm_dir, tmp_path / "runs")) == 0
+    run_dir = tmp_path / "runs" / "run_0"
+    assert built == [2, 2, 2]  # one build per GIF at the end, none per summary
+    assert frames(run_dir) == dict.fromkeys(GIFS, 2)
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_gifs_after_a_stop_and_after_the_resume(tiny_lm_dir, tmp_path, monkeypatch):
+    real, calls = train_guidance.train_step_losses, []
+
+    def stop_in_epoch_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 15:  # epoch 3, batch 3: after the epoch-2 summary
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_guidance, "train_step_losses", stop_in_epoch_3)
+    with pytest.raises(SystemExit) as exit_info:
+        train_guidance.main(argv(tiny_lm_dir, tmp_path / "runs"))
+    assert exit_info.value.code == 143
+    run_dir = tmp_path / "runs" / "run_0"
+    assert frames(run_dir) == dict.fromkeys(GIFS, 1)  # written on the stop, with the summary so far
+
+    monkeypatch.undo()
+    assert train_guidance.main(["--resume", str(run_dir)]) == 0
+    assert frames(run_dir) == dict.fromkeys(GIFS, 2)  # the earlier session's frame, from disk, and the new one
