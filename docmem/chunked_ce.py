@@ -5,6 +5,11 @@ N tokens the plain way keeps N x V fp32 logits (and their softmax) alive until b
 Here the logits are made a chunk of tokens at a time; forward computes each token's loss and,
 when the hidden state needs a gradient, the gradient itself, (softmax - onehot) @ W, so
 backward only scales it. Peak extra memory: one chunk of logits.
+
+Precision: both products run in the weight's dtype (the hidden state is cast to it: under CUDA
+autocast a LayerNorm hands fp32 to a bf16 head), the log-softmax in fp32, and the gradient
+comes back in the hidden state's dtype. A bf16 copy of an fp32 head makes only these two
+products bf16 (--precision bf16_head).
 """
 from __future__ import annotations
 
@@ -22,7 +27,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             stop = start + chunk_size
             t = targets[start:stop]
             # one fused log_softmax, then softmax in place: the fewest passes over N x V numbers
-            logp = torch.log_softmax(torch.nn.functional.linear(hidden[start:stop], weight, bias).float(), dim=-1)
+            logits = torch.nn.functional.linear(hidden[start:stop].to(weight.dtype), weight, bias)
+            logp = torch.log_softmax(logits.float(), dim=-1)
             losses[start:stop] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
             if need_grad:
                 probs = logp.exp_()

@@ -4,15 +4,25 @@ project's paths (fast path, reference loop, training, evaluation, generation) mu
 and agree, for tiny GPT-NeoX (LayerNorm) and Llama (RMSNorm) models in bf16 and fp16."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from test_engines import _Tok, make_batches
+from transformers import LlamaConfig, LlamaForCausalLM
 
+import evaluate_memory
+import train_guidance
 from conftest import tiny_model
 from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
+from docmem.trained_memory import load_memory_run
 from document_memories import DocumentMemory, MemoryConfig
+from fixtures_tiny import TINY_VOCAB, build_tiny_lm, build_tokenizer
 from foundations import from_model
+from utils import final_norm, logit_lens
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # fast path against reference loop in half precision: both round the LM's activations, in
@@ -54,12 +64,12 @@ def test_fast_equals_reference_under_cuda_rules(arch, half):
     """The failing case before the fix: GPT-NeoX's final LayerNorm returns fp32 under CUDA
     autocast, and the fast path's head product met a half-precision weight."""
     foundation, memory = _setup(arch, half)
-    batches = make_batches(True)
+    batches = make_batches(True, n_docs=2)
     with imitate_cuda_autocast():
         for layer in (1, 3):
             ref, fast = ReferenceEngine(foundation, memory, layer, half), FastEngine(foundation, memory, layer, half)
-            for batch in batches:
-                sets = [memory.keys_for(batch.doc_ids), memory.keys_for((batch.doc_ids + 1) % 3), None, NO_MEMORY]
+            for batch in batches[: 3 - layer]:
+                sets = [memory.keys_for(batch.doc_ids), memory.keys_for((batch.doc_ids + 1) % 2), None, NO_MEMORY]
                 r = ref.losses(batch, sets)
                 f = fast.losses(batch, sets)
                 (fast.losses(batch, sets[:1])[0]).backward()  # the gradient reaches the memory
@@ -68,3 +78,60 @@ def test_fast_equals_reference_under_cuda_rules(arch, half):
                     torch.testing.assert_close(b, a, rtol=HALF_RTOL, atol=0)
     grad = memory.up.weight.grad
     assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()
+
+
+# ---- training, evaluation and generation end to end, on tiny saved models --------------------
+
+def _build_tiny_llama(folder: Path) -> Path:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=512,
+                         tie_word_embeddings=True, bos_token_id=0, eos_token_id=0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory) -> dict[str, Path]:
+    return {"gpt_neox": build_tiny_lm(tmp_path_factory.mktemp("neox")),
+            "llama": _build_tiny_llama(tmp_path_factory.mktemp("llama"))}
+
+
+TRAIN = ["--num_gpus", "0", "--dataset", "synthetic", "--synthetic_articles", "6", "--max_labels", "2",
+         "--max_segments", "2", "--segment_length", "16", "--max_length", "32", "--hook_memory_layer", "1",
+         "--hook_memory_dim", "8", "--num_epochs", "2", "--save_freq", "2", "--lr", "1e-2"]
+
+
+@pytest.mark.parametrize("precision", sorted(HALF))
+def test_train_evaluate_generate_under_cuda_rules(arch, precision, tiny_dirs, tmp_path, capsys):
+    with imitate_cuda_autocast():
+        assert train_guidance.main(["--lm_path", str(tiny_dirs[arch]), *TRAIN, "--precision", precision,
+                                    "--save_dir", str(tmp_path)]) == 0
+        run = tmp_path / "run_0"
+        assert yaml.safe_load((run / "config.yaml").read_text())["resolved"]["dtype"] == str(HALF[precision]).removeprefix("torch.")
+        metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 2 and all(torch.isfinite(torch.tensor(m["ce_positive"])) for m in metrics)
+        assert evaluate_memory.main(["--run_dir", str(run), "--prompt_tokens", "4", "--new_tokens", "4",
+                                     "--grid", "0", "--max_other_keys", "1"]) == 0
+        ce = json.loads((run / "eval" / "ce_matrix.json").read_text())
+        assert all(0 < v < 50 for row in ce["matrix"] for v in row)
+        memory = load_memory_run(run, device="cpu")
+        assert memory.dtype == HALF[precision]
+        assert isinstance(memory.select(0).generate(max_new_tokens=3), str)
+        assert isinstance(memory.no_key().generate("The", max_new_tokens=3), str)
+    capsys.readouterr()
+
+
+class _Decoder(_Tok):
+    def decode(self, ids: list[int]) -> str:
+        return str(ids)
+
+
+def test_logit_lens_under_cuda_rules(arch, half):
+    foundation, memory = _setup(arch, half)
+    decoder = foundation.decoder()
+    with imitate_cuda_autocast(), torch.autocast("cpu", dtype=half):
+        top = logit_lens(memory.readout(memory.doc_keys[:2]), final_norm(decoder),
+                         foundation.model.get_output_embeddings(), _Decoder(), top_k=3)
+    assert len(top) == 2 and all(len(row) == 3 for row in top)
