@@ -26,17 +26,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             t = targets[start:stop]
-            # one fused log_softmax, then softmax in place: the fewest passes over N x V numbers
+            # one fused log_softmax (reading the logits in their dtype, answering fp32), then the
+            # softmax: the fewest passes over N x V numbers
             logits = torch.nn.functional.linear(hidden[start:stop].to(weight.dtype), weight, bias)
-            logp = torch.log_softmax(logits.float(), dim=-1)
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             losses[start:stop] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
-            if need_grad:
-                probs = logp.exp_()
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                if probs.dtype == weight.dtype:
-                    torch.mm(probs, weight, out=grad[start:stop])
-                else:
-                    grad[start:stop] = probs.to(weight.dtype) @ weight
+            if not need_grad:
+                continue
+            rows = torch.arange(len(t), device=t.device)
+            if weight.dtype == torch.float32:
+                probs = logp.exp_()  # in place
+                probs[rows, t] -= 1.0
+                torch.mm(probs, weight, out=grad[start:stop])
+            else:  # exp and the cast in one pass; p - 1 of the target computed in fp32 before rounding
+                probs = torch.exp(logp, out=torch.empty(logp.shape, dtype=weight.dtype, device=logp.device))
+                probs[rows, t] = (logp[rows, t].exp() - 1.0).to(weight.dtype)
+                torch.mm(probs, weight, out=grad[start:stop])
         ctx.save_for_backward(grad.to(hidden.dtype) if need_grad else None)
         return losses
 

@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import evaluate_memory
 import train_guidance
 from conftest import tiny_model
+from docmem.chunked_ce import linear_cross_entropy
 from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
 from docmem.trained_memory import load_memory_run
@@ -135,3 +136,38 @@ def test_logit_lens_under_cuda_rules(arch, half):
         top = logit_lens(memory.readout(memory.doc_keys[:2]), final_norm(decoder),
                          foundation.model.get_output_embeddings(), _Decoder(), top_k=3)
     assert len(top) == 2 and all(len(row) == 3 for row in top)
+
+
+# ---- bf16 on the CPU: --precision bf16 and bf16_head (fp32 LM, bf16 head products) ----------
+
+@pytest.mark.parametrize("lm_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "bf16_head"])
+def test_bf16_fast_path_within_tolerance_of_fp32_reference(arch, lm_dtype):
+    """Plain CPU autocast (no imitation): the fast path in bf16, or with only the head's products in
+    bf16, against the fp32 reference loop, losses and the memory's gradient."""
+    foundation32, memory = _setup(arch, torch.float32)
+    foundation = from_model(tiny_model(arch, num_layers=4).to(lm_dtype), _Tok())
+    batch = make_batches(True, n_docs=1)[0]
+    sets = [memory.keys_for(batch.doc_ids), memory.keys_for((batch.doc_ids + 1) % 3)]
+    grads = []
+    for engine in (ReferenceEngine(foundation32, memory, 2, torch.float32),
+                   FastEngine(foundation, memory, 2, lm_dtype, head_dtype=torch.bfloat16)):
+        memory.zero_grad()
+        losses = engine.losses(batch, sets)
+        (losses[0] + 0.5 * losses[1]).backward()
+        grads.append((torch.stack(losses).detach(), memory.up.weight.grad.clone()))
+    (ref, ref_grad), (fast, fast_grad) = grads
+    torch.testing.assert_close(fast, ref, rtol=HALF_RTOL if lm_dtype == torch.bfloat16 else 5e-3, atol=0)
+    assert ((fast_grad - ref_grad).norm() / ref_grad.norm()).item() < (0.1 if lm_dtype == torch.bfloat16 else 0.03)
+
+
+def test_chunked_ce_with_a_bf16_head_copy():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight, targets = torch.randn(50, 16), torch.randint(0, 50, (37,))
+    ours = linear_cross_entropy(hidden, weight.bfloat16(), targets, chunk_size=8)
+    (g1,) = torch.autograd.grad(ours.sum(), hidden)
+    plain = torch.nn.functional.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    (g2,) = torch.autograd.grad(plain.sum(), hidden)
+    assert ours.dtype == g1.dtype == torch.float32
+    torch.testing.assert_close(ours, plain, rtol=2e-2, atol=2e-2)
+    assert ((g1 - g2).norm() / g2.norm()).item() < 2e-2
