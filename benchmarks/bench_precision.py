@@ -6,7 +6,7 @@ process, their ratio, the CE curves, and the evaluation of each run (right-key r
     python -m benchmarks.bench_precision --rounds 2 --num_epochs 10
 
 Each round trains fp32 then auto (alternating which goes first, so a drifting load on a shared
-machine hits both alike); the training processes are timed whole (model load, training, summaries,
+machine hits both alike), or with --concurrent both at once; the training processes are timed whole (model load, training, summaries,
 GIFs), as `bash run.sh demo` runs. Each run is then evaluated (evaluate_memory.py --grid 0, untimed).
 Lines, then ONE JSON object on the last line.
 """
@@ -43,17 +43,31 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def train(precision: str, save_dir: Path, num_epochs: int, threads: int) -> tuple[float, Path]:
-    """One demo training process; its wall time and run folder."""
-    argv = [sys.executable, str(ROOT / "train_guidance.py"), *DEMO, "--num_epochs", str(num_epochs),
-            "--precision", precision, "--save_dir", str(save_dir)]
-    started = time.perf_counter()
-    done = subprocess.run(argv, cwd=ROOT, env=_env(threads), capture_output=True, text=True)
-    wall = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"training with --precision {precision} failed: {done.stderr[-2000:]}")
-    runs = sorted(save_dir.glob("run_*"), key=lambda p: int(p.name.removeprefix("run_")))
-    return wall, runs[-1]
+def train(precisions: tuple[str, ...], work: Path, num_epochs: int, threads: int) -> dict[str, tuple[float, Path]]:
+    """Demo training processes, one per precision, all started at once (one: alone); each one's
+    wall time and run folder."""
+    started, procs = time.perf_counter(), {}
+    for precision in precisions:
+        argv = [sys.executable, str(ROOT / "train_guidance.py"), *DEMO, "--num_epochs", str(num_epochs),
+                "--precision", precision, "--save_dir", str(work / precision)]
+        (work / precision).mkdir(parents=True, exist_ok=True)
+        with open(work / precision / "train.log", "w") as log:  # a file: a full pipe would stall the process
+            procs[precision] = subprocess.Popen(argv, cwd=ROOT, env=_env(threads), stdout=subprocess.DEVNULL,
+                                                stderr=log, text=True)
+    out = {}
+    pending = dict(procs)
+    while pending:  # poll, so each process's own end is timed
+        for precision, proc in list(pending.items()):
+            if proc.poll() is not None:
+                wall = time.perf_counter() - started
+                if proc.returncode != 0:
+                    err = (work / precision / "train.log").read_text()
+                    raise SystemExit(f"training with --precision {precision} failed: {err[-2000:]}")
+                runs = sorted((work / precision).glob("run_*"), key=lambda p: int(p.name.removeprefix("run_")))
+                out[precision] = (wall, runs[-1])
+                del pending[precision]
+        time.sleep(0.2)
+    return out
 
 
 def evaluate(run: Path, threads: int) -> dict:
@@ -76,6 +90,9 @@ def main() -> None:
     p.add_argument("--num_epochs", type=int, default=40, help="the demo's 40")
     p.add_argument("--rounds", type=int, default=1, help="trainings per precision (alternating order)")
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of the processes (0: torch's default)")
+    p.add_argument("--concurrent", action="store_true",
+                   help="run the two trainings of a round at the same time (a busy shared machine: both see its "
+                        "load; the one left running gets the CPU to itself at the end, which only narrows the ratio)")
     p.add_argument("--work_dir", default=None, help="where the runs go (default: a temporary folder, removed)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,11 +100,13 @@ def main() -> None:
         walls: dict[str, list[float]] = {k: [] for k in PRECISIONS}
         runs: dict[str, Path] = {}
         for r in range(args.rounds):
-            for precision in (PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]):
-                wall, runs[precision] = train(precision, work / precision, args.num_epochs, args.threads)
-                walls[precision].append(wall)
-                print(f"round {r}: --precision {precision}: {wall:.1f} s", flush=True)
+            order = PRECISIONS if r % 2 == 0 else PRECISIONS[::-1]
+            for group in ([order] if args.concurrent else [(precision,) for precision in order]):
+                for precision, (wall, runs[precision]) in train(group, work, args.num_epochs, args.threads).items():
+                    walls[precision].append(wall)
+                    print(f"round {r}: --precision {precision}: {wall:.1f} s", flush=True)
         result: dict = {"num_epochs": args.num_epochs, "rounds": args.rounds, "threads": args.threads or None,
+                        "concurrent": args.concurrent,
                         "cpu_native_bf16": cpu_native_bf16(),
                         "load_average_1m": os.getloadavg()[0], "runs": {}}
         for precision in PRECISIONS:

@@ -77,6 +77,8 @@ def test_fast_equals_reference_under_cuda_rules(arch, half):
                 for a, b in zip(r, f):
                     assert a.dtype == b.dtype == torch.float32
                     torch.testing.assert_close(b, a, rtol=HALF_RTOL, atol=0)
+            # the prefix cache (and a pinned-memory spill, a copy of it) holds the LM's dtype
+            assert fast.cache and all(t.dtype == half for t in fast.cache.values())
     grad = memory.up.weight.grad
     assert grad is not None and grad.dtype == torch.float32 and torch.isfinite(grad).all()
 
