@@ -69,7 +69,7 @@ def test_fast_equals_reference_under_cuda_rules(arch, half):
     with imitate_cuda_autocast():
         for layer in (1, 3):
             ref, fast = ReferenceEngine(foundation, memory, layer, half), FastEngine(foundation, memory, layer, half)
-            for batch in batches[: 3 - layer]:
+            for batch in batches[: 2 if layer == 1 else 1]:
                 sets = [memory.keys_for(batch.doc_ids), memory.keys_for((batch.doc_ids + 1) % 2), None, NO_MEMORY]
                 r = ref.losses(batch, sets)
                 f = fast.losses(batch, sets)
