@@ -17,8 +17,10 @@ import evaluate_memory
 import train_guidance
 from conftest import tiny_model
 from docmem.chunked_ce import linear_cross_entropy
+from docmem.config import TrainConfig
 from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
+from docmem.run_folder import resolve_precision
 from docmem.trained_memory import load_memory_run
 from document_memories import DocumentMemory, MemoryConfig
 from fixtures_tiny import TINY_VOCAB, build_tiny_lm, build_tokenizer
@@ -173,3 +175,19 @@ def test_chunked_ce_with_a_bf16_head_copy():
     assert ours.dtype == g1.dtype == torch.float32
     torch.testing.assert_close(ours, plain, rtol=2e-2, atol=2e-2)
     assert ((g1 - g2).norm() / g2.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("units", [(), ("AMX",), ("AVX512-BF16",)])
+def test_precision_auto_follows_the_cpu(monkeypatch, units):
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: "AMX" in units)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: "AVX512-BF16" in units)
+    auto = resolve_precision(TrainConfig(lm_path="unused"), "cpu")
+    assert auto.lm == torch.float32  # the LM stays fp32 on any CPU
+    if units:
+        assert auto.name == "bf16_head" and auto.head == torch.bfloat16 and units[0] in auto.reason
+    else:
+        assert auto.name == "fp32" and auto.head == torch.float32 and "without native bf16" in auto.reason
+    assert resolve_precision(TrainConfig(lm_path="unused"), "cuda:0").name == "bf16"
+    asked = resolve_precision(TrainConfig(lm_path="unused", precision="fp32"), "cpu")
+    assert asked.record() == {"precision": "fp32", "dtype": "float32", "head_dtype": "float32",
+                              "precision_reason": "asked for"}
