@@ -1,7 +1,8 @@
 """Mixed precision under CUDA autocast's dtype rules, without a GPU: docmem.cuda_rules makes CPU
 autocast run layer_norm, softmax, log_softmax and the losses in fp32 as CUDA does, and the
 project's paths (fast path, reference loop, training, evaluation, generation) must still run
-and agree, for tiny GPT-NeoX (LayerNorm) and Llama (RMSNorm) models in bf16 and fp16."""
+and agree, for tiny GPT-NeoX (LayerNorm) and Llama (RMSNorm) models in bf16 and fp16. Also the
+CPU's bf16 modes (--precision bf16, bf16_head) within tolerance of fp32, and what auto chooses."""
 from __future__ import annotations
 
 import json
