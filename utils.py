@@ -93,7 +93,7 @@ def logit_lens(readouts: torch.Tensor, norm: nn.Module, head: nn.Module, tokeniz
     """Each row of `readouts` (n, d) through the final norm and output layer: top-k (token, logit)."""
     weight = head.weight
     hidden = norm(readouts.to(device=weight.device, dtype=weight.dtype))
-    logits = head(hidden).float()
+    logits = head(hidden.to(weight.dtype)).float()  # a norm may answer in fp32 (CUDA autocast's rule)
     values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
     return [[(tokenizer.decode([int(i)]), float(v)) for v, i in zip(row_v, row_i)]
             for row_v, row_i in zip(values.cpu(), indices.cpu())]

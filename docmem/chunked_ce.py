@@ -5,6 +5,11 @@ N tokens the plain way keeps N x V fp32 logits (and their softmax) alive until b
 Here the logits are made a chunk of tokens at a time; forward computes each token's loss and,
 when the hidden state needs a gradient, the gradient itself, (softmax - onehot) @ W, so
 backward only scales it. Peak extra memory: one chunk of logits.
+
+Precision: both products run in the weight's dtype (the hidden state is cast to it: under CUDA
+autocast a LayerNorm hands fp32 to a bf16 head), the log-softmax in fp32, and the gradient
+comes back in the hidden state's dtype. A bf16 copy of an fp32 head makes only these two
+products bf16 (--precision bf16_head).
 """
 from __future__ import annotations
 
@@ -21,16 +26,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             t = targets[start:stop]
-            # one fused log_softmax, then softmax in place: the fewest passes over N x V numbers
-            logp = torch.log_softmax(torch.nn.functional.linear(hidden[start:stop], weight, bias).float(), dim=-1)
+            # one fused log_softmax (reading the logits in their dtype, answering fp32), then the
+            # softmax: the fewest passes over N x V numbers
+            logits = torch.nn.functional.linear(hidden[start:stop].to(weight.dtype), weight, bias)
+            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
             losses[start:stop] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
-            if need_grad:
-                probs = logp.exp_()
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                if probs.dtype == weight.dtype:
-                    torch.mm(probs, weight, out=grad[start:stop])
-                else:
-                    grad[start:stop] = probs.to(weight.dtype) @ weight
+            if not need_grad:
+                continue
+            rows = torch.arange(len(t), device=t.device)
+            if weight.dtype == torch.float32:
+                probs = logp.exp_()  # in place
+                probs[rows, t] -= 1.0
+                torch.mm(probs, weight, out=grad[start:stop])
+            else:  # exp and the cast in one pass; p - 1 of the target computed in fp32 before rounding
+                probs = torch.exp(logp, out=torch.empty(logp.shape, dtype=weight.dtype, device=logp.device))
+                probs[rows, t] = (logp[rows, t].exp() - 1.0).to(weight.dtype)
+                torch.mm(probs, weight, out=grad[start:stop])
         ctx.save_for_backward(grad.to(hidden.dtype) if need_grad else None)
         return losses
 

@@ -32,7 +32,7 @@ PROG = "train_guidance.py"
 
 NEGATIVE_KEY_TYPES = ("other", "random", "zero", "perturb")
 GUIDANCE_LOSSES = ("clamped_mse", "abs")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16_head")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 DOCUMENT_MEMORIES = ("keyed", "shared")
 MEMORY_MODULES = ("linear",)
@@ -63,8 +63,10 @@ class TrainConfig:
     lm_cache_dir: str | None = _help("Hugging Face cache folder for model weights ('none' = library default)", default=None)
     num_gpus: int = _help("GPUs to split the LM's blocks over; 0 = CPU", default=1)
     device: str = _help("device for a single-device run: auto (cuda:0 if available, else cpu), cpu, cuda, cuda:N", default="auto")
-    precision: str = _help("LM weight dtype: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16; the memory stays fp32. "
-                           "The released code trains in fp32: --precision fp32 gives its numerics", default="auto")
+    precision: str = _help("LM weight dtype: auto (bf16 on CUDA; on a CPU bf16_head when it has native bf16 (AMX or "
+                           "AVX512-BF16, detected at run time), else fp32), fp32, bf16, fp16, or bf16_head (the LM in fp32, "
+                           "only the vocabulary head's products in bf16); the memory stays fp32. config.yaml records the "
+                           "choice and why. The released code trains in fp32: --precision fp32 gives its numerics", default="auto")
     # --- data ---
     dataset: str = _help("WikiText config of EleutherAI/wikitext_document_level, or 'synthetic' (fictional articles, offline)", default="wikitext-103-v1")
     data_split: str = _help("dataset split to draw articles from", default="train")

@@ -109,13 +109,19 @@ class FastEngine:
     """Prefix cache + one batched suffix pass for all key sets. Same losses as ReferenceEngine."""
 
     def __init__(self, foundation: Foundation, memory: DocumentMemory, layer: int, dtype: torch.dtype,
-                 cache_budget_bytes: int = 8 << 30, chunk_size: int = 1024) -> None:
+                 cache_budget_bytes: int = 8 << 30, chunk_size: int = 1024, head_dtype: torch.dtype | None = None) -> None:
+        """head_dtype: the dtype of the vocabulary head's two products (logits, the hidden state's
+        gradient); None = the head's own. An fp32 LM with head_dtype bf16 is --precision bf16_head:
+        a bf16 copy of the head is made once, everything else stays fp32."""
         self.foundation, self.memory, self.layer, self.dtype = foundation, memory, layer, dtype
         self.decoder = foundation.decoder()
         self.blocks_name = _child_name(self.decoder, foundation.blocks)
         norm = final_norm(self.decoder)
         self.norm_name = _child_name(self.decoder, norm) if not isinstance(norm, nn.Identity) else None
         self.head = foundation.model.get_output_embeddings()
+        head_dtype = head_dtype or self.head.weight.dtype
+        self.head_weight = self.head.weight.detach().to(head_dtype)  # the head itself when no cast is needed
+        self.head_bias = self.head.bias.detach().to(head_dtype) if self.head.bias is not None else None
         self.chunk_size = chunk_size
         self.cache_budget_bytes = cache_budget_bytes
         self.cache: dict[int, torch.Tensor] = {}
@@ -184,8 +190,8 @@ class FastEngine:
                 final = decoder(inputs_embeds=mixed, attention_mask=mask.repeat(n, 1), use_cache=False).last_hidden_state
         head_device = self.head.weight.device
         targets, valid, row_of_token = _targets(batch.labels.to(device), n)
-        per_token = linear_cross_entropy(final[:, :-1][valid].to(head_device), self.head.weight,
-                                         targets[valid].to(head_device), bias=self.head.bias,
+        per_token = linear_cross_entropy(final[:, :-1][valid].to(head_device), self.head_weight,
+                                         targets[valid].to(head_device), bias=self.head_bias,
                                          chunk_size=self.chunk_size)
         return _reduce(per_token, row_of_token.to(head_device), batch.group_ids, n, per_document)
 

@@ -64,6 +64,7 @@ def provenance_from_saved(saved: dict[str, Any]) -> dict[str, Any]:
         "model": model_description(saved),
         "hook_memory_layer": saved.get("hook_memory_layer"),
         "precision": saved.get("precision"), "dtype": resolved.get("dtype"),
+        "precision_resolved": resolved.get("precision"), "head_dtype": resolved.get("head_dtype"),
         "document_memory": saved.get("document_memory", "keyed"),
         "data": {k: saved.get(k) for k in DATA_FIELDS},
         "documents": documents,

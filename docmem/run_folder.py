@@ -5,7 +5,8 @@ script imports the other. What a run folder holds, file by file: docs/run_folder
 
 - creating: new_run_dir (run_N, the first free N), RunLock (one process per run),
   write_atomic (every file replaced whole, fsync'd), write_run_config (config.yaml).
-- the run's inputs: resolve_device, resolve_dtype, load_documents, open_foundation, new_memory.
+- the run's inputs: resolve_device, resolve_precision (resolve_dtype: its LM dtype), load_documents,
+  open_foundation, new_memory.
 - a saved run: resolve_run_dir, load_run -> LoadedRun (its config, LM, memory and documents,
   the documents checked against config.yaml).
 - continuing: update_num_epochs, rewind_run_dir (the folder made to agree with a checkpoint),
@@ -36,6 +37,9 @@ from foundations import Foundation
 log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# --precision -> (the LM's dtype, the dtype of the fast path's vocabulary-head products)
+PRECISION_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
+                    "fp16": (torch.float16, torch.float16), "bf16_head": (torch.float32, torch.bfloat16)}
 MEMORY_DIR = "memory"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -187,10 +191,43 @@ def resolve_device(config: TrainConfig, requested: str = "auto") -> str:
     return config.device
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What --precision resolved to on this device, and why (config.yaml records all of it)."""
+    name: str  # fp32, bf16, fp16 or bf16_head
+    lm: torch.dtype  # the LM's weights; autocast runs in it unless it is fp32
+    head: torch.dtype  # the fast path's vocabulary-head products (logits, the hidden state's gradient)
+    reason: str
+
+    def record(self) -> dict[str, str]:
+        return {"precision": self.name, "dtype": str(self.lm).removeprefix("torch."),
+                "head_dtype": str(self.head).removeprefix("torch."), "precision_reason": self.reason}
+
+
+def cpu_native_bf16() -> list[str]:
+    """The CPU's native bf16 units found at run time (AMX, AVX512-BF16); [] when it has none."""
+    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
+    return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+
+
+def resolve_precision(config: TrainConfig, device: str) -> Precision:
+    """auto: bf16 on CUDA; on a CPU with native bf16, bf16_head (the LM in fp32, only the vocabulary
+    head's products in bf16: benchmarks/bench_precision.py measured it keeping the demo's results);
+    fp32 on any other CPU."""
+    if config.precision != "auto":
+        return Precision(config.precision, *PRECISION_DTYPES[config.precision], "asked for")
+    if device.startswith("cuda"):
+        return Precision("bf16", *PRECISION_DTYPES["bf16"], "auto: a CUDA device")
+    units = cpu_native_bf16()
+    if units:
+        return Precision("bf16_head", *PRECISION_DTYPES["bf16_head"],
+                         f"auto: a CPU with native bf16 ({', '.join(units)})")
+    return Precision("fp32", *PRECISION_DTYPES["fp32"], "auto: a CPU without native bf16 (AMX or AVX512-BF16)")
+
+
 def resolve_dtype(config: TrainConfig, device: str) -> torch.dtype:
-    if config.precision == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[config.precision]
+    """The LM's dtype (the LM stays fp32 under bf16_head)."""
+    return resolve_precision(config, device).lm
 
 
 def load_documents(config: TrainConfig) -> list[wikitext.Document]:

@@ -143,7 +143,8 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
     device = run_folder.resolve_device(config)
     if dist_ctx.enabled and device.startswith("cuda"):
         device = f"cuda:{dist_ctx.local_rank}"
-    dtype = run_folder.resolve_dtype(config, device)
+    precision = run_folder.resolve_precision(config, device)
+    dtype = precision.lm
     foundation = run_folder.open_foundation(config, device, dtype)
     if stop.signum:
         raise stop.interrupted("while loading the model", None)
@@ -156,14 +157,14 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
         engine = ReferenceEngine(foundation, trained, config.hook_memory_layer, dtype)
     else:
         engine = FastEngine(foundation, trained, config.hook_memory_layer, dtype,
-                            cache_budget_bytes=int(config.cache_budget_gb * (1 << 30)))
+                            cache_budget_bytes=int(config.cache_budget_gb * (1 << 30)), head_dtype=precision.head)
 
     # -- the run folder (a new run_N, or the one being resumed) ------------------------------------
     if run_dir is None:
         run_dir = _new_or_locked_run_dir(config, lock, dist_ctx)
         if dist_ctx.is_main:
             run_folder.write_run_config(run_dir, config, {
-                "device": device, "dtype": str(dtype).removeprefix("torch."), "lm": foundation.name,
+                "device": device, **precision.record(), "lm": foundation.name,
                 "num_blocks": foundation.num_blocks, "hidden_size": foundation.hidden_size,
                 "num_segments": sum(len(d.segments) for d in documents), "num_batches": len(batches),
                 "run_dir": str(run_dir)}, documents)
