@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
 from docmem.batching import Batch
 from docmem.config import TrainConfig
+from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import FastEngine, ReferenceEngine
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import Foundation, block_device, from_model
@@ -363,9 +364,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def autocast_rules(imitate_cuda: bool) -> contextlib.AbstractContextManager:
     """The autocast rules the timed steps run under: CPU autocast as it is, or imitating CUDA's fp32 op list."""
-    if imitate_cuda:
-        pass  # TODO(lead): return docmem.cuda_rules.imitate_cuda_autocast() (issue 15, point 1's module)
-    return contextlib.nullcontext()
+    return imitate_cuda_autocast() if imitate_cuda else contextlib.nullcontext()
 
 
 def median(xs: list[float]) -> float | None:
