@@ -30,6 +30,7 @@ from docmem.trained_memory import (
     document_index,
     locate_memory,
     read_provenance,
+    read_run_yaml,
 )
 from docmem.unlearning import UNLEARN_DEFAULTS, unlearn_run
 from train_guidance import train_and_finish
@@ -68,7 +69,7 @@ def forget_command(args) -> dict:
     if args.method == "retrain_shard":
         if run_dir is None:
             raise UsageError("--method retrain_shard needs the run folder (its config.yaml and shards/)")
-        position = documents[doc].get("draw_position")
+        position = (read_run_yaml(run_dir).get("documents") or [{}] * len(documents))[doc].get("draw_position")
         if position is None:
             raise UsageError(f"--method retrain_shard: {run_dir} has one shard (--memory_shards 1); use --method "
                              "unlearn, or train again with --exclude_docs")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from docmem.engines import NO_MEMORY
+from docmem.errors import EvalError
 from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.generation import segment_prompts
 from docmem.evaluation.landscape import grid_keys, landscape_axis
@@ -52,6 +53,19 @@ def _memory_row(run: LoadedRun, memory: Any, titles: list[str], doc: int, option
     return out
 
 
+def _reference_row(report: dict[str, Any], run: LoadedRun, reference: str | None, which: tuple[list[str], int],
+                   how: tuple[EvalOptions, AttackSettings]) -> None:
+    """report["reference"]: the reference run's memory (trained without the document), attacked the same way."""
+    if reference is None:
+        return
+    (titles, doc), (options, settings) = which, how
+    ref = load_run(resolve_run_dir(reference), options)
+    ref_titles = [d.title for d in ref.documents]
+    if titles[doc] in ref_titles:
+        raise EvalError(f"--reference {reference}: it was trained on {titles[doc]!r}; train it with --exclude_docs")
+    report["reference"] = _memory_row(run, ref.memory, ref_titles, doc, options, settings)
+
+
 def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: str | None,
                   forgotten: list[str]) -> dict[str, Any]:
     """The table's numbers: before, each forgotten memory, the reference, the plain LM."""
@@ -61,19 +75,6 @@ def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: s
     settings = AttackSettings(per_pass=options.key_sets_per_pass)
     report: dict[str, Any] = {"document": {"index": doc, "title": titles[doc]}, "settings": asdict(settings),
                               "rows": {"before": _memory_row(run, run.memory, titles, doc, options, settings)}}
-    for path in forgotten:
-        memory_dir, mem_run = locate_memory(path)
-        provenance = read_provenance(memory_dir, mem_run)
-        method = ((provenance.get("forgotten") or [{}])[-1]).get("method") or Path(path).name
-        mem_titles = [d["title"] for d in provenance.get("documents") or []]
-        memory = load_any_memory(memory_dir, device=run.memory.doc_keys.device).eval()
-        report["rows"][method] = _memory_row(run, memory, mem_titles, doc, options, settings)
-    if reference is not None:
-        ref = load_run(resolve_run_dir(reference), options)
-        ref_titles = [d.title for d in ref.documents]
-        if titles[doc] in ref_titles:
-            raise ValueError(f"--reference {reference}: it was trained on {titles[doc]!r}")
-        report["reference"] = _memory_row(run, ref.memory, ref_titles, doc, options, settings)
     table = CETable(run, run.documents, options)
     prompts, _ = segment_prompts(run.foundation.tokenizer, run.documents, options.prompt_tokens, options.new_tokens,
                                  run.config.max_length)
@@ -83,7 +84,22 @@ def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: s
                                                              first.ids, first.reference_ids, NO_MEMORY)}
     folder = run.run_dir / EVAL_DIR
     folder.mkdir(exist_ok=True)
-    write_json(folder / f"forget_attack_doc_{doc:02d}.json", report)
+    out = folder / f"forget_attack_doc_{doc:02d}.json"
+    write_json(out, report)  # after every row: a long measurement keeps what it has
+    for i, path in enumerate(forgotten):
+        memory_dir, mem_run = locate_memory(path)
+        provenance = read_provenance(memory_dir, mem_run)
+        method = ((provenance.get("forgotten") or [{}])[-1]).get("method") or Path(path).name
+        mem_titles = [d["title"] for d in provenance.get("documents") or []]
+        memory = load_any_memory(memory_dir, device=run.memory.doc_keys.device).eval()
+        report["rows"][method] = _memory_row(run, memory, mem_titles, doc, options, settings)
+        write_json(out, report)
+        if i == 0:  # the reference next to the first method, before the others
+            _reference_row(report, run, reference, (titles, doc), (options, settings))
+            write_json(out, report)
+    if not forgotten:
+        _reference_row(report, run, reference, (titles, doc), (options, settings))
+    write_json(out, report)
     (folder / f"forget_attack_doc_{doc:02d}.md").write_text(attack_table(report) + "\n")
     return report
 

@@ -89,8 +89,9 @@ def unlearn(run: LoadedRun, doc: int, settings: UnlearnSettings) -> tuple[Any, d
         if attackers.grad is not None:  # the memory ascends D's CE; the attackers descend it (Adam: scale-free)
             attackers.grad.neg_()
             attacker_opt.step()
-        history.append({"step": step + 1, "retain_ce": float(retain), "old_key_ce": float(ce[0]),
-                        "attacker_ce_min": float(ce[1:].min()), "forget_term": float(forget_term)})
+        ce = ce.detach()
+        history.append({"step": step + 1, "retain_ce": retain.item(), "old_key_ce": ce[0].item(),
+                        "attacker_ce_min": ce[1:].min().item(), "forget_term": forget_term.item()})
     return memory.eval(), {"target_ce": target, "history": history, "settings": asdict(settings)}
 
 

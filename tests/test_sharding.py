@@ -8,13 +8,17 @@ import pytest
 import torch
 import yaml
 
+import attribute as attribute_cli
+import evaluate_memory as em
 import forget as forget_cli
+import generate as generate_cli
 import train_guidance
 from docmem import run_folder
 from docmem.config import TrainConfig, parse_args
 from docmem.forgetting import forget
 from docmem.run_folder import load_documents, new_memory
 from docmem.sharding import ShardedMemory, load_any_memory, shard_assignment
+from docmem.trained_memory import load_memory_run
 from document_memories import DocumentMemory, MemoryConfig
 from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 from fixtures_tiny import load_tensors, run_training, tiny_argv
@@ -109,3 +113,17 @@ def test_bad_shard_input_exits_2(tiny_lm_dir, tmp_path, capsys):  # noqa: F811
 def test_retrain_shard_needs_a_sharded_run(tiny_run, tmp_path):  # noqa: F811
     assert exit_code(forget_cli.main, ["--run_dir", str(tiny_run), "--doc", "0", "--method", "retrain_shard",
                                        "--out", str(tmp_path / "x")]) == 2
+
+
+def test_evaluation_generation_attribution_and_resume_on_a_sharded_run(tiny_lm_dir, tmp_path):  # noqa: F811
+    run = _train(tiny_lm_dir, tmp_path / "runs", "--memory_shards", "2")
+    before = {p: p.read_bytes() for p in (run / "memory").rglob("*.safetensors")}
+    assert exit_code(train_guidance.main, ["--resume", str(run)]) == 0  # every shard finished: nothing moves
+    assert before == {p: p.read_bytes() for p in (run / "memory").rglob("*.safetensors")}
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert [d["shard"] for d in saved["documents"]] == [0, 0, 1] and saved["resolved"]["shard_assignment"] == [0, 0, 1]
+    assert em.main(["--run_dir", str(run), "--grid", "3", "--new_tokens", "8", "--prompt_tokens", "8"]) == 0
+    assert generate_cli.main(["--run_dir", str(run), "--doc", "2", "--max_new_tokens", "4", "--device", "cpu"]) == 0
+    assert attribute_cli.main(["--run_dir", str(run), "--text", "a few words", "--device", "cpu"]) == 0
+    tm = load_memory_run(run, device="cpu")
+    assert isinstance(tm.memory, ShardedMemory) and len(tm.titles) == 3

@@ -44,5 +44,5 @@ def test_unlearn_then_the_attack_table(tiny_run, tiny_lm_dir, tmp_path):  # noqa
     before = report["rows"]["before"]
     assert before["attack_ce"] <= before["old_key_ce"] + 1e-6
     assert report["rows"]["unlearn"]["old_key_ce"] > before["old_key_ce"]
-    assert (run / "eval" / "forget_attack_doc_00.md").read_text().count("\n| ") == 3
+    assert (run / "eval" / "forget_attack_doc_00.md").read_text().count("\n| ") == 4  # header, rule, 2 rows
     assert exit_code(forget_cli.main, ["--run_dir", str(run), "--doc", "7", "--method", "unlearn"]) == 2
