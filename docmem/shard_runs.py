@@ -29,7 +29,7 @@ from typing import Any
 from docmem import run_folder
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.distributed import DistContext
-from docmem.errors import UsageError
+from docmem.errors import Interrupted, UsageError
 from docmem.provenance import provenance_from_saved
 from docmem.sharding import ShardedMemory, shard_assignment
 from document_memories import load_memory
@@ -83,7 +83,11 @@ def train_sharded(config: TrainConfig, dist_ctx: DistContext, train_one: TrainOn
         if existing is not None:
             sub = replace(sub, resume=str(existing))
         log.info(f"shard {shard}: {len(mine)} documents (draw positions {[d.index for d in mine]})")
-        sub_runs[shard], _ = train_one(sub, dist_ctx)
+        try:
+            sub_runs[shard], _ = train_one(sub, dist_ctx)
+        except Interrupted as err:  # resume the whole run, not the shard's sub-run alone
+            where = str(err).split("; continue with")[0]
+            raise Interrupted(f"shard {shard}: {where}; continue with --resume {run_dir}", err.exit_code) from err
     if not dist_ctx.is_main:
         return run_dir, None
     return run_dir, finish_sharded(run_dir, sub_runs)
