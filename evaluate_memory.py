@@ -45,6 +45,7 @@ from docmem.errors import EvalError
 from docmem.evaluation.compare import compare
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_run
+from docmem.forget_attack import attack_report, attack_table
 from docmem.forgetting import evaluate_forgetting, forgetting_table
 
 PROG = "evaluate_memory.py"
@@ -62,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--forget", metavar="DOC", help="with --run_dir: measure forgetting this document (index or "
                         "title) both ways (drop_key, edit), before and after; writes eval/forget_doc_NN.json and .md")
     defaults = EvalOptions()
+    parser.add_argument("--reference", metavar="RUN", help="with --forget: a run trained without the document "
+                        "(train_guidance.py --exclude_docs); adds the key-search attack table (docmem/forget_attack.py)")
+    parser.add_argument("--forgotten", nargs="*", default=[], metavar="MEMORY", help="with --forget: memories written "
+                        "by forget.py, one row each in the attack table")
     parser.add_argument("--prompt_tokens", type=int, default=defaults.prompt_tokens, help="segment tokens given as the prompt")
     parser.add_argument("--new_tokens", type=int, default=defaults.new_tokens, help="tokens generated greedily and scored")
     parser.add_argument("--grid", type=int, default=defaults.grid, help="landscape: grid x grid keys (key_dim 2); 0 = no landscape")
@@ -94,6 +99,9 @@ def evaluate(args: argparse.Namespace) -> None:
         compare(args.compare, args.out, options)
         table = (Path(args.out) / "compare.md").read_text().split("\n\n")[0]  # the notes follow a blank line
         sys.stdout.write(table + "\n")
+    elif args.forget is not None and (args.reference or args.forgotten):
+        report = attack_report(args.run_dir, args.forget, options, args.reference, args.forgotten)
+        sys.stdout.write(attack_table(report) + "\n")
     elif args.forget is not None:
         sys.stdout.write(forgetting_table(evaluate_forgetting(args.run_dir, args.forget, options)) + "\n")
     else:

@@ -45,6 +45,7 @@ from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_trained
 from docmem.run_folder import METRICS_NAME, RunLock, resolve_device
 from docmem.run_state import LOSS_PARTS, RunState, finish_run, start_run
+from docmem.shard_runs import train_sharded
 from docmem.signals import StopOnSignal
 from document_memories import DocumentMemory
 from utils import guidance_term, negative_keys, selection_stats
@@ -205,7 +206,10 @@ def run(config: TrainConfig) -> Path:
         # is freed before the process group is destroyed. Freed after it, DDP's reducer took the
         # last reference to the gloo group, whose destructor joined its threads while holding the
         # GIL one of them needed: an intermittent hang of the non-main rank at exit.
-        run_dir, summary = train_and_finish(config, dist_ctx)
+        if config.memory_shards > 1 and config.shard_index < 0:  # one isolated sub-run per shard
+            run_dir, summary = train_sharded(config, dist_ctx, train_and_finish)
+        else:
+            run_dir, summary = train_and_finish(config, dist_ctx)
     finally:
         shutdown(dist_ctx)
     if summary is not None:

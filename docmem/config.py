@@ -92,6 +92,12 @@ class TrainConfig:
     key_internal_layers: int = _help("depth of the nonlinear key MLP, as the released make_mlp: 1 = one linear map; "
                                      "L >= 2 = L + 1 linear layers (input, L - 1 hidden-to-hidden, output)", default=2)
     learn_doc_keys: bool = _help("train the document keys too (fixed by default, as released)", default=False)
+    # --- sharding and forgetting (docmem/sharding.py) ---
+    memory_shards: int = _help("split the documents into this many isolated shards (SISA), by position in the draw: each "
+                               "its own memory, keys, optimizer and random stream; 1 = one memory", default=1)
+    exclude_docs: str | None = _help("comma-separated draw positions (0-based) of documents to leave out; every other "
+                                     "document keeps its shard and key (a run 'never trained on' them)", default=None)
+    shard_index: int = _help("internal: train only this shard of a sharded run (-1 = the whole run)", default=-1)
     # --- guidance ---
     negative_key_type: str = _help("negative key: other (another document's), random (normal), zero, perturb (own key + noise)", default="other")
     delta: float = _help("noise scale of --negative_key_type perturb, times max(k_i)", default=0.1)
@@ -153,6 +159,23 @@ class TrainConfig:
     def guidance_active(self) -> bool:
         return self.uses_keys and self.guidance > 0
 
+    @property
+    def train_seed(self) -> int:
+        """The seed of the memory's initialisation and of the negatives: --seed, or one per shard of a sharded run."""
+        return self.seed if self.shard_index < 0 else self.seed + 1_000_003 * (self.shard_index + 1)
+
+    def excluded_positions(self) -> list[int]:
+        """--exclude_docs as sorted draw positions ([] when not given)."""
+        if not self.exclude_docs:
+            return []
+        try:
+            positions = sorted({int(p) for p in self.exclude_docs.split(",") if p.strip()})
+        except ValueError as err:
+            raise ConfigError("exclude_docs", self.exclude_docs, "must be comma-separated draw positions, e.g. 0,3") from err
+        if any(p < 0 or p >= self.max_labels for p in positions):
+            raise ConfigError("exclude_docs", self.exclude_docs, f"positions must lie in 0..{self.max_labels - 1}")
+        return positions
+
     def validate(self) -> TrainConfig:
         """Checks that need no model or data; raises ConfigError on the first bad flag.
 
@@ -202,6 +225,15 @@ class TrainConfig:
         at_least("lr", 0, strict=True)
         for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb", "l0_threshold"):
             at_least(flag, 0)
+        if self.memory_shards < 1 or self.memory_shards > self.max_labels:
+            raise ConfigError("memory_shards", self.memory_shards, f"must lie in 1..--max_labels ({self.max_labels})")
+        if self.memory_shards > 1 and not self.uses_keys:
+            raise ConfigError("memory_shards", self.memory_shards, "a shared memory (no keys) cannot be sharded: "
+                                                                   "use --document_memory keyed")
+        if not -1 <= self.shard_index < self.memory_shards:
+            raise ConfigError("shard_index", self.shard_index, f"allowed: -1..{self.memory_shards - 1}")
+        if len(self.excluded_positions()) >= self.max_labels:
+            raise ConfigError("exclude_docs", self.exclude_docs, "leaves no document to train on")
         if self.docs_per_step > self.max_labels:
             raise ConfigError("docs_per_step", self.docs_per_step, f"at most --max_labels ({self.max_labels})")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun

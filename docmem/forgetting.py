@@ -37,6 +37,7 @@ from docmem.evaluation.generation import generate_greedy, rouge_scores, segment_
 from docmem.evaluation.landscape import grid_keys, landscape_axis
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
+from docmem.sharding import ShardedMemory
 from docmem.trained_memory import document_index
 from document_memories import DocumentMemory
 
@@ -80,10 +81,15 @@ def forget_direction(memory: DocumentMemory, doc: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def forget(memory: DocumentMemory, doc: int, method: str) -> DocumentMemory:
-    """A new memory without document `doc` (its key row removed; `edit` also projects out its direction)."""
+def forget(memory: DocumentMemory | ShardedMemory, doc: int, method: str) -> DocumentMemory | ShardedMemory:
+    """A new memory without document `doc` (its key row removed; `edit` also projects out its direction).
+    In a sharded memory the edit is made in the document's shard, and a shard left empty is dropped."""
     if method not in FORGET_METHODS:
         raise UsageError(f"--method {method!r}: allowed: {', '.join(FORGET_METHODS)}")
+    if isinstance(memory, ShardedMemory):
+        if not 0 <= doc < memory.config.num_docs:
+            raise UsageError(f"document {doc}: no such document (0..{memory.config.num_docs - 1})")
+        return memory.without(doc, lambda shard, row: forget(shard, row, method))
     _checked(memory, doc)
     direction = forget_direction(memory, doc) if method == "edit" else None
     config = replace(memory.config, num_docs=memory.config.num_docs - 1,

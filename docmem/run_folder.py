@@ -19,7 +19,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,8 @@ import wikitext
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.errors import ConfigError
 from docmem.provenance import provenance_from_saved
-from document_memories import DocumentMemory, MemoryConfig, load_memory
+from docmem.sharding import ShardedMemory, load_any_memory, run_positions, shard_assignment
+from document_memories import DocumentMemory, MemoryConfig
 from foundations import Foundation
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,11 @@ def document_entries(documents: list[wikitext.Document]) -> list[dict[str, Any]]
 def write_run_config(run_dir: Path, config: TrainConfig, resolved: dict[str, Any],
                      documents: list[wikitext.Document]) -> None:
     """config.yaml: the TrainConfig, what it resolved to here, and the documents drawn."""
-    write_atomic(run_dir / RUN_CONFIG_NAME, config.to_yaml({"resolved": resolved,
-                                                            "documents": document_entries(documents)}))
+    entries = document_entries(documents)
+    if is_subset_run(config):  # each document's draw position and shard (fixed: docmem/sharding.py)
+        assignment = shard_assignment(config.max_labels, config.memory_shards)
+        entries = [dict(e, draw_position=d.index, shard=assignment[d.index]) for e, d in zip(entries, documents)]
+    write_atomic(run_dir / RUN_CONFIG_NAME, config.to_yaml({"resolved": resolved, "documents": entries}))
 
 
 def update_num_epochs(run_dir: Path, num_epochs: int) -> None:
@@ -160,7 +164,7 @@ def rewind_run_dir(run_dir: Path, history: list[dict], frames: dict[str, list[Pa
                 frames[kind].append(folder / picture)
 
 
-def save_memory(memory: DocumentMemory, run_dir: Path) -> None:
+def save_memory(memory: DocumentMemory | ShardedMemory, run_dir: Path) -> None:
     """run_dir/memory/ (memory.safetensors + memory_config.json with the run's provenance, from its
     config.yaml), replaced as a whole."""
     final, tmp = run_dir / MEMORY_DIR, run_dir / f".{MEMORY_DIR}.tmp"
@@ -242,10 +246,22 @@ def load_documents(config: TrainConfig) -> list[wikitext.Document]:
     if config.max_labels > len(articles):
         raise ConfigError("max_labels", config.max_labels, f"only {len(articles)} articles are available")
     try:  # the released draw (README, fixes): NumPy's seeded choice, in draw order
-        return wikitext.select_documents(articles, config.max_labels, config.seed, config.segment_length,
-                                         config.max_segments)
+        drawn = wikitext.select_documents(articles, config.max_labels, config.seed, config.segment_length,
+                                          config.max_segments)
     except ValueError as err:
         raise ConfigError("max_labels", config.max_labels, str(err)) from err
+    if not is_subset_run(config):
+        return drawn
+    if config.memory_shards > len(drawn):
+        raise ConfigError("memory_shards", config.memory_shards, f"more shards than the {len(drawn)} documents drawn")
+    # a document keeps its draw position (Document.index): its shard and key row never move
+    return [drawn[p] for p in run_positions(len(drawn), config.max_labels, config.memory_shards,
+                                            config.excluded_positions(), config.shard_index)]
+
+
+def is_subset_run(config: TrainConfig) -> bool:
+    """Whether the run trains a part of its draw (a shard, or without --exclude_docs)."""
+    return config.memory_shards > 1 or bool(config.excluded_positions())
 
 
 def documents_mismatch(saved: list[Any], documents: list[wikitext.Document]) -> str | None:
@@ -273,15 +289,25 @@ def open_foundation(config: TrainConfig, device: str, dtype: torch.dtype) -> Fou
     return foundation
 
 
-def new_memory(config: TrainConfig, foundation: Foundation, num_docs: int) -> DocumentMemory:
-    """A freshly initialised memory for the config, on the device of its hooked block."""
+def new_memory(config: TrainConfig, foundation: Foundation, documents: list[wikitext.Document]) -> DocumentMemory:
+    """A freshly initialised memory for the config and documents, on the device of its hooked block.
+
+    A run on part of its draw (a shard, --exclude_docs) draws the key matrix for all --max_labels
+    positions and keeps its documents' rows: a document's key does not depend on which others exist."""
+    subset = is_subset_run(config)
     memory_config = MemoryConfig(
-        hidden_size=foundation.hidden_size, num_docs=num_docs, memory_dim=config.hook_memory_dim,
+        hidden_size=foundation.hidden_size, num_docs=config.max_labels if subset else len(documents),
+        memory_dim=config.hook_memory_dim,
         key_dim=config.key_dim, key_activation=config.key_activation, lm_act=config.lm_act,
         module_type=config.document_key_module_type, key_internal_dim=config.key_internal_dim,
         key_internal_layers=config.key_internal_layers, key_internal_activation=config.key_internal_activation,
         learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys)
-    memory = DocumentMemory(memory_config, generator=torch.Generator().manual_seed(config.seed))
+    memory = DocumentMemory(memory_config, generator=torch.Generator().manual_seed(config.train_seed))
+    if subset:
+        state = memory.state_dict()
+        state["doc_keys"] = state["doc_keys"][[d.index for d in documents]]
+        memory = DocumentMemory(replace(memory_config, num_docs=len(documents)))
+        memory.load_state_dict(state)
     return memory.to(foundations.block_device(foundation, config.hook_memory_layer))
 
 
@@ -293,7 +319,7 @@ class LoadedRun:
     config: TrainConfig
     saved: dict[str, Any]  # config.yaml as written (with resolved and documents)
     foundation: Foundation
-    memory: DocumentMemory
+    memory: DocumentMemory | ShardedMemory
     documents: list[wikitext.Document]  # in key order
     dtype: torch.dtype
 
@@ -344,7 +370,7 @@ def load_run(run_dir: str | Path, options: DeviceChoice | None = None,
                                                    "segmentation code changed")
     if not (run_dir / MEMORY_DIR).is_dir():
         raise ConfigError("run_dir", str(run_dir), f"no {MEMORY_DIR}/ folder (the run has not finished, or it crashed)")
-    memory = load_memory(run_dir / MEMORY_DIR, device=foundations.block_device(foundation, config.hook_memory_layer),
+    memory = load_any_memory(run_dir / MEMORY_DIR, device=foundations.block_device(foundation, config.hook_memory_layer),
                          expect_hidden_size=foundation.hidden_size, expect_num_docs=len(documents))
     memory.eval()
     return LoadedRun(run_dir, config, saved, foundation, memory, documents, dtype)

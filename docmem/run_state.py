@@ -150,7 +150,7 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
         raise stop.interrupted("while loading the model", None)
     batches = make_batches(documents, foundation.tokenizer, config.batch_size, config.max_length,
                            docs_per_step=config.docs_per_step, rank=dist_ctx.rank, world_size=dist_ctx.world_size)
-    memory = run_folder.new_memory(config, foundation, len(documents))
+    memory = run_folder.new_memory(config, foundation, documents)
     trained = wrap_memory(memory, dist_ctx)  # DistributedDataParallel under torchrun, else the memory
     engine: LossEngine
     if config.reference_loop:
@@ -175,7 +175,7 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
     state = RunState(config=config, run_dir=run_dir, device=device, dtype=dtype, foundation=foundation,
                      documents=documents, batches=batches, memory=memory, engine=engine, optimizer=optimizer,
                      scheduler=make_scheduler(optimizer, config, steps_per_epoch * config.num_epochs),
-                     generator=torch.Generator().manual_seed(config.seed),
+                     generator=torch.Generator().manual_seed(config.train_seed),
                      writer=SummaryWriter(run_dir, foundation, memory, [d.title for d in documents], config),
                      stop=stop, dist_ctx=dist_ctx, started=started,
                      tensorboard=open_tensorboard(config.report_to, run_dir, [d.title for d in documents],

@@ -27,12 +27,12 @@ from docmem.engines import NO_MEMORY
 from docmem.errors import DocmemError, MemoryRunError, UnknownDocumentError, UsageError
 from docmem.provenance import provenance_from_saved
 from docmem.run_folder import MEMORY_DIR, resolve_dtype, resolve_run_dir
+from docmem.sharding import load_any_memory
 from document_memories import (
     CONFIG_NAME,
     PROVENANCE_FIELD,
     DocumentMemory,
     MemoryFileError,
-    load_memory,
     read_memory_json,
 )
 from foundations import Foundation, block_device, load_foundation
@@ -196,7 +196,7 @@ def load_memory_run(path: str | Path, device: str = "auto") -> TrainedMemory:
         raise MemoryRunError(f"{memory_dir}: hooked block {layer} is beyond {foundation.name}'s {foundation.num_blocks} blocks")
     documents = list(provenance.get("documents") or [])
     try:
-        memory = load_memory(memory_dir, device=block_device(foundation, layer), expect_hidden_size=foundation.hidden_size,
+        memory = load_any_memory(memory_dir, device=block_device(foundation, layer), expect_hidden_size=foundation.hidden_size,
                              expect_num_docs=len(documents) or None)
     except MemoryFileError as err:
         raise MemoryRunError(str(err)) from err

@@ -1,0 +1,127 @@
+"""The forgetting table an attacker cannot easily beat (evaluate_memory.py --forget DOC --reference RUN
+--forgotten MEM ...): the document's CE under its old key, the other keys, the best grid key, the
+key-search attack (docmem/key_attack.py) and the reference's attack (a memory trained with the same
+settings and seed without the document: what "never trained on it" looks like), next to the plain LM;
+the verbatim tokens greedy generation reproduces under the attack's best key; every other document's
+right-key ROUGE-L recall. One row per memory: before, and each forgotten memory given.
+Writes RUN/eval/forget_attack_doc_NN.json and .md.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from docmem.engines import NO_MEMORY
+from docmem.errors import EvalError
+from docmem.evaluation.ce_table import CETable
+from docmem.evaluation.generation import segment_prompts
+from docmem.evaluation.landscape import grid_keys, landscape_axis
+from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
+from docmem.forgetting import _recalls
+from docmem.key_attack import AttackSettings, attack, attack_starts, verbatim_tokens
+from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
+from docmem.sharding import load_any_memory
+from docmem.trained_memory import document_index, locate_memory, read_provenance
+
+
+def _memory_row(run: LoadedRun, memory: Any, titles: list[str], doc: int, options: EvalOptions,
+                settings: AttackSettings) -> dict[str, Any]:
+    """One memory's numbers for document `doc` of `run` (titles: the memory's documents, in key order)."""
+    documents = run.documents
+    table = CETable(replace(run, memory=memory), documents, options)
+    keys = memory.doc_keys.detach()
+    rows = {t: i for i, t in enumerate(titles)}
+    old_key = run.memory.doc_keys.detach()[doc].to(keys)
+    others = [rows[d.title] for j, d in enumerate(documents) if j != doc and d.title in rows]
+    out: dict[str, Any] = {"old_key_ce": table.ce(doc, [old_key])[0]}
+    out["other_keys_ce_min"] = min(table.ce(doc, [keys[r] for r in others])) if others else None
+    if keys.shape[1] == 2 and options.grid:
+        axis = landscape_axis(run.memory.doc_keys.detach().float().cpu().numpy(), options.grid)
+        out["grid_ce_min"] = min(table.ce(doc, list(grid_keys(axis).to(keys))))
+    starts, labels = attack_starts(old_key, keys, settings)
+    found = attack(table.engine, table.by_doc[doc], starts, labels, settings)
+    out.update(attack_ce=found.best_ce, attack_key=found.best_key.tolist(),
+               attack_ce_at_old_key_start=found.start_ce[0])
+    prompts, _ = segment_prompts(run.foundation.tokenizer, documents, options.prompt_tokens, options.new_tokens,
+                                 run.config.max_length)
+    first = next(p for p in prompts if p.doc == doc)
+    out["attack_verbatim_tokens"] = verbatim_tokens(run.foundation, memory, run.config.hook_memory_layer, first.ids,
+                                                    first.reference_ids, found.best_key)
+    plan = [(d.title, j, keys[rows[d.title]]) for j, d in enumerate(documents) if j != doc and d.title in rows]
+    out["others_right_key_recall"] = _recalls(run, memory, prompts, plan, options)
+    return out
+
+
+def _reference_row(report: dict[str, Any], run: LoadedRun, reference: str | None, which: tuple[list[str], int],
+                   how: tuple[EvalOptions, AttackSettings]) -> None:
+    """report["reference"]: the reference run's memory (trained without the document), attacked the same way."""
+    if reference is None:
+        return
+    (titles, doc), (options, settings) = which, how
+    ref = load_run(resolve_run_dir(reference), options)
+    ref_titles = [d.title for d in ref.documents]
+    if titles[doc] in ref_titles:
+        raise EvalError(f"--reference {reference}: it was trained on {titles[doc]!r}; train it with --exclude_docs")
+    report["reference"] = _memory_row(run, ref.memory, ref_titles, doc, options, settings)
+
+
+def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: str | None,
+                  forgotten: list[str]) -> dict[str, Any]:
+    """The table's numbers: before, each forgotten memory, the reference, the plain LM."""
+    run = load_run(resolve_run_dir(run_dir), options)
+    titles = [d.title for d in run.documents]
+    doc = document_index([{"index": i, "title": t} for i, t in enumerate(titles)], doc_arg)
+    settings = AttackSettings(per_pass=options.key_sets_per_pass)
+    report: dict[str, Any] = {"document": {"index": doc, "title": titles[doc]}, "settings": asdict(settings),
+                              "rows": {"before": _memory_row(run, run.memory, titles, doc, options, settings)}}
+    table = CETable(run, run.documents, options)
+    prompts, _ = segment_prompts(run.foundation.tokenizer, run.documents, options.prompt_tokens, options.new_tokens,
+                                 run.config.max_length)
+    first = next(p for p in prompts if p.doc == doc)
+    report["plain_lm"] = {"ce": table.ce(doc, [NO_MEMORY])[0],
+                          "verbatim_tokens": verbatim_tokens(run.foundation, run.memory, run.config.hook_memory_layer,
+                                                             first.ids, first.reference_ids, NO_MEMORY)}
+    folder = run.run_dir / EVAL_DIR
+    folder.mkdir(exist_ok=True)
+    out = folder / f"forget_attack_doc_{doc:02d}.json"
+    write_json(out, report)  # after every row: a long measurement keeps what it has
+    for i, path in enumerate(forgotten):
+        memory_dir, mem_run = locate_memory(path)
+        provenance = read_provenance(memory_dir, mem_run)
+        method = ((provenance.get("forgotten") or [{}])[-1]).get("method") or Path(path).name
+        mem_titles = [d["title"] for d in provenance.get("documents") or []]
+        memory = load_any_memory(memory_dir, device=run.memory.doc_keys.device).eval()
+        report["rows"][method] = _memory_row(run, memory, mem_titles, doc, options, settings)
+        write_json(out, report)
+        if i == 0:  # the reference next to the first method, before the others
+            _reference_row(report, run, reference, (titles, doc), (options, settings))
+            write_json(out, report)
+    if not forgotten:
+        _reference_row(report, run, reference, (titles, doc), (options, settings))
+    write_json(out, report)
+    (folder / f"forget_attack_doc_{doc:02d}.md").write_text(attack_table(report) + "\n")
+    return report
+
+
+def _f(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def attack_table(report: dict[str, Any]) -> str:
+    """Markdown: one row per memory; the reference's attack best and the plain LM in every row."""
+    ref = report.get("reference") or {}
+    plain = report["plain_lm"]
+    lines = [f"Document {report['document']['index']} ({report['document']['title']!r}): mean token CE (lower = "
+             "better recalled); verbatim = tokens greedy generation reproduces under the attack's best key",
+             "", "| memory | old key | other keys (min) | grid best | attack best | verbatim | reference attack best | "
+             "reference verbatim | plain LM | plain verbatim | others' right-key recall (mean) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in report["rows"].items():
+        recalls = list(row["others_right_key_recall"].values())
+        lines.append(f"| {name} | {_f(row['old_key_ce'])} | {_f(row['other_keys_ce_min'])} | {_f(row.get('grid_ce_min'))} "
+                     f"| {_f(row['attack_ce'])} | {row['attack_verbatim_tokens']} | {_f(ref.get('attack_ce'))} | "
+                     f"{_f(ref.get('attack_verbatim_tokens'))} | {_f(plain['ce'])} | {plain['verbatim_tokens']} | "
+                     f"{_f(sum(recalls) / len(recalls) if recalls else None)} |")
+    return "\n".join(lines)
+
