@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import wikitext
 from docmem import analysis_plots
@@ -104,7 +105,8 @@ def landscape(run: LoadedRun, table: CETable, titles: list[str], options: EvalOp
     t0 = time.time()
     n = len(titles)
     keys = run.memory.doc_keys.detach()[:n].float().cpu().numpy()
-    land = compute_landscape(lambda doc, cands: table.ce(doc, list(cands)), keys, options.grid)
+    with tqdm(total=n * options.grid ** 2, desc="landscape", unit="key", dynamic_ncols=True) as bar:
+        land = compute_landscape(lambda doc, cands: table.ce(doc, list(cands), bar), keys, options.grid)
     land.update({"grid": options.grid, "titles": titles, "perplexity_index": "[document][y][x]"})
     near = sum(d["minimum_nearest_own_key"] for d in land["documents"])
     land["minima_nearest_own_key"] = near
