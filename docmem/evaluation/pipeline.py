@@ -64,10 +64,11 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     log.info(f"CE matrix in {time.time() - t0:.1f}s")
     attribution = None
     if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
+        t0 = time.time()
         attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass)
         write_json(out / "attribution.json", attribution)
         attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
-        log.info(f"attribution top-1 accuracy: {attribution}")
+        log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
 
     # 3. selection statistics over training and of the final memory
     history = read_metrics(run.run_dir)
