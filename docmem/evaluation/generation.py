@@ -148,15 +148,14 @@ def row_conditions(keys: KeySet | Sequence[KeySet], rows: int) -> list[KeySet]:
 @torch.no_grad()
 def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, prompts: Sequence[Sequence[int]],
                     keys: KeySet | Sequence[KeySet],
-                    new_tokens: int | Sequence[int], batch_size: int = 64, progress: str | None = None
-                    ) -> list[list[int]]:
+                    new_tokens: int | Sequence[int], batch_size: int = 64) -> list[list[int]]:
     """Greedy continuations (new token ids, cut at the first end-of-text) with the memory on `layer`.
 
     keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key),
     engines.NO_MEMORY (the plain LM), or a list with one of those per row (a (key_dim,) key, None
     or NO_MEMORY): every condition then shares the batches. new_tokens: one count for all rows,
     or one per row. Rows are batched longest-wanted first, so each batch generates only as far as
-    its longest row needs; the result is in prompt order. progress: a bar's label (None: no bar)."""
+    its longest row needs; the result is in prompt order; a progress bar counts the batches."""
     conditions = row_conditions(keys, len(prompts))
     wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     if len(wanted) != len(prompts):
@@ -167,7 +166,7 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
     out: list[list[int]] = [[] for _ in prompts]
     starts = range(0, len(order), batch_size)
     with attach_memory(foundation.block(layer), memory) as hook:
-        for start in tqdm(starts, desc=progress, unit="batch", dynamic_ncols=True, disable=progress is None):
+        for start in tqdm(starts, desc="generating", unit="batch", dynamic_ncols=True, leave=False):
             rows = order[start: start + batch_size]
             ids, mask = prompt_batch([prompts[i] for i in rows], pad_id)
             batch_conditions = [conditions[i] for i in rows]
@@ -227,10 +226,10 @@ def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], opti
                   for condition, (rows, keys) in plans.items() for r, (i, key_doc) in enumerate(rows)]
     # generate (and score) as many tokens as the reference has: a segment near its end has fewer
     # than new_tokens left, and a longer continuation would only dilute precision
-    continuations = generate_greedy(foundation, memory, config.hook_memory_layer, [prompts[i].ids for _, i, _, _ in everything],
-                                    [key for _, _, _, key in everything],
-                                    [len(prompts[i].reference_ids) for _, i, _, _ in everything], options.gen_batch_size,
-                                    progress="recall: generating")
+    continuations = generate_greedy(foundation, memory, config.hook_memory_layer,
+                                    [prompts[i].ids for _, i, _, _ in everything], [key for *_, key in everything],
+                                    [len(prompts[i].reference_ids) for _, i, _, _ in everything],
+                                    options.gen_batch_size)
     decoded_all = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
     log.info(f"recall: {len(everything)} generations ({', '.join(f'{c} {len(r)}' for c, (r, _) in plans.items())}) "
              f"in {time.time() - started:.1f}s")
