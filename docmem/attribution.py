@@ -13,11 +13,12 @@ pieces of segment_length words (at most max_segments per document).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import wikitext
 from docmem.batching import Batch
@@ -65,6 +66,7 @@ class Scorer:
     max_length: int  # tokens per window (the run's --max_length)
     rows_per_batch: int = 16
     key_sets_per_pass: int = 16
+    progress: str | None = None  # a progress bar's label (None: no bar)
 
 
 @torch.no_grad()
@@ -83,7 +85,9 @@ def score_texts(scorer: Scorer, texts: Sequence[str]) -> list[TextScores]:
     counts = np.zeros(len(texts))
     engine = FastEngine(foundation, memory, scorer.layer, scorer.dtype, cache_budget_bytes=0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    for index, start in enumerate(range(0, len(rows), rows_per_batch)):
+    starts = range(0, len(rows), rows_per_batch)
+    for index, start in enumerate(tqdm(starts, desc=scorer.progress, unit="batch", dynamic_ncols=True,
+                                       disable=scorer.progress is None)):
         chunk = rows[start: start + rows_per_batch]
         ids, mask = prompt_batch([w for _, w in chunk], pad_id)
         batch = Batch(index=index, doc_ids=torch.arange(len(chunk)), input_ids=ids, attention_mask=mask,
@@ -150,6 +154,6 @@ def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: in
                           ("held_out", load_held_out(run.config, documents))):
         texts = [t for doc_texts in per_doc for t in doc_texts]
         truth = [d for d, doc_texts in enumerate(per_doc) for _ in doc_texts]
-        scores = score_texts(scorer, texts) if texts else []
+        scores = score_texts(replace(scorer, progress=f"attribution: {name}"), texts) if texts else []
         result[name] = attribution_accuracy(texts, truth, scores)
     return result

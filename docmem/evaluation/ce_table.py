@@ -1,12 +1,18 @@
 """The CE table: mean token CE of each document under any key (or none), with the frozen
-prefix cached once; and the document x key CE matrix built from it (eval/ce_matrix.json)."""
+prefix cached once; and the document x key CE matrix built from it (eval/ce_matrix.json).
+
+Every (segment, key) is scored at most once: the table keeps each training row's CE sum under
+every column it has scored, so the CE matrix, the landscape and attribution's training segments
+(which score the same rows under keys) share one scoring."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import wikitext
 from docmem.batching import Batch, make_batches
@@ -14,9 +20,19 @@ from docmem.engines import NO_MEMORY, FastEngine, KeySet
 from docmem.evaluation.options import EvalOptions
 from docmem.run_folder import LoadedRun
 
+Column = tuple[float, ...] | str  # a key's values, "no_key" or NO_MEMORY: what a score is cached under
+
+
+def column_id(column: KeySet) -> Column:
+    """The cache's name of a column: equal keys (same float values) share their scores."""
+    if isinstance(column, torch.Tensor):
+        return tuple(float(v) for v in column.detach().reshape(-1).cpu().tolist())
+    return "no_key" if column is None else str(column)
+
 
 class CETable:
-    """Mean token CE of a document's segments under given key sets, with the prefix cached once."""
+    """Mean token CE of a document's segments under given key sets, with the prefix cached once
+    and each (row, column) scored once."""
 
     def __init__(self, run: LoadedRun, documents: Sequence[wikitext.Document], options: EvalOptions) -> None:
         self.memory = run.memory
@@ -25,30 +41,66 @@ class CETable:
                                run.config.max_length)
         self.by_doc: list[list[Batch]] = [[] for _ in documents]
         for batch in batches:
-            self.by_doc[int(batch.doc_ids[0])].append(batch)
+            # per_document means per row (the engine groups by chunk_of_row): one CE per segment
+            rows = torch.arange(batch.input_ids.shape[0])
+            self.by_doc[int(batch.doc_ids[0])].append(replace(batch, chunk_of_row=rows))
         self.engine = FastEngine(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype,
                                  cache_budget_bytes=int(run.config.cache_budget_gb * (1 << 30)))
+        # batch index -> column -> each row's CE sum (float64) ; batch index -> each row's scored tokens
+        self.sums: dict[int, dict[Column, np.ndarray]] = {}
+        self.row_tokens: dict[int, np.ndarray] = {
+            b.index: (b.labels[:, 1:] != -100).sum(dim=1).numpy().astype(np.float64)
+            for doc in self.by_doc for b in doc}
 
     def tokens(self, doc: int) -> int:
         """Tokens the document was trained on (padding excluded)."""
         return int(sum(int(b.attention_mask.sum()) for b in self.by_doc[doc]))
 
     @torch.no_grad()
-    def ce(self, doc: int, columns: Sequence[KeySet]) -> list[float]:
-        """One CE per column: a (key_dim,) key, None (memory, no key) or engines.NO_MEMORY."""
-        sums = np.zeros(len(columns))
-        total = 0
+    def score(self, doc: int, columns: Sequence[KeySet], progress: tqdm | None = None) -> None:
+        """Score every row of the document under each column not scored yet, key_sets_per_pass
+        columns per pass above the cached prefix; progress (a bar) advances by passes."""
         for batch in self.by_doc[doc]:
+            done = self.sums.setdefault(batch.index, {})
+            todo: dict[Column, KeySet] = {}
+            for c in columns:
+                todo.setdefault(column_id(c), c)
+            missing = [(name, c) for name, c in todo.items() if name not in done]
             rows = batch.input_ids.shape[0]
-            tokens = int((batch.labels[:, 1:] != -100).sum())
-            for start in range(0, len(columns), self.per_pass):
-                chunk = columns[start: start + self.per_pass]
+            for start in range(0, len(missing), self.per_pass):
+                chunk = missing[start: start + self.per_pass]
                 key_sets = [c.to(self.memory.doc_keys).expand(rows, -1) if isinstance(c, torch.Tensor) else c
-                            for c in chunk]
-                values = self.engine.losses(batch, key_sets)
-                sums[start: start + len(chunk)] += np.array([v.item() for v in values]) * tokens
-            total += tokens
-        return (sums / max(total, 1)).tolist()
+                            for _, c in chunk]
+                means = self.engine.losses(batch, key_sets, per_document=True)  # (rows,) per key set
+                tokens = self.row_tokens[batch.index]
+                for (name, _), row_means in zip(chunk, means):  # a row without targets adds nothing
+                    done[name] = np.where(tokens > 0, row_means.double().cpu().numpy() * tokens, 0.0)
+                if progress is not None:
+                    progress.update(len(chunk))
+
+    def pending(self, doc: int, columns: Sequence[KeySet]) -> int:
+        """How many columns score() would still run for this document (a bar's total)."""
+        names = {column_id(c) for c in columns}
+        return sum(len(names - set(self.sums.get(b.index, {}))) for b in self.by_doc[doc])
+
+    def row_ce(self, doc: int, columns: Sequence[KeySet]) -> list[tuple[float, list[float]]]:
+        """Each of the document's rows (segments, in order): its scored tokens and its mean CE per column."""
+        self.score(doc, columns)
+        names = [column_id(c) for c in columns]
+        out = []
+        for batch in self.by_doc[doc]:
+            tokens, sums = self.row_tokens[batch.index], self.sums[batch.index]
+            for r in range(len(tokens)):
+                out.append((float(tokens[r]), [float(sums[n][r] / max(tokens[r], 1.0)) for n in names]))
+        return out
+
+    def ce(self, doc: int, columns: Sequence[KeySet], progress: tqdm | None = None) -> list[float]:
+        """One CE per column: a (key_dim,) key, None (memory, no key) or engines.NO_MEMORY."""
+        self.score(doc, columns, progress)
+        names = [column_id(c) for c in columns]
+        total = sum(float(self.row_tokens[b.index].sum()) for b in self.by_doc[doc])
+        sums = [sum(float(self.sums[b.index][n].sum()) for b in self.by_doc[doc]) for n in names]
+        return [s / max(total, 1.0) for s in sums]
 
 
 def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikitext.Document]) -> dict[str, Any]:
@@ -60,7 +112,10 @@ def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikit
                 "memory": [r[0] for r in rows], "no_memory": [r[1] for r in rows],
                 "note": "a shared memory has no keys: one CE per document with the memory and without it"}
     keys = run.memory.doc_keys.detach()[:n]
-    rows = [table.ce(d, [keys[j] for j in range(n)] + [None, NO_MEMORY]) for d in range(n)]
+    columns = [keys[j] for j in range(n)] + [None, NO_MEMORY]
+    with tqdm(total=sum(table.pending(d, columns) for d in range(n)), desc="CE matrix", unit="key",
+              dynamic_ncols=True) as bar:
+        rows = [table.ce(d, columns, bar) for d in range(n)]
     matrix = np.array([r[:n] for r in rows])
     off = matrix[~np.eye(n, dtype=bool)]
     argmins = [int(np.argmin(matrix[i])) for i in range(n)]

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from rouge_score import rouge_scorer
+from torch import nn
+from tqdm.auto import tqdm
 
 import wikitext
 from docmem.batching import left_pad
@@ -102,38 +104,88 @@ def _stop_ids(foundation: Foundation) -> set[int]:
     return {int(i) for i in found if i is not None}
 
 
+class RowConditions(nn.Module):
+    """The memory under a condition of each row's own: a (key_dim,) key, None (the memory without a
+    key) or NO_MEMORY (the block's output passes unchanged), so one batch can hold every condition."""
+
+    def __init__(self, memory: DocumentMemory, conditions: Sequence[KeySet]) -> None:
+        super().__init__()
+        self.memory = memory
+        keyed = [i for i, c in enumerate(conditions) if isinstance(c, torch.Tensor)]
+        self.keyed = torch.tensor(keyed, dtype=torch.long)
+        self.keyless = torch.tensor([i for i, c in enumerate(conditions) if c is None], dtype=torch.long)
+        self.rows = len(conditions)
+        self.keys = torch.stack([conditions[i] for i in keyed]) if keyed else None
+
+    def forward(self, hidden: torch.Tensor, _keys: torch.Tensor | None = None) -> torch.Tensor:
+        if len(self.keyed) == self.rows:  # every row keyed: the memory on the whole batch
+            return self.memory(hidden, self.keys)
+        if len(self.keyless) == self.rows:
+            return self.memory(hidden, None)
+        out = hidden.clone()  # rows of the plain LM keep the block's output
+        if len(self.keyed):
+            out[self.keyed] = self.memory(hidden[self.keyed], self.keys).to(out.dtype)
+        if len(self.keyless):
+            out[self.keyless] = self.memory(hidden[self.keyless], None).to(out.dtype)
+        return out
+
+
+def row_conditions(keys: KeySet | Sequence[KeySet], rows: int) -> list[KeySet]:
+    """One condition per row: a (rows, key_dim) tensor split into its rows, None or NO_MEMORY
+    repeated, or a list of per-row conditions checked for length."""
+    if isinstance(keys, torch.Tensor):
+        if keys.shape[0] != rows:
+            raise ValueError(f"{keys.shape[0]} keys for {rows} prompts")
+        return list(keys)
+    if keys is None or isinstance(keys, str):
+        return [keys] * rows
+    conditions = list(keys)
+    if len(conditions) != rows:
+        raise ValueError(f"{len(conditions)} keys for {rows} prompts")
+    return conditions
+
+
 @torch.no_grad()
 def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, prompts: Sequence[Sequence[int]],
-                    keys: KeySet,
+                    keys: KeySet | Sequence[KeySet],
                     new_tokens: int | Sequence[int], batch_size: int = 64) -> list[list[int]]:
     """Greedy continuations (new token ids, cut at the first end-of-text) with the memory on `layer`.
 
-    keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key), or
-    engines.NO_MEMORY (the plain LM). new_tokens: one count for all rows, or one per row (each
-    batch then generates only as far as its longest row needs)."""
-    if isinstance(keys, torch.Tensor) and keys.shape[0] != len(prompts):
-        raise ValueError(f"{keys.shape[0]} keys for {len(prompts)} prompts")
+    keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key),
+    engines.NO_MEMORY (the plain LM), or a list with one of those per row (a (key_dim,) key, None
+    or NO_MEMORY): every condition then shares the batches. new_tokens: one count for all rows,
+    or one per row. Rows are batched longest-wanted first, so each batch generates only as far as
+    its longest row needs; the result is in prompt order; a progress bar counts the batches."""
+    conditions = row_conditions(keys, len(prompts))
     wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     if len(wanted) != len(prompts):
         raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
     pad_id = foundation.tokenizer.pad_token_id
     stop = _stop_ids(foundation)
-    out: list[list[int]] = []
+    order = sorted(range(len(prompts)), key=lambda i: -wanted[i])  # stable: ties keep prompt order
+    out: list[list[int]] = [[] for _ in prompts]
+    starts = range(0, len(order), batch_size)
     with attach_memory(foundation.block(layer), memory) as hook:
-        hook.enabled = not (isinstance(keys, str) and keys == NO_MEMORY)
-        for start in range(0, len(prompts), batch_size):
-            rows = prompts[start: start + batch_size]
-            ids, mask = prompt_batch(rows, pad_id)
-            hook.keys = keys[start: start + len(rows)] if isinstance(keys, torch.Tensor) else None
+        for start in tqdm(starts, desc="generating", unit="batch", dynamic_ncols=True, leave=False):
+            rows = order[start: start + batch_size]
+            ids, mask = prompt_batch([prompts[i] for i in rows], pad_id)
+            batch_conditions = [conditions[i] for i in rows]
+            hook.enabled = any(not (isinstance(c, str) and c == NO_MEMORY) for c in batch_conditions)
+            hook.memory = RowConditions(memory, batch_conditions)
             device = foundation.input_device
             generated = foundation.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                max_new_tokens=max(1, max(wanted[start: start + len(rows)])), min_new_tokens=0, pad_token_id=pad_id, num_beams=1,
-                temperature=None, top_p=None, top_k=None)
-            for n, row in zip(wanted[start: start + len(rows)], generated[:, ids.shape[1]:].tolist()):
-                cut = next((i for i, t in enumerate(row) if t in stop), len(row))
-                out.append(row[:min(cut, n)])
+                max_new_tokens=max(1, max(wanted[i] for i in rows)), min_new_tokens=0, pad_token_id=pad_id,
+                num_beams=1, temperature=None, top_p=None, top_k=None)
+            for i, row in zip(rows, generated[:, ids.shape[1]:].tolist()):
+                cut = next((t for t, token in enumerate(row) if token in stop), len(row))
+                out[i] = row[:min(cut, wanted[i])]
     return out
+
+
+def _row_key(keys: KeySet, row: int) -> KeySet:
+    """One row's condition from a condition's keys: its key, or None / NO_MEMORY for every row."""
+    return keys[row] if isinstance(keys, torch.Tensor) else keys
 
 
 def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], options: EvalOptions) -> dict[str, Any]:
@@ -168,14 +220,21 @@ def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], opti
     for p in prompts:
         per_document[p.doc]["scored_segments"] += 1
     examples: dict[int, dict[str, Any]] = {}
-    for condition, (rows, keys) in plans.items():
-        started = time.time()
-        texts = [prompts[i].ids for i, _ in rows]
-        # generate (and score) as many tokens as the reference has: a segment near its end has fewer
-        # than new_tokens left, and a longer continuation would only dilute precision
-        continuations = generate_greedy(foundation, memory, config.hook_memory_layer, texts, keys,
-                                        [len(prompts[i].reference_ids) for i, _ in rows], options.gen_batch_size)
-        decoded = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+    # every condition's rows in one call: they share the batches (and each batch's decoding steps)
+    started = time.time()
+    everything = [(condition, i, key_doc, _row_key(keys, r))
+                  for condition, (rows, keys) in plans.items() for r, (i, key_doc) in enumerate(rows)]
+    # generate (and score) as many tokens as the reference has: a segment near its end has fewer
+    # than new_tokens left, and a longer continuation would only dilute precision
+    continuations = generate_greedy(foundation, memory, config.hook_memory_layer,
+                                    [prompts[i].ids for _, i, _, _ in everything], [key for *_, key in everything],
+                                    [len(prompts[i].reference_ids) for _, i, _, _ in everything],
+                                    options.gen_batch_size)
+    decoded_all = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
+    log.info(f"recall: {len(everything)} generations ({', '.join(f'{c} {len(r)}' for c, (r, _) in plans.items())}) "
+             f"in {time.time() - started:.1f}s")
+    for condition, (rows, _) in plans.items():
+        decoded = [text for (c, _, _, _), text in zip(everything, decoded_all) if c == condition]
         scores = rouge_scores(decoded, [prompts[i].reference for i, _ in rows])
         for d in range(n_docs):
             mine = [s for s, (i, _) in zip(scores, rows) if prompts[i].doc == d]
@@ -189,7 +248,6 @@ def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], opti
             if p.segment == examples[p.doc]["segment"] and condition not in examples[p.doc]["continuations"]:
                 label = condition if key_doc is None or condition == "right_key" else f"{condition} (key of {key_doc})"
                 examples[p.doc]["continuations"][condition] = {"key_of": key_doc, "label": label, "text": text}
-        log.info(f"recall: {condition}: {len(rows)} generations in {time.time() - started:.1f}s")
 
     mean: dict[str, Any] = {}
     for condition in plans:

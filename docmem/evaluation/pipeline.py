@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 import wikitext
 from docmem import analysis_plots
@@ -63,10 +64,11 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     log.info(f"CE matrix in {time.time() - t0:.1f}s")
     attribution = None
     if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
+        t0 = time.time()
         attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass)
         write_json(out / "attribution.json", attribution)
         attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
-        log.info(f"attribution top-1 accuracy: {attribution}")
+        log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
 
     # 3. selection statistics over training and of the final memory
     history = read_metrics(run.run_dir)
@@ -104,7 +106,8 @@ def landscape(run: LoadedRun, table: CETable, titles: list[str], options: EvalOp
     t0 = time.time()
     n = len(titles)
     keys = run.memory.doc_keys.detach()[:n].float().cpu().numpy()
-    land = compute_landscape(lambda doc, cands: table.ce(doc, list(cands)), keys, options.grid)
+    with tqdm(total=n * options.grid ** 2, desc="landscape", unit="key", dynamic_ncols=True) as bar:
+        land = compute_landscape(lambda doc, cands: table.ce(doc, list(cands), bar), keys, options.grid)
     land.update({"grid": options.grid, "titles": titles, "perplexity_index": "[document][y][x]"})
     near = sum(d["minimum_nearest_own_key"] for d in land["documents"])
     land["minima_nearest_own_key"] = near

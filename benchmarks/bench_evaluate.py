@@ -1,0 +1,99 @@
+"""Evaluation against the training it measures, side by side in one run (issue 18, point 2).
+
+    python -m benchmarks.bench_evaluate                    # bash run.sh demo, then evaluate_memory.py on it
+    python -m benchmarks.bench_evaluate --forget 0         # also evaluate_memory.py --forget 0
+    python -m benchmarks.bench_evaluate --run_dir RUN      # evaluation (and --forget) only, on a trained run
+
+Trains the demo exactly as `bash run.sh demo` does (a subprocess, --save_dir in a temporary
+folder), then runs `evaluate_memory.py --run_dir SAVE_DIR/run_0` with its default settings (plus
+--eval_args), each timed by wall clock as a user would see it (the LM's loading included). Prints
+the two wall times, their ratio (the issue asks at most 0.75), and the evaluation's stages as it
+logs them (recall generations, CE matrix, attribution, landscape); then one JSON object on the
+last line. On a machine shared with other jobs the times are noisy: compare ratios of one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+# what evaluate_memory.py logs at the end of each stage: "<stage> ... in 12.3s"
+STAGES = {
+    "recall_generation_s": re.compile(r"^recall: \d+ generations .* in ([\d.]+)s"),
+    "ce_matrix_s": re.compile(r"^CE matrix in ([\d.]+)s"),
+    "attribution_s": re.compile(r"^attribution top-1 accuracy: .*\(in ([\d.]+)s\)"),
+    "landscape_s": re.compile(r"^landscape \(.*\) in ([\d.]+)s"),
+    "measuring_s": re.compile(r"^written to .* in ([\d.]+)s"),  # everything after the LM is loaded
+}
+
+
+def timed(argv: list[str], log: Path) -> float:
+    """Run a command (stderr to `log`), return its wall time; a failure ends the benchmark with its log's tail."""
+    started = time.perf_counter()
+    with open(log, "w") as stderr:
+        done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise SystemExit(f"{' '.join(argv)} exited {done.returncode}:\n{tail}")
+    return seconds
+
+
+def stage_times(log: Path) -> dict[str, float]:
+    """The stages' times from an evaluation's log (tqdm's carriage returns split lines too)."""
+    found: dict[str, float] = {}
+    for line in re.split(r"[\r\n]", log.read_text(errors="replace")):
+        for name, pattern in STAGES.items():
+            match = pattern.match(line.strip())
+            if match:
+                found[name] = float(match.group(1))
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run_dir", help="evaluate this trained run instead of training the demo (no ratio)")
+    parser.add_argument("--forget", metavar="DOC", help="also time evaluate_memory.py --forget DOC")
+    parser.add_argument("--eval_args", default="", help="extra flags for evaluate_memory.py, one string")
+    parser.add_argument("--demo_args", default="", help="extra flags for run.sh demo, one string")
+    parser.add_argument("--keep", help="train into this folder (kept) instead of a temporary one")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result: dict[str, object] = {}
+        if args.run_dir:
+            run_dir = Path(args.run_dir)
+        else:
+            save_dir = work / "demo"
+            result["demo_s"] = timed(["bash", "run.sh", "demo", "--save_dir", str(save_dir), *args.demo_args.split()],
+                                     work / "demo.log")
+            run_dir = save_dir / "run_0"
+            print(f"bash run.sh demo: {result['demo_s']:.1f}s", flush=True)
+        eval_log = work / "evaluate.log"
+        result["evaluate_s"] = timed([sys.executable, "evaluate_memory.py", "--run_dir", str(run_dir),
+                                      *args.eval_args.split()], eval_log)
+        result["stages"] = stage_times(eval_log)
+        print(f"evaluate_memory.py: {result['evaluate_s']:.1f}s", flush=True)
+        for name, seconds in result["stages"].items():
+            print(f"  {name[:-2]}: {seconds:.1f}s")
+        if "demo_s" in result:
+            result["ratio"] = result["evaluate_s"] / result["demo_s"]
+            print(f"evaluation / demo: {result['ratio']:.2f} (the issue asks at most 0.75)")
+        if args.forget is not None:
+            result["forget_s"] = timed([sys.executable, "evaluate_memory.py", "--run_dir", str(run_dir), "--forget",
+                                        args.forget, *args.eval_args.split()], work / "forget.log")
+            print(f"evaluate_memory.py --forget {args.forget}: {result['forget_s']:.1f}s")
+        print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
