@@ -7,8 +7,9 @@ when the hidden state needs a gradient, the gradient itself, (softmax - onehot) 
 backward only scales it. Peak extra memory: one chunk of logits.
 
 Precision: both products run in the weight's dtype (the hidden state is cast to it: under CUDA
-autocast a LayerNorm hands fp32 to a bf16 head), the log-softmax in fp32, and the gradient
-comes back in the hidden state's dtype. A bf16 copy of an fp32 head makes only these two
+autocast a LayerNorm hands fp32 to a bf16 head), the log-softmax and softmax in that dtype too
+(accumulated in fp32 by the kernel; each token's loss is then exact to the dtype's rounding,
+2^-9 relative for bf16), and the gradient comes back in the hidden state's dtype. A bf16 copy of an fp32 head makes only these two
 products bf16 (--precision bf16_head).
 """
 from __future__ import annotations
@@ -26,22 +27,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             stop = start + chunk_size
             t = targets[start:stop]
-            # one fused log_softmax (reading the logits in their dtype, answering fp32), then the
-            # softmax: the fewest passes over N x V numbers
+            # one fused log_softmax, then the softmax: the fewest passes over N x V numbers. A
+            # half-precision head keeps them in its dtype (the kernel accumulates in fp32; on a CPU
+            # these passes are bound by memory traffic, and fp32 copies would double it)
             logits = torch.nn.functional.linear(hidden[start:stop].to(weight.dtype), weight, bias)
-            logp = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
-            losses[start:stop] = -logp.gather(1, t.unsqueeze(1)).squeeze(1)
+            logp = torch.log_softmax(logits, dim=-1)
+            target_logp = logp.gather(1, t.unsqueeze(1)).squeeze(1)
+            losses[start:stop] = -target_logp.float()
             if not need_grad:
                 continue
             rows = torch.arange(len(t), device=t.device)
-            if weight.dtype == torch.float32:
-                probs = logp.exp_()  # in place
+            probs = logp.exp_()  # in place
+            if probs.dtype == torch.float32:
                 probs[rows, t] -= 1.0
-                torch.mm(probs, weight, out=grad[start:stop])
-            else:  # exp and the cast in one pass; p - 1 of the target computed in fp32 before rounding
-                probs = torch.exp(logp, out=torch.empty(logp.shape, dtype=weight.dtype, device=logp.device))
-                probs[rows, t] = (logp[rows, t].exp() - 1.0).to(weight.dtype)
-                torch.mm(probs, weight, out=grad[start:stop])
+            else:  # p - 1 of the target in fp32 before rounding: it is small once a token is learnt
+                probs[rows, t] = (target_logp.float().exp() - 1.0).to(probs.dtype)
+            torch.mm(probs, weight, out=grad[start:stop])
         ctx.save_for_backward(grad.to(hidden.dtype) if need_grad else None)
         return losses
 

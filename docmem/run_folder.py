@@ -322,6 +322,7 @@ class LoadedRun:
     memory: DocumentMemory | ShardedMemory
     documents: list[wikitext.Document]  # in key order
     dtype: torch.dtype
+    head_dtype: torch.dtype | None = None  # the vocabulary head's products when scoring (None: the head's own)
 
 
 class DeviceChoice(Protocol):
@@ -354,7 +355,8 @@ def load_run(run_dir: str | Path, options: DeviceChoice | None = None,
     run_dir = Path(run_dir)
     config, saved = load_run_config(run_dir, flag="run_dir")
     device = resolve_device(config, options.device if options is not None else "auto")
-    dtype = resolve_dtype(config, device)
+    precision = resolve_precision(config, device)
+    dtype = precision.lm
     cache_key = (config.lm_name, config.lm_size, config.lm_path, config.lm_cache_dir, device, str(dtype))
     foundation = (foundation_cache or {}).get(cache_key)
     if foundation is None:
@@ -373,4 +375,4 @@ def load_run(run_dir: str | Path, options: DeviceChoice | None = None,
     memory = load_any_memory(run_dir / MEMORY_DIR, device=foundations.block_device(foundation, config.hook_memory_layer),
                          expect_hidden_size=foundation.hidden_size, expect_num_docs=len(documents))
     memory.eval()
-    return LoadedRun(run_dir, config, saved, foundation, memory, documents, dtype)
+    return LoadedRun(run_dir, config, saved, foundation, memory, documents, dtype, precision.head)

@@ -45,7 +45,7 @@ class CETable:
             rows = torch.arange(batch.input_ids.shape[0])
             self.by_doc[int(batch.doc_ids[0])].append(replace(batch, chunk_of_row=rows))
         self.engine = FastEngine(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype,
-                                 cache_budget_bytes=int(run.config.cache_budget_gb * (1 << 30)))
+                                 cache_budget_bytes=int(run.config.cache_budget_gb * (1 << 30)), head_dtype=run.head_dtype)
         # batch index -> column -> each row's CE sum (float64) ; batch index -> each row's scored tokens
         self.sums: dict[int, dict[Column, np.ndarray]] = {}
         self.row_tokens: dict[int, np.ndarray] = {

@@ -26,7 +26,7 @@ from docmem.evaluation.ce_table import CETable, evaluate_ce_matrix
 from docmem.evaluation.generation import evaluate_recall
 from docmem.evaluation.landscape import compute_landscape, landscape_skipped, length_report, selection_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
-from docmem.run_folder import FoundationCache, LoadedRun, load_run, read_metrics, resolve_run_dir
+from docmem.run_folder import FoundationCache, LoadedRun, load_run, read_metrics, resolve_precision, resolve_run_dir
 from document_memories import DocumentMemory
 from foundations import Foundation
 
@@ -171,7 +171,8 @@ def evaluate_trained(run_dir: str | Path, config: TrainConfig, foundation: Found
                      documents: list[wikitext.Document], dtype: torch.dtype,
                      options: EvalOptions | None = None) -> dict[str, Any]:
     """Evaluate right after training (train_guidance.py --eval_at_end), reusing the loaded LM."""
-    run = LoadedRun(Path(run_dir), config, {}, foundation, memory, documents, dtype)
+    head_dtype = resolve_precision(config, str(next(memory.parameters()).device)).head  # as training scored
+    run = LoadedRun(Path(run_dir), config, {}, foundation, memory, documents, dtype, head_dtype)
     return evaluate_loaded(run, options or EvalOptions())
 
 
