@@ -51,7 +51,7 @@ def build(args: argparse.Namespace, run_dir: Path) -> SummaryWriter:
     torch.manual_seed(0)
     foundation = from_model(AutoModelForCausalLM.from_config(config), tokenizer, name="pythia-1b-wide")
     train = TrainConfig(hook_memory_layer=0, max_labels=args.docs, num_gpus=0, save_freq=args.save_freq)
-    memory = new_memory(train, foundation, args.docs)
+    memory = new_memory(train, foundation, [None] * args.docs)  # only their number matters: not a subset run
     memory.eval()
     titles = [TITLES[i % len(TITLES)] + (f" ({i // len(TITLES)})" if i >= len(TITLES) else "") for i in range(args.docs)]
     return SummaryWriter(run_dir, foundation, memory, titles, train)

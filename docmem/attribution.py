@@ -67,6 +67,7 @@ class Scorer:
     rows_per_batch: int = 16
     key_sets_per_pass: int = 16
     progress: str | None = None  # a progress bar's label (None: no bar)
+    head_dtype: torch.dtype | None = None  # the vocabulary head's products (None: the head's own; a run's bf16_head)
 
 
 @torch.no_grad()
@@ -83,7 +84,8 @@ def score_texts(scorer: Scorer, texts: Sequence[str]) -> list[TextScores]:
     columns: list[Any] = [keys[j] for j in range(keys.shape[0])] + [None, NO_MEMORY]
     sums = np.zeros((len(texts), len(columns)))
     counts = np.zeros(len(texts))
-    engine = FastEngine(foundation, memory, scorer.layer, scorer.dtype, cache_budget_bytes=0)
+    engine = FastEngine(foundation, memory, scorer.layer, scorer.dtype, cache_budget_bytes=0,
+                        head_dtype=scorer.head_dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     starts = range(0, len(rows), rows_per_batch)
     for index, start in enumerate(tqdm(starts, desc=scorer.progress, unit="batch", dynamic_ncols=True,
@@ -147,7 +149,7 @@ def attribution_accuracy(texts: Sequence[str], truth: Sequence[int], scores: Seq
 def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int) -> dict[str, Any]:
     """Attribution accuracy on training segments and held-out continuations (run: LoadedRun)."""
     scorer = Scorer(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype, run.config.max_length,
-                    rows_per_batch, key_sets_per_pass)
+                    rows_per_batch, key_sets_per_pass, head_dtype=run.head_dtype)
     result: dict[str, Any] = {"documents": [d.title for d in documents],
                               "rule": "top-1 = the document whose key gives the text the lowest mean token CE"}
     for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),

@@ -35,7 +35,8 @@ def test_scores_match_the_ce_table(tiny_run):  # noqa: F811
         texts = [tok.decode(tok(seg)["input_ids"][: run.config.max_length]) for seg in run.documents[doc].segments]
         assert all(len(tok(t)["input_ids"]) <= run.config.max_length for t in texts)
         scores = score_texts(Scorer(run.foundation, run.memory, 2, run.dtype, run.config.max_length,
-                                    rows_per_batch=run.config.batch_size, key_sets_per_pass=2), texts)
+                                    rows_per_batch=run.config.batch_size, key_sets_per_pass=2,
+                                    head_dtype=run.head_dtype), texts)
         tokens = np.array([s.tokens for s in scores])
         pooled = [float(np.dot([s.key_ce[j] for s in scores], tokens) / tokens.sum()) for j in range(3)]
         pooled += [float(np.dot([s.no_key for s in scores], tokens) / tokens.sum()),
