@@ -1,12 +1,16 @@
-"""The README says what the code does: its flag table, and its generation snippet runs."""
+"""The README says what the code does: its flag table, its entry points, its commands (scripts, presets and
+flags that exist), and its generation snippet runs."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import re
+import shlex
+import tomllib
 
 from conftest import ROOT
-from docmem.config import flags_markdown
+from docmem.config import build_parser, flags_markdown
 from fixtures_tiny import run_training, tiny_argv, tiny_lm_dir  # noqa: F401
 
 README = (ROOT / "README.md").read_text()
@@ -30,3 +34,76 @@ def test_generation_snippet_works(tiny_lm_dir, tmp_path):
 
     title = yaml.safe_load((tmp_path / "runs" / "run_0" / "config.yaml").read_text())["documents"][0]["title"]
     assert text.startswith(f"= {title} =") and len(text) > len(title) + 4  # prompted with its heading
+
+
+def test_readme_lists_every_entry_point():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts and all(f"`{name}`" in README for name in scripts), "list every [project.scripts] name"
+
+
+def readme_commands() -> list[list[str]]:
+    """Every shell command the README shows: the lines of its bash and plain code blocks, the `$ ` lines of
+    its text blocks, and inline code that starts with python, bash run.sh or torchrun; split at && and ;."""
+    lines = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", README, re.S):
+        if lang in ("bash", "", "text"):
+            body = body.replace("\\\n", " ")
+            lines += [line[2:] for line in body.splitlines() if line.startswith("$ ")] if lang == "text" else \
+                body.splitlines()
+    lines += re.findall(r"`((?:python3? |bash run\.sh|torchrun )[^`]*)`", README)
+    commands = []
+    for line in lines:
+        command: list[str] = []
+        for token in shlex.split(line, comments=True):
+            if token in ("&&", ";", "|"):
+                commands.append(command)
+                command = []
+            else:
+                command.append(token)
+        commands.append(command)
+    return [c for c in commands if c]
+
+
+def option_strings(script: str) -> set[str]:
+    """The flags a script accepts: from its argparse parser (the top-level scripts), else as they are
+    spelled in its source (benchmarks/)."""
+    if script == "train_guidance.py":
+        return set(build_parser()._option_string_actions)
+    if "/" not in script:
+        return set(importlib.import_module(script.removesuffix(".py")).build_parser()._option_string_actions)
+    return set(re.findall(r"[\"'](--[\w-]+)[\"']", (ROOT / script).read_text()))
+
+
+def test_readme_commands_name_real_scripts_presets_and_flags():
+    """The README check: each `python X.py`, `python -m benchmarks.X` and `bash run.sh PRESET` the README
+    shows names a script or preset that exists, with flags its parser accepts."""
+    presets = set(re.findall(r"^  (\w+)\)$", (ROOT / "run.sh").read_text(), re.M))
+    checked = set()
+    for command in readme_commands():
+        while command and re.fullmatch(r"[A-Z_]+=.*", command[0]):
+            command = command[1:]  # VAR=value before the command
+        script, rest = None, []
+        if command[:2] == ["bash", "run.sh"]:
+            preset = command[2] if len(command) > 2 and not command[2].startswith("-") else "paper"
+            assert preset in presets, f"run.sh has no preset {preset!r}: {command}"
+            script, rest = "train_guidance.py", command[2:]
+        elif command[0] in ("python", "python3") and command[1:2] == ["-m"] and command[2].startswith("benchmarks."):
+            script = command[2].replace(".", "/") + ".py"
+            rest = command[3:]
+        elif command[0] in ("python", "python3", "torchrun"):
+            at = next((i for i, t in enumerate(command) if t.endswith(".py")), None)
+            if at is not None:
+                script, rest = command[at], command[at + 1:]
+        elif command[0] == "pip" and "-r" in command:
+            assert (ROOT / command[command.index("-r") + 1]).is_file(), command
+        elif command[:2] == ["git", "clone"]:
+            assert command[-1] != "docmem", "a clone folder named docmem shadows the package"
+        if script is None:
+            continue
+        assert (ROOT / script).is_file(), f"no script {script}: {command}"
+        accepted = option_strings(script)
+        flags = {t.split("=")[0] for t in rest if t.startswith("--") and len(t) > 2}
+        assert flags <= accepted, f"{script} does not accept {sorted(flags - accepted)}: {' '.join(command)}"
+        checked.add(script)
+    assert {"train_guidance.py", "evaluate_memory.py", "generate.py", "attribute.py", "forget.py"} <= checked
+    assert "python -m pytest -q -rs tests" in README
