@@ -60,7 +60,7 @@ def _mean_ce(engine: FastEngine, batches: list, key_sets: list) -> torch.Tensor:
 def unlearn(run: LoadedRun, doc: int, settings: UnlearnSettings) -> tuple[Any, dict[str, Any]]:
     """A new memory (the run's is left alone) fine-tuned to forget document `doc`; and what it did."""
     memory = copy.deepcopy(run.memory).train()
-    engine = FastEngine(run.foundation, memory, run.config.hook_memory_layer, run.dtype)
+    engine = FastEngine(run.foundation, memory, run.config.hook_memory_layer, run.dtype, head_dtype=run.head_dtype)
     by_doc: list[list] = [[] for _ in run.documents]
     for batch in make_batches(run.documents, run.foundation.tokenizer, run.config.batch_size, run.config.max_length):
         by_doc[int(batch.doc_ids[0])].append(batch)
