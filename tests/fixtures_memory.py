@@ -18,7 +18,10 @@ def tiny_run(tiny_lm_dir, tmp_path_factory) -> Path:  # noqa: F811
     """save_dir/run_0 of a finished 4-epoch tiny training (read-only: copy it before changing it)."""
     if "run" not in _RUNS:
         save_dir = tmp_path_factory.mktemp("trained") / "runs"
-        done = run_training(tiny_argv(tiny_lm_dir, save_dir, "--lr", "3e-2", num_epochs=4, save_freq=4))
+        # fp32 whatever the CPU (auto would pick bf16_head where it has native bf16): the tests that
+        # compare scorers need the same numerics on every machine
+        done = run_training(tiny_argv(tiny_lm_dir, save_dir, "--lr", "3e-2", "--precision", "fp32",
+                                      num_epochs=4, save_freq=4))
         assert done.returncode == 0, done.stderr[-3000:]
         _RUNS["run"] = save_dir / "run_0"
     return _RUNS["run"]

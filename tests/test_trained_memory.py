@@ -17,7 +17,7 @@ from fixtures_memory import copy_run, tiny_lm_dir, tiny_run  # noqa: F401
 def test_training_writes_provenance_and_checksum(tiny_run):  # noqa: F811
     data = json.loads((tiny_run / "memory" / CONFIG_NAME).read_text())
     prov = data["provenance"]
-    assert prov["hook_memory_layer"] == 2 and prov["precision"] == "auto" and prov["dtype"] == "float32"
+    assert prov["hook_memory_layer"] == 2 and prov["precision"] == "fp32" and prov["dtype"] == "float32"
     assert prov["model"]["lm_path"].endswith(tiny_run.parents[2].name) or prov["model"]["lm_path"]
     assert prov["model"]["num_blocks"] == 3 and prov["model"]["hidden_size"] == 32
     assert prov["docmem_version"]
