@@ -1,4 +1,4 @@
-"""Evaluation against the training it measures, side by side in one run (issue 18, point 2).
+"""Evaluation against the training it measures, side by side in one run (target: evaluation at most 0.75 of the demo).
 
     python -m benchmarks.bench_evaluate                    # bash run.sh demo, then evaluate_memory.py on it
     python -m benchmarks.bench_evaluate --forget 0         # also evaluate_memory.py --forget 0
