@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Pretra
 from docmem import hub
 from docmem.errors import FoundationUnavailableError
 
-from . import smollm2
+from . import gguf_cache, smollm2
 from .common import Foundation, from_model
 from .devices import DeviceMap, gpu_count, split_device_map
 from .gguf_file import is_gguf_file
@@ -129,6 +129,21 @@ def load_pretrained(
     return from_model(model, tokenizer, name=name)
 
 
+def load_gguf(folder: str, gguf_file: str, name: str, num_gpus: int, dtype: torch.dtype) -> Foundation:
+    """A GGUF file's LM, dequantized once and then read from the cache (foundations/gguf_cache.py)."""
+    path = Path(folder) / gguf_file
+    cached = gguf_cache.cached_folder(path)
+    if cached is not None and not gguf_cache.is_complete(cached):
+        # Dequantize in fp32 on the CPU, the exact values the cache keeps; other dtypes read them back.
+        plain = load_pretrained(folder, name=name, gguf_file=gguf_file, num_gpus=0, dtype=torch.float32)
+        gguf_cache.store(cached, plain.model, plain.tokenizer, path)
+        if dtype == torch.float32 and gpu_count(num_gpus) == 0:
+            return plain
+    if gguf_cache.is_complete(cached):
+        return load_pretrained(str(cached), name=name, num_gpus=num_gpus, dtype=dtype)
+    return load_pretrained(folder, name=name, gguf_file=gguf_file, num_gpus=num_gpus, dtype=dtype)
+
+
 def load_foundation(
     lm_name: str,
     lm_size: str,
@@ -145,14 +160,13 @@ def load_foundation(
     if lm_path:
         source = _checked_lm_path(lm_path)
         if is_gguf_file(source):  # one GGUF file: loaded from its folder, like the packaged SmolLM2
-            return load_pretrained(str(Path(source).parent), name=lm_path, gguf_file=Path(source).name,
-                                   num_gpus=num_gpus, dtype=dtype)
+            return load_gguf(str(Path(source).parent), Path(source).name, lm_path, num_gpus, dtype)
         return load_pretrained(source, name=lm_path, cache_dir=lm_cache_dir, num_gpus=num_gpus, dtype=dtype)
     check_name_size(lm_name, lm_size)
     name = f"{lm_name}-{lm_size}"
     if lm_name == "smollm2":
         folder, gguf_file = smollm2.gguf_location()
-        foundation = load_pretrained(str(folder), name=name, gguf_file=gguf_file, num_gpus=num_gpus, dtype=dtype)
+        foundation = load_gguf(str(folder), gguf_file, name, num_gpus, dtype)
     else:
         repo, revision = hub_id(lm_name, lm_size)
         foundation = load_pretrained(
