@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from docmem.batching import Batch
-from docmem.chunked_ce import linear_cross_entropy
+from docmem.chunked_ce import Workspace, linear_cross_entropy
 from document_memories import DocumentMemory
 from foundations import Foundation, block_device
 from hook_lm import attach_memory
@@ -123,6 +123,7 @@ class FastEngine:
         self.head_weight = self.head.weight.detach().to(head_dtype)  # the head itself when no cast is needed
         self.head_bias = self.head.bias.detach().to(head_dtype) if self.head.bias is not None else None
         self.chunk_size = chunk_size
+        self.head_workspace = Workspace()  # the head's chunk buffers, reused from step to step
         self.cache_budget_bytes = cache_budget_bytes
         self.cache: dict[int, torch.Tensor] = {}
         self.cached_bytes = 0
@@ -192,7 +193,7 @@ class FastEngine:
         targets, valid, row_of_token = _targets(batch.labels.to(device), n)
         per_token = linear_cross_entropy(final[:, :-1][valid].to(head_device), self.head_weight,
                                          targets[valid].to(head_device), bias=self.head_bias,
-                                         chunk_size=self.chunk_size)
+                                         chunk_size=self.chunk_size, workspace=self.head_workspace)
         return _reduce(per_token, row_of_token.to(head_device), batch.group_ids, n, per_document)
 
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import tiny_model
 from docmem.batching import Batch
-from docmem.chunked_ce import linear_cross_entropy
+from docmem.chunked_ce import Workspace, linear_cross_entropy
 from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import from_model
@@ -138,6 +138,26 @@ def test_chunked_linear_cross_entropy_matches_plain():
     torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="frozen"):
         linear_cross_entropy(hidden, weight.requires_grad_(), targets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_kept_workspace_changes_no_bit(dtype: torch.dtype):
+    """The head's buffers reused between calls (and between calls of other sizes) give exactly the
+    losses and gradients of fresh buffers."""
+    torch.manual_seed(0)
+    weight = torch.randn(50, 16).to(dtype)
+    workspace = Workspace()
+    pointers = set()
+    for rows in (37, 5, 37, 20):
+        hidden = torch.randn(rows, 16, requires_grad=True)
+        targets = torch.randint(0, 50, (rows,))
+        fresh = linear_cross_entropy(hidden, weight, targets, chunk_size=8)
+        (g_fresh,) = torch.autograd.grad(fresh.sum(), hidden)
+        kept = linear_cross_entropy(hidden, weight, targets, chunk_size=8, workspace=workspace)
+        (g_kept,) = torch.autograd.grad(kept.sum(), hidden)
+        assert torch.equal(fresh, kept) and torch.equal(g_fresh, g_kept)
+        pointers.add(workspace.logits.data_ptr())
+    assert len(pointers) == 1  # allocated once (8 rows), reused by every later chunk
 
 
 def test_per_document_means_of_a_mixed_batch(arch):
