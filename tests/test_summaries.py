@@ -6,7 +6,7 @@ import os
 import signal
 
 import pytest
-from PIL import Image
+from PIL import Image, ImageChops
 
 import train_guidance
 from docmem import plots
@@ -28,14 +28,30 @@ def frames(run_dir) -> dict[str, int]:
     return out
 
 
+def counted(cls: type, built: list[str]) -> type:
+    """`cls`, noting each figure it builds in `built`."""
+    class Counted(cls):
+        def __init__(self, *args, **kwargs) -> None:
+            built.append(cls.__name__)
+            super().__init__(*args, **kwargs)
+    return Counted
+
+
 def test_gifs_are_built_once_with_one_frame_per_summary(tiny_lm_dir, tmp_path, monkeypatch):
-    built = []
+    built, figures = [], []
     real = plots.make_gif
     monkeypatch.setattr(plots, "make_gif", lambda paths, path, **kw: built.append(len(paths)) or real(paths, path, **kw))
+    for name in ("LossCurves", "SelectionHeatmap", "LogitLensTable"):
+        monkeypatch.setattr(plots, name, counted(getattr(plots, name), figures))
     assert train_guidance.main(argv(tiny_lm_dir, tmp_path / "runs")) == 0
     run_dir = tmp_path / "runs" / "run_0"
     assert built == [2, 2, 2]  # one build per GIF at the end, none per summary
+    assert sorted(figures) == ["LogitLensTable", "LossCurves", "SelectionHeatmap"]  # built once, kept for summary 2
     assert frames(run_dir) == dict.fromkeys(GIFS, 2)
+    for picture in ("losses.png", "selection.png", "logit_lens.png"):  # both summaries drew their own frame
+        with Image.open(run_dir / "summaries" / "epoch_0002" / picture) as a, \
+                Image.open(run_dir / "summaries" / "epoch_0004" / picture) as b:
+            assert a.size == b.size and ImageChops.difference(a.convert("RGB"), b.convert("RGB")).getbbox()
     assert not list(run_dir.glob(".*.tmp"))
 
 
