@@ -493,7 +493,14 @@ def _fit_to(frame: Image.Image, size: tuple[int, int]) -> Image.Image:
 
 
 def make_gif(frames: list[Path], path: Path, duration_ms: int = 300) -> Path:
-    """A looping GIF of PNG frames, all brought to the first frame's pixel size.
+    """A looping GIF of PNG frames, all brought to the first frame's pixel size, each frame
+    reduced to its own 256 colours by Pillow's fast octree quantizer.
+
+    The octree is ~8x faster than the median cut Pillow applies to RGB frames by default (which
+    was most of the GIFs' cost: ~0.1 s a logit-lens frame) and as faithful to the eye: on the
+    summary pictures every pixel within 14-42 of 255 of the PNG (median cut: 32-58), on average
+    within 1.3-2.9 (median cut: 0.02-0.5; the octree turns white into 254). The GIFs come out
+    smaller, too.
 
     Pillow merges consecutive identical frames into one longer frame, so a GIF of
     unchanged pictures has fewer frames than paths (the total duration is kept).
@@ -508,7 +515,7 @@ def make_gif(frames: list[Path], path: Path, duration_ms: int = 300) -> Path:
         with Image.open(p) as im:
             im.load()
             size = size or im.size
-            images.append(_fit_to(im, size))
+            images.append(_fit_to(im, size).quantize(256, method=Image.Quantize.FASTOCTREE))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:],
