@@ -5,10 +5,10 @@ document's memory readout, and GIFs of those over training (docs/run_folder.md, 
 Every function builds its own matplotlib Figure with an Agg canvas (no pyplot, so no global
 figure registry to leak into), creates the parent directory, writes the file and returns
 its path. Figures have fixed sizes for fixed inputs (no bbox_inches="tight"), so the frames
-saved at successive epochs have the same pixel size and stack into a GIF cleanly. The two
-figures with many artists, the selection heatmap and the logit-lens table, are classes whose
-figure a caller may keep from one frame to the next (summaries.SummaryWriter does): a frame
-then costs its changing artists only.
+saved at successive epochs have the same pixel size and stack into a GIF cleanly. The three
+pictures of a summary (LossCurves, SelectionHeatmap, LogitLensTable) are classes whose figure a
+caller may keep from one frame to the next (summaries.SummaryWriter does): a frame then costs
+its changing artists only, and comes out pixel for pixel as a new figure would.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ DPI = 100
 TOKEN_FONT = "DejaVu Sans Mono"  # ships with matplotlib; monospace lines tokens up
 LOSS_SERIES = ("loss", "ce_positive", "ce_negative")
 GIF_BACKGROUND = (255, 255, 255)
-PNG_COMPRESS_LEVEL = 3  # zlib: files ~4% larger than the default 6, written ~30% faster
+PNG_COMPRESS_LEVEL = 3  # zlib: files 3-7% larger than at the default 6, written ~30% faster
 
 # -----------------------------------------------------------------------------
 # small helpers
@@ -210,7 +210,7 @@ class LossCurves:
             line.set(data=(epochs, y), marker=marker, label=f"{key} (last {y[np.isfinite(y)][-1]:.4g})")
         if self.target_line is not None:
             self.target_line.remove()
-        for ax in (self.ax_ce, self.ax_g):
+        for ax in {line.axes for line in self.lines.values()}:  # an axes without lines keeps its default limits
             ax.relim()
             ax.autoscale()
         if target is not None:
