@@ -4,7 +4,9 @@ lens of every document's memory readout, and GIFs of those over time.
     run_N/summaries/epoch_0010/{losses.png, selection.png, selection.json, logit_lens.png, logit_lens.json}
     run_N/{losses.gif, docreps.gif, logits.gif, selection_stats.png}
 
-A summary draws only its own frames, so its cost does not grow with the epoch; the GIFs and
+A summary draws only its own frames, so its cost does not grow with the epoch, and keeps its three
+figures for the next summary, which redraws only what changed (plots.LossCurves, SelectionHeatmap,
+LogitLensTable: the same pixels as new figures); the GIFs and
 selection_stats.png are drawn once (`write_run_pictures`, the GIFs from the frames on disk), when training
 ends, is interrupted or fails.
 """
