@@ -6,9 +6,8 @@ lens of every document's memory readout, and GIFs of those over time.
 
 A summary draws only its own frames, so its cost does not grow with the epoch, and keeps its three
 figures for the next summary, which redraws only what changed (plots.LossCurves, SelectionHeatmap,
-LogitLensTable: the same pixels as new figures); the GIFs and
-selection_stats.png are drawn once (`write_run_pictures`, the GIFs from the frames on disk), when training
-ends, is interrupted or fails.
+LogitLensTable: the same pixels as new figures). The GIFs and selection_stats.png are drawn once
+(`write_run_pictures`, the GIFs from the frames on disk), when training ends, is interrupted or fails.
 """
 from __future__ import annotations
 
