@@ -4,9 +4,10 @@ lens of every document's memory readout, and GIFs of those over time.
     run_N/summaries/epoch_0010/{losses.png, selection.png, selection.json, logit_lens.png, logit_lens.json}
     run_N/{losses.gif, docreps.gif, logits.gif, selection_stats.png}
 
-A summary draws only its own frames, so its cost does not grow with the epoch; the GIFs and
-selection_stats.png are drawn once (`write_run_pictures`, the GIFs from the frames on disk), when training
-ends, is interrupted or fails.
+A summary draws only its own frames, so its cost does not grow with the epoch, and keeps its three
+figures for the next summary, which redraws only what changed (plots.LossCurves, SelectionHeatmap,
+LogitLensTable: the same pixels as new figures). The GIFs and selection_stats.png are drawn once
+(`write_run_pictures`, the GIFs from the frames on disk), when training ends, is interrupted or fails.
 """
 from __future__ import annotations
 
@@ -33,23 +34,29 @@ class SummaryWriter:
         self.frames: dict[str, list[Path]] = {"losses": [], "docreps": [], "logits": []}
         # a fixed colour scale where the selection is bounded, so GIF frames compare
         self.vmax = 1.0 if memory.config.key_activation in ("tanh", "sigmoid") else None
+        # the figures, kept from one summary to the next (built at the first): a summary redraws only what changed
+        self.loss_curves: plots.LossCurves | None = None
+        self.heatmap: plots.SelectionHeatmap | None = None
+        self.lens_table: plots.LogitLensTable | None = None
 
     @torch.no_grad()
     def write(self, epoch: int, history: list[dict]) -> Path:
         folder = self.run_dir / "summaries" / f"epoch_{epoch:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         target = self.config.target_negative_ce if self.config.guidance_active else None
-        self.frames["losses"].append(plots.plot_losses(history, folder / "losses.png", title=f"epoch {epoch}",
-                                                       target=target))
+        title = f"epoch {epoch}"
+        if self.loss_curves is None or not self.loss_curves.fits(history, target, title):
+            self.loss_curves = plots.LossCurves(history, target=target, title=title)
+        self.frames["losses"].append(self.loss_curves.draw(history, folder / "losses.png", title=title))
 
         keys = self.memory.doc_keys if self.memory.config.use_keys else None
         if keys is not None:
             selections = self.memory.selection(keys).float().cpu()
             (folder / "selection.json").write_text(json.dumps(
                 {"epoch": epoch, "titles": self.titles, "selections": selections.tolist()}) + "\n")
-            self.frames["docreps"].append(
-                plots.plot_selection_heatmap(selections.numpy(), self.titles, folder / "selection.png", epoch=epoch,
-                                             vmax=self.vmax))
+            if self.heatmap is None or not self.heatmap.fits(selections.numpy(), self.titles):
+                self.heatmap = plots.SelectionHeatmap(self.titles, selections.shape[1], vmax=self.vmax)
+            self.frames["docreps"].append(self.heatmap.draw(selections.numpy(), folder / "selection.png", epoch=epoch))
 
         readouts = self.memory.readout(keys)
         decoder = self.foundation.decoder()
@@ -59,7 +66,9 @@ class SummaryWriter:
         (folder / "logit_lens.json").write_text(json.dumps(
             {"epoch": epoch, "documents": [{"title": t, "top_tokens": [{"token": tok, "logit": v} for tok, v in row]}
                                            for t, row in zip(names, top)]}, ensure_ascii=False, indent=1) + "\n")
-        self.frames["logits"].append(plots.plot_logit_lens(top, names, folder / "logit_lens.png", epoch=epoch))
+        if self.lens_table is None or not self.lens_table.fits(top, names):
+            self.lens_table = plots.LogitLensTable.for_tokens(top, names)
+        self.frames["logits"].append(self.lens_table.draw(top, folder / "logit_lens.png", epoch=epoch))
         return folder
 
     def write_run_pictures(self, history: list[dict]) -> list[Path]:

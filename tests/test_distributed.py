@@ -77,3 +77,27 @@ def test_torchrun_two_processes_equal_one_with_two_docs_per_step(tiny_lm_dir, tm
     trained = load_memory(tmp_path / "single" / "run_0" / "memory")
     start = DocumentMemory(trained.config, generator=torch.Generator().manual_seed(1))
     assert not torch.allclose(start.up.weight, a["up.weight"])
+
+
+def test_torchrun_sharded_run_equals_one_process(tiny_lm_dir, tmp_path):
+    """--memory_shards 2 under torchrun (2 processes, gloo): each shard's sub-run is data-parallel over the
+    processes, and the memory equals that of one process with 2 documents a step. 3 documents: shards of
+    2 and 1, so a shard with one document (random negatives, one chunk for two processes) runs too."""
+    common = tiny_argv(tiny_lm_dir, tmp_path / "x", "--num_epochs", "3", "--save_freq", "3", "--memory_shards", "2")
+    single = [a if a != str(tmp_path / "x") else str(tmp_path / "single") for a in common]
+    multi = [a if a != str(tmp_path / "x") else str(tmp_path / "ddp") for a in common]
+    _run([sys.executable, str(ROOT / "train_guidance.py"), *single, "--docs_per_step", "2"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(ROOT / "train_guidance.py"), *multi])
+    assert not (tmp_path / "ddp" / "run_1").exists()  # rank 0 alone wrote
+    for shard in (0, 1):
+        a = load_tensors(tmp_path / "single" / "run_0" / "memory" / f"shard_{shard}" / "memory.safetensors")
+        b = load_tensors(tmp_path / "ddp" / "run_0" / "memory" / f"shard_{shard}" / "memory.safetensors")
+        assert a.keys() == b.keys()
+        for name in a:
+            rel = ((a[name] - b[name]).norm() / a[name].norm().clamp(min=1e-12)).item()
+            assert rel <= 1e-5, (shard, name, rel)
+    from docmem.sharding import load_any_memory
+
+    sharded = load_any_memory(tmp_path / "ddp" / "run_0" / "memory")  # the whole sharded memory loads
+    assert sharded.config.num_docs == 3

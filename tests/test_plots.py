@@ -143,6 +143,9 @@ def test_make_gif(tmp_path: Path) -> None:
             im.seek(i)
             pics.append(im.convert("RGB"))
     assert all(ImageChops.difference(a, b).getbbox() is not None for a, b in zip(pics, pics[1:]))
+    for frame, pic in zip(frames, pics):  # 256 colours a frame: the same picture to the eye
+        error = np.abs(_pixels(frame).astype(int) - np.asarray(pic, dtype=int))
+        assert error.mean() < 4 and error.max() <= 48
 
 
 def test_make_gif_mixed_sizes(tmp_path: Path) -> None:
@@ -160,3 +163,54 @@ def test_make_gif_mixed_sizes(tmp_path: Path) -> None:
 def test_make_gif_empty(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         plots.make_gif([], tmp_path / "x.gif")
+
+
+def _pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def test_kept_figures_draw_what_fresh_figures_draw(tmp_path: Path) -> None:
+    """A summary keeps its figures and redraws only what changed: every frame must be pixel for pixel
+    the picture a fresh figure draws (layout, autoscale, colour bar and legend included)."""
+    titles = ["Valkyria Chronicles III", "Tower Building of the Little Rock Arsenal", "中文 $x$", "d", "e"]
+    lens = [_lens(5, seed=s) for s in range(3)]
+    lens[1][2] = lens[1][2][:4]  # a ragged frame between full ones
+    lens[2] = [[(tok, 100 * score - 40) for tok, score in doc] for doc in lens[2]]  # another colour scale
+    rng = np.random.default_rng(0)
+    selections = [np.tanh(rng.standard_normal((5, 12))) * scale for scale in (0.2, 1.0, 3.0)]
+    # 5 -> 40 epochs: markers go; the last history spans a log axis
+    histories = [_history(5), _history(29), [dict(h, loss=h["loss"] / 50) for h in _history(40)]]
+    table, heatmap, curves = None, None, None
+    for e in range(3):
+        fresh = [plots.plot_logit_lens(lens[e], titles, tmp_path / f"lens{e}.png", epoch=e),
+                 plots.plot_selection_heatmap(selections[e], titles, tmp_path / f"sel{e}.png", epoch=e),
+                 plots.plot_losses(histories[e], tmp_path / f"loss{e}.png", title=f"epoch {e}", target=4.5)]
+        table = table or plots.LogitLensTable.for_tokens(lens[e], titles)
+        heatmap = heatmap or plots.SelectionHeatmap(titles, 12)  # vmax None: the scale follows each frame
+        curves = curves or plots.LossCurves(histories[e], target=4.5, title="epoch 0")
+        assert table.fits(lens[e], titles) and curves.fits(histories[e], 4.5, f"epoch {e}")
+        kept = [table.draw(lens[e], tmp_path / f"kept_lens{e}.png", epoch=e),
+                heatmap.draw(selections[e], tmp_path / f"kept_sel{e}.png", epoch=e),
+                curves.draw(histories[e], tmp_path / f"kept_loss{e}.png", title=f"epoch {e}")]
+        for a, b in zip(fresh, kept):
+            assert np.array_equal(_pixels(a), _pixels(b)), f"{b.name} differs from {a.name}"
+    assert not np.array_equal(_pixels(tmp_path / "kept_lens0.png"), _pixels(tmp_path / "kept_lens1.png"))
+
+
+def test_kept_figures_refuse_other_shapes(tmp_path: Path) -> None:
+    table = plots.LogitLensTable.for_tokens(_lens(3), ["a", "b", "c"])
+    assert not table.fits(_lens(3, k=5), ["a", "b", "c"]) and not table.fits(_lens(3), ["a", "b", "x"])
+    with pytest.raises(ValueError):
+        table.draw(_lens(3, k=5), tmp_path / "x.png")
+    curves = plots.LossCurves(_history(3, with_negative=False))
+    assert not curves.fits(_history(3))  # a guidance term appeared: other panels
+    with pytest.raises(ValueError):
+        plots.SelectionHeatmap(["a", "b"], 4).draw(np.zeros((2, 5)), tmp_path / "x.png")
+
+
+def test_pictures_are_opaque_rgb_pngs(tmp_path: Path) -> None:
+    path = plots.plot_losses(_history(3), tmp_path / "loss.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (800, 600)
+        assert round(im.info["dpi"][0]) == plots.DPI
