@@ -43,11 +43,12 @@ from docmem.errors import NonFiniteLoss
 from docmem.evaluation.key_ce import ce_under_keys
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_trained
-from docmem.run_folder import METRICS_NAME, RunLock, resolve_device
+from docmem.run_folder import METRICS_NAME, RunLock
 from docmem.run_state import LOSS_PARTS, RunState, finish_run, start_run
 from docmem.shard_runs import train_sharded
 from docmem.signals import StopOnSignal
 from document_memories import DocumentMemory
+from foundations.placement import resolve_device
 from utils import guidance_term, negative_keys, selection_stats
 
 log = logging.getLogger("docmem.train")

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from docmem.run_folder import cpu_native_bf16
+from foundations.placement import cpu_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ["--lm_name", "smollm2", "--lm_size", "135m", "--num_gpus", "0", "--dataset", "synthetic",

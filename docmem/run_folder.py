@@ -5,8 +5,8 @@ script imports the other. What a run folder holds, file by file: docs/run_folder
 
 - creating: new_run_dir (run_N, the first free N), RunLock (one process per run),
   write_atomic (every file replaced whole, fsync'd), write_run_config (config.yaml).
-- the run's inputs: resolve_device, resolve_precision (resolve_dtype: its LM dtype), load_documents,
-  open_foundation, new_memory.
+- the run's inputs: load_documents, new_memory (the device, the precision and the LM come from
+  foundations/placement.py).
 - a saved run: resolve_run_dir, load_run -> LoadedRun (its config, LM, memory and documents,
   the documents checked against config.yaml).
 - continuing: update_num_epochs, rewind_run_dir (the folder made to agree with a checkpoint),
@@ -34,13 +34,10 @@ from docmem.provenance import provenance_from_saved
 from docmem.sharding import ShardedMemory, load_any_memory, run_positions, shard_assignment
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import Foundation
+from foundations.placement import open_foundation, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# --precision -> (the LM's dtype, the dtype of the fast path's vocabulary-head products)
-PRECISION_DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
-                    "fp16": (torch.float16, torch.float16), "bf16_head": (torch.float32, torch.bfloat16)}
 MEMORY_DIR = "memory"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -182,57 +179,7 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-# ---- the run's inputs: device, dtype, documents, the LM, the memory ------------------------------
-
-def resolve_device(config: TrainConfig, requested: str = "auto") -> str:
-    """The device of a single-device run. `requested` (evaluation's --device) wins unless auto."""
-    if requested != "auto":
-        return requested
-    if config.num_gpus == 0:
-        return "cpu"
-    if config.device == "auto":
-        return "cuda:0" if torch.cuda.is_available() else "cpu"
-    return config.device
-
-
-@dataclass(frozen=True)
-class Precision:
-    """What --precision resolved to on this device, and why (config.yaml records all of it)."""
-    name: str  # fp32, bf16, fp16 or bf16_head
-    lm: torch.dtype  # the LM's weights; autocast runs in it unless it is fp32
-    head: torch.dtype  # the fast path's vocabulary-head products (logits, the hidden state's gradient)
-    reason: str
-
-    def record(self) -> dict[str, str]:
-        return {"precision": self.name, "dtype": str(self.lm).removeprefix("torch."),
-                "head_dtype": str(self.head).removeprefix("torch."), "precision_reason": self.reason}
-
-
-def cpu_native_bf16() -> list[str]:
-    """The CPU's native bf16 units found at run time (AMX, AVX512-BF16); [] when it has none."""
-    probes = (("AMX", "_is_amx_tile_supported"), ("AVX512-BF16", "_is_avx512_bf16_supported"))
-    return [name for name, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
-
-
-def resolve_precision(config: TrainConfig, device: str) -> Precision:
-    """auto: bf16 on CUDA; on a CPU with native bf16, bf16_head (the LM in fp32, only the vocabulary
-    head's products in bf16: benchmarks/bench_precision.py measured it keeping the demo's results);
-    fp32 on any other CPU."""
-    if config.precision != "auto":
-        return Precision(config.precision, *PRECISION_DTYPES[config.precision], "asked for")
-    if device.startswith("cuda"):
-        return Precision("bf16", *PRECISION_DTYPES["bf16"], "auto: a CUDA device")
-    units = cpu_native_bf16()
-    if units:
-        return Precision("bf16_head", *PRECISION_DTYPES["bf16_head"],
-                         f"auto: a CPU with native bf16 ({', '.join(units)})")
-    return Precision("fp32", *PRECISION_DTYPES["fp32"], "auto: a CPU without native bf16 (AMX or AVX512-BF16)")
-
-
-def resolve_dtype(config: TrainConfig, device: str) -> torch.dtype:
-    """The LM's dtype (the LM stays fp32 under bf16_head)."""
-    return resolve_precision(config, device).lm
-
+# ---- the run's inputs: documents, the memory ------------------------------
 
 def load_documents(config: TrainConfig) -> list[wikitext.Document]:
     """The config's documents, drawn from its data source exactly as in training."""
@@ -276,17 +223,6 @@ def documents_mismatch(saved: list[Any], documents: list[wikitext.Document]) -> 
             if key in old and old[key] != new[key]:
                 return f"document {i}: {key} {new[key]!r} now, {old[key]!r} in {RUN_CONFIG_NAME}"
     return None
-
-
-def open_foundation(config: TrainConfig, device: str, dtype: torch.dtype) -> Foundation:
-    """The run's frozen LM on `device` (split over config.num_gpus GPUs unless it is the CPU)."""
-    num_gpus = 0 if device == "cpu" else max(1, config.num_gpus)
-    foundation = foundations.load_foundation(config.lm_name, config.lm_size, lm_path=config.lm_path,
-                                             lm_cache_dir=config.lm_cache_dir, num_gpus=num_gpus, dtype=dtype)
-    if config.hook_memory_layer >= foundation.num_blocks:
-        raise ConfigError("hook_memory_layer", config.hook_memory_layer,
-                          f"{foundation.name} has blocks 0..{foundation.num_blocks - 1}")
-    return foundation
 
 
 def new_memory(config: TrainConfig, foundation: Foundation, documents: list[wikitext.Document]) -> DocumentMemory:

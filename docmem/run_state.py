@@ -30,7 +30,7 @@ from docmem.signals import StopOnSignal
 from docmem.summaries import SummaryWriter
 from docmem.tensorboard_log import TensorBoardLog, open_tensorboard
 from document_memories import DocumentMemory
-from foundations import Foundation
+from foundations import Foundation, placement
 from utils import seed_everything
 
 log = logging.getLogger(__name__)
@@ -140,12 +140,12 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
                                                       f"{RUN_CONFIG_NAME} ({mismatch}; did the data change?)")
 
     # -- the frozen LM, the batches, the memory and the loss engine --------------------------------
-    device = run_folder.resolve_device(config)
+    device = placement.resolve_device(config)
     if dist_ctx.enabled and device.startswith("cuda"):
         device = f"cuda:{dist_ctx.local_rank}"
-    precision = run_folder.resolve_precision(config, device)
+    precision = placement.resolve_precision(config, device)
     dtype = precision.lm
-    foundation = run_folder.open_foundation(config, device, dtype)
+    foundation = placement.open_foundation(config, device, dtype)
     if stop.signum:
         raise stop.interrupted("while loading the model", None)
     batches = make_batches(documents, foundation.tokenizer, config.batch_size, config.max_length,

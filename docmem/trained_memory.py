@@ -26,7 +26,7 @@ from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.engines import NO_MEMORY
 from docmem.errors import DocmemError, MemoryRunError, UnknownDocumentError, UsageError
 from docmem.provenance import provenance_from_saved
-from docmem.run_folder import MEMORY_DIR, resolve_dtype, resolve_run_dir
+from docmem.run_folder import MEMORY_DIR, resolve_run_dir
 from docmem.sharding import load_any_memory
 from document_memories import (
     CONFIG_NAME,
@@ -36,6 +36,7 @@ from document_memories import (
     read_memory_json,
 )
 from foundations import Foundation, block_device, load_foundation
+from foundations.placement import resolve_dtype
 from hook_lm import attach_memory
 
 

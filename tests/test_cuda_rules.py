@@ -21,11 +21,11 @@ from docmem.chunked_ce import linear_cross_entropy
 from docmem.config import TrainConfig
 from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
-from docmem.run_folder import resolve_precision
 from docmem.trained_memory import load_memory_run
 from document_memories import DocumentMemory, MemoryConfig
 from fixtures_tiny import TINY_VOCAB, build_tiny_lm, build_tokenizer
 from foundations import from_model
+from foundations.placement import resolve_precision
 from utils import final_norm, logit_lens
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

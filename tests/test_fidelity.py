@@ -21,12 +21,12 @@ import wikitext
 from conftest import SHARED_DATA, needs_shared, tiny_model
 from docmem.batching import Batch, make_batches
 from docmem.config import TrainConfig, parse_args
-from docmem.run_folder import resolve_dtype
 from docmem.run_state import Progress
 from docmem.signals import StopOnSignal
 from document_memories import DocumentMemory, MemoryConfig, SwiGLU
 from fixtures_tiny import build_tokenizer, finish, start_training, tiny_lm_dir  # noqa: F401
 from foundations import prepare_tokenizer
+from foundations.placement import resolve_dtype
 from train_guidance import optimizer_step, train_epoch
 
 WIKITEXT_2 = SHARED_DATA / "wikitext_document_level" / "wikitext-2-v1" / "wikitext-2-v1-test.parquet"

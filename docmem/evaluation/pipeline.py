@@ -26,9 +26,10 @@ from docmem.evaluation.ce_table import CETable, evaluate_ce_matrix
 from docmem.evaluation.generation import evaluate_recall
 from docmem.evaluation.landscape import compute_landscape, landscape_skipped, length_report, selection_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
-from docmem.run_folder import FoundationCache, LoadedRun, load_run, read_metrics, resolve_precision, resolve_run_dir
+from docmem.run_folder import FoundationCache, LoadedRun, load_run, read_metrics, resolve_run_dir
 from document_memories import DocumentMemory
 from foundations import Foundation
+from foundations.placement import resolve_precision
 
 log = logging.getLogger(__name__)
 
