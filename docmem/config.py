@@ -23,7 +23,7 @@ import yaml
 
 from docmem.cli import OneLineParser
 from docmem.errors import ConfigError
-from document_memories import BUILTIN_KEY_ACTIVATIONS, MODULE_TYPES, activation_names
+from document_memories import BUILTIN_KEY_ACTIVATIONS, MEMORY_INITS, MODULE_TYPES, activation_names
 from foundations.gguf_file import gguf_block_count, is_gguf_file
 from foundations.registry import MODEL_SIZES, NUM_LAYERS
 from wikitext import DATASETS
@@ -92,6 +92,9 @@ class TrainConfig:
     key_internal_layers: int = _help("depth of the nonlinear key MLP, as the released make_mlp: 1 = one linear map; "
                                      "L >= 2 = L + 1 linear layers (input, L - 1 hidden-to-hidden, output)", default=2)
     learn_doc_keys: bool = _help("train the document keys too (fixed by default, as released)", default=False)
+    memory_init: str = _help("released: every memory layer orthogonal, as released (a fresh memory changes the LM's "
+                             "output); zero_output: W_out and b_out start at zero, so training starts from the plain LM "
+                             "(with an --lm_act whose value at 0 is 0, e.g. gelu)", default="released")
     # --- sharding and forgetting (docmem/sharding.py) ---
     memory_shards: int = _help("split the documents into this many isolated shards (SISA), by position in the draw: each "
                                "its own memory, keys, optimizer and random stream; 1 = one memory", default=1)
@@ -199,6 +202,7 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("document_memory", DOCUMENT_MEMORIES)
         choice("memory_module", MEMORY_MODULES)
+        choice("memory_init", MEMORY_INITS)
         choice("document_key_module_type", MODULE_TYPES)
         choice("negative_key_type", NEGATIVE_KEY_TYPES)
         choice("guidance_loss", GUIDANCE_LOSSES)

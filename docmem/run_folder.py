@@ -301,7 +301,7 @@ def new_memory(config: TrainConfig, foundation: Foundation, documents: list[wiki
         key_dim=config.key_dim, key_activation=config.key_activation, lm_act=config.lm_act,
         module_type=config.document_key_module_type, key_internal_dim=config.key_internal_dim,
         key_internal_layers=config.key_internal_layers, key_internal_activation=config.key_internal_activation,
-        learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys)
+        learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys, init=config.memory_init)
     memory = DocumentMemory(memory_config, generator=torch.Generator().manual_seed(config.train_seed))
     if subset:
         state = memory.state_dict()
