@@ -319,7 +319,7 @@ class LoadedRun:
     config: TrainConfig
     saved: dict[str, Any]  # config.yaml as written (with resolved and documents)
     foundation: Foundation
-    memory: DocumentMemory | ShardedMemory
+    memory: DocumentMemory | ShardedMemory | None  # None: a baseline (LoRA, the prompt), scored by its own engine
     documents: list[wikitext.Document]  # in key order
     dtype: torch.dtype
     head_dtype: torch.dtype | None = None  # the vocabulary head's products when scoring (None: the head's own)
