@@ -6,6 +6,9 @@
 #                                each evaluated, one comparison (needs WikiText: --data_path DIR offline)
 #   bash run.sh capacity         how many documents one memory holds: keyed and shared, 10/50/200 documents,
 #                                32 and 256 entries, each evaluated; one table and one plot
+#   bash run.sh compare          the method against the alternatives on the demo's documents and settings: keyed
+#                                memory (both --memory_init), shared memory, per-document LoRA, shared LoRA, each
+#                                with a learning-rate sweep, and the document in the prompt; one report
 #   bash run.sh PRESET [FLAGS]   extra flags go after the preset's own, so they override them
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -123,6 +126,54 @@ case "$preset" in
     # shellcheck disable=SC2086
     exec "$PYTHON" evaluate_memory.py --compare "$root/keyed" "$root/shared" --out "$root/report" ${EVAL_ARGS:-}
     ;;
+  compare)
+    # What a user would pick instead, on the demo's documents and settings (run.sh demo): each method of
+    # COMPARE_METHODS ("keyed keyed_zero shared lora lora_shared") trained for COMPARE_EPOCHS (40, the demo's)
+    # at each learning rate of COMPARE_LRS ("1e-3 3e-3 1e-2"), the same epochs for all; then
+    # docmem/evaluation/methods_report.py evaluates every run, picks each method's best run (the highest ROUGE-L
+    # recall under the right condition, ties by the lower CE), evaluates the document in the prompt on the
+    # same documents and LM, and writes COMPARE_DIR/report/methods.md (+ methods.json, recall.png, ce.png).
+    # COMPARE_DIR (outputs/compare) holds <method>_lr<lr>/run_N and a log each; EVAL_ARGS go to the report
+    # (e.g. --new_tokens 32); extra FLAGS go to every training.
+    root="${COMPARE_DIR:-outputs/compare}"
+    read -r -a methods <<<"${COMPARE_METHODS:-keyed keyed_zero shared lora lora_shared}"
+    read -r -a lrs <<<"${COMPARE_LRS:-1e-3 3e-3 1e-2}"
+    epochs="${COMPARE_EPOCHS:-40}"
+    method_flags() {  # a method's training flags, or exit 2 for an unknown name
+      case "$1" in
+        keyed) echo "--document_memory keyed --memory_init released" ;;
+        keyed_zero) echo "--document_memory keyed --memory_init zero_output" ;;
+        shared) echo "--document_memory shared" ;;
+        lora) echo "--document_memory lora" ;;
+        lora_shared) echo "--document_memory lora_shared" ;;
+        *) echo "run.sh: unknown method '$1' in COMPARE_METHODS (allowed: keyed, keyed_zero, shared, lora, lora_shared)" >&2
+           return 2 ;;
+      esac
+    }
+    for method in "${methods[@]}"; do method_flags "$method" >/dev/null || exit 2; done
+    mkdir -p "$root"
+    report=(); first=""
+    for method in "${methods[@]}"; do
+      runs=()
+      for lr in "${lrs[@]}"; do
+        name="${method}_lr${lr}"
+        echo "=== compare $name: log in $root/$name.log" >&2
+        rc=0
+        # shellcheck disable=SC2046  # the method's flags are meant to split into words
+        bash ./run.sh demo $(method_flags "$method") --lr "$lr" --num_epochs "$epochs" --save_freq "$epochs" \
+          --save_dir "$root/$name" "$@" >"$root/$name.log" 2>&1 || rc=$?
+        if (( rc != 0 )); then
+          echo "run.sh: exit $rc, see $root/$name.log: $(tail -n 1 "$root/$name.log")" >&2
+          exit "$rc"
+        fi
+        runs+=("$root/$name"); first="${first:-$root/$name}"
+      done
+      report+=(--method "$method" "${runs[@]}")
+    done
+    # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
+    exec "$PYTHON" -m docmem.evaluation.methods_report --out "$root/report" "${report[@]}" --prompt_from "$first" \
+      ${EVAL_ARGS:-}
+    ;;
   capacity)
     # How many documents one memory holds, the question the paper leaves open: keyed and shared memories
     # of each of CAPACITY_ENTRIES ("32 256") entries, trained on each of CAPACITY_DOCS ("10 50 200")
@@ -164,7 +215,7 @@ case "$preset" in
     exit "$failed"
     ;;
   *)
-    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity)" >&2
+    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity, compare)" >&2
     exit 2
     ;;
 esac

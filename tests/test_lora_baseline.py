@@ -88,3 +88,37 @@ def test_shared_lora_has_one_adapter(tiny_lm_dir, tmp_path):  # noqa: F811
     assert data["adapters"] == ["shared"] and len(data["adapter_files"]) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["final_ce_positive"] < summary["initial_ce_positive"]
+
+
+def test_engine_and_mixed_generation_match_the_adapted_lm(lora_run, tiny_lm_dir, tmp_path):  # noqa: F811
+    from docmem.batching import make_batches
+    from docmem.engines import NO_MEMORY
+    from docmem.lora_memory import LoraEngine
+
+    config = parse_args(tiny_argv(tiny_lm_dir, tmp_path))
+    foundation = open_foundation(config, "cpu", torch.float32)
+    adapters = load_adapters(foundation, lora_run / "memory")
+    batch = make_batches(load_documents(config), foundation.tokenizer, 16, 64)[1]
+    engine = LoraEngine(adapters, torch.float32)
+    own, plain = engine.losses(batch, ["doc_01", NO_MEMORY])
+    labels = batch.labels[:, 1:]
+
+    def full_ce() -> torch.Tensor:
+        logits = adapters.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits[labels != -100], labels[labels != -100])
+
+    with torch.no_grad():
+        adapters.model.set_adapter("doc_01")
+        assert torch.allclose(own, full_ce(), atol=1e-5)
+        with adapters.model.disable_adapter():
+            assert torch.allclose(plain, full_ce(), atol=1e-5)
+        assert not torch.allclose(own, plain)
+        # one mixed batch (peft's adapter_names) gives each row what its adapter alone gives
+        ids = batch.input_ids[:2, -12:]
+        kw = {"attention_mask": torch.ones_like(ids), "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+        mixed = adapters.model.generate(input_ids=ids, adapter_names=["doc_00", "__base__"], **kw)
+        adapters.model.set_adapter("doc_00")
+        first = adapters.model.generate(input_ids=ids[:1], **{**kw, "attention_mask": kw["attention_mask"][:1]})
+        with adapters.model.disable_adapter():
+            second = adapters.model.generate(input_ids=ids[1:], **{**kw, "attention_mask": kw["attention_mask"][1:]})
+    assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[1], second[0])
