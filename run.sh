@@ -4,8 +4,8 @@
 #   bash run.sh demo             offline on a CPU in a few minutes (SmolLM2-135M, fictional articles)
 #   bash run.sh smollm2          the paper's settings on SmolLM2-135M (offline weights): keyed vs shared memory,
 #                                each evaluated, one comparison (needs WikiText: --data_path DIR offline)
-#   bash run.sh capacity         how many documents one memory holds: keyed and shared, 10/50/200 documents,
-#                                32 and 256 entries, each evaluated; one table and one plot
+#   bash run.sh capacity         how many documents one memory holds: keyed, shared and per-document LoRA,
+#                                10/50/200 documents, 32 and 256 entries, each evaluated; one table and one plot
 #   bash run.sh compare          the method against the alternatives on the demo's documents and settings: keyed
 #                                memory (both --memory_init), shared memory, per-document LoRA, shared LoRA, each
 #                                with a learning-rate sweep, and the document in the prompt; one report
@@ -175,34 +175,45 @@ case "$preset" in
       ${EVAL_ARGS:-}
     ;;
   capacity)
-    # How many documents one memory holds, the question the paper leaves open: keyed and shared memories
-    # of each of CAPACITY_ENTRIES ("32 256") entries, trained on each of CAPACITY_DOCS ("10 50 200")
-    # fictional articles (--dataset synthetic: as many as asked for, and no LM has seen them), 2 segments
-    # of 48 words each, 4 documents per step (each with its own key), 50 epochs, SmolLM2-135M; each run evaluated (ROUGE-L recall
-    # under the right and other keys, CE matrix); then benchmarks/capacity_report.py writes one table
-    # and one plot against the number of documents into CAPACITY_DIR/report.
+    # How many documents one memory holds, the question the paper leaves open: each method of CAPACITY_METHODS
+    # ("keyed shared lora": keyed memory, shared memory, per-document LoRA with its rank matched to the keyed
+    # memory's parameters at the same entries; lora_shared also allowed) at each of CAPACITY_ENTRIES ("32 256")
+    # memory entries, trained on each of CAPACITY_DOCS ("10 50 200") fictional articles (--dataset synthetic: as
+    # many as asked for, and no LM has seen them), CAPACITY_SEGMENTS (2) segments of 48 words each, 4 documents
+    # per step (each with its own key or adapter), CAPACITY_EPOCHS (50) epochs, SmolLM2-135M; each run evaluated
+    # (ROUGE-L recall under the right and other keys or adapters, CE matrix); then benchmarks/capacity_report.py
+    # writes one table and one plot against the number of documents into CAPACITY_DIR/report.
+    # The CPU-scale sweep: CAPACITY_DOCS="5 20 50" CAPACITY_SEGMENTS=1 bash run.sh capacity.
     # CAPACITY_DIR (outputs/capacity) holds <kind>_m<entries>_n<docs>/run_N and a log each;
     # CAPACITY_JOBS (1) runs at once (a GPU holds many); EVAL_ARGS go to every evaluation (default: no
     # landscape, 2 other keys per document, 32 new tokens, 256 rows per generate call); extra FLAGS go to
     # every training.
     root="${CAPACITY_DIR:-outputs/capacity}"
-    mkdir -p "$root"
     read -r -a docs_list <<<"${CAPACITY_DOCS:-10 50 200}"
     read -r -a entries_list <<<"${CAPACITY_ENTRIES:-32 256}"
+    read -r -a kinds <<<"${CAPACITY_METHODS:-keyed shared lora}"
+    for kind in "${kinds[@]}"; do
+      case "$kind" in
+        keyed|shared|lora|lora_shared) ;;
+        *) echo "run.sh: unknown method '$kind' in CAPACITY_METHODS (allowed: keyed, shared, lora, lora_shared)" >&2
+           exit 2 ;;
+      esac
+    done
+    mkdir -p "$root"
     pids=(); runs=()
     for n in "${docs_list[@]}"; do
       for m in "${entries_list[@]}"; do
-        for kind in keyed shared; do
+        for kind in "${kinds[@]}"; do
           name="${kind}_m${m}_n${n}"
           dps=$(( n < 4 ? n : 4 ))
           echo "=== capacity $name: log in $root/$name.log" >&2
           # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
           ( "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
-              --synthetic_articles "$n" --max_labels "$n" --max_segments 2 --segment_length 48 --max_length 96 \
-              --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
+              --synthetic_articles "$n" --max_labels "$n" --max_segments "${CAPACITY_SEGMENTS:-2}" --segment_length 48 \
+              --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
               --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 --docs_per_step "$dps" \
-              --lr 3e-3 --num_epochs 50 --save_freq 50 --seed 1 --document_memory "$kind" \
-              --save_dir "$root/$name" "$@" \
+              --lr 3e-3 --num_epochs "${CAPACITY_EPOCHS:-50}" --save_freq "${CAPACITY_EPOCHS:-50}" --seed 1 \
+              --document_memory "$kind" --save_dir "$root/$name" "$@" \
             && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
           pids+=("$!:$root/$name.log"); runs+=("$root/$name")
           while (( $(jobs -rp | wc -l) >= ${CAPACITY_JOBS:-1} )); do sleep 0.5; done

@@ -206,13 +206,18 @@ class LoraEngine:
     adapted block and those above it with that adapter active."""
 
     def __init__(self, adapters: LoraAdapters, dtype: torch.dtype, cache_budget_bytes: int = 8 << 30,
-                 head_dtype: torch.dtype | None = None) -> None:
-        self.adapters = adapters
+                 head_dtype: torch.dtype | None = None, one_batch: bool = False) -> None:
+        """one_batch: keep only the last batch's prefix (batches made on the fly, whose indices repeat)."""
+        self.adapters, self.one_batch = adapters, one_batch
+        self._last: Batch | None = None
         # a pass-through at the output of block L - 1 (the embeddings when L = 0): block L is in the suffix
         self.inner = FastEngine(adapters.foundation, PassThrough(), adapters.plan.layer - 1, dtype,
                                 cache_budget_bytes=cache_budget_bytes, head_dtype=head_dtype)
 
     def losses(self, batch: Batch, key_sets: Sequence[KeySet], per_document: bool = False) -> list[torch.Tensor]:
+        if self.one_batch and batch is not self._last:
+            self.inner.forget()
+            self._last = batch
         out: list[torch.Tensor] = []
         for name in key_sets:
             if isinstance(name, str) and name == NO_MEMORY:

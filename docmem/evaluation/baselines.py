@@ -87,7 +87,7 @@ def lora_method(run: LoadedRun, adapters: LoraAdapters) -> Method:
     budget = int(run.config.cache_budget_gb * (1 << 30))
     return Method(plan.kind, "shared" if shared else "per_document",
                   LoraEngine(adapters, run.dtype, budget, run.head_dtype),
-                  LoraEngine(adapters, run.dtype, 0, run.head_dtype),
+                  LoraEngine(adapters, run.dtype, budget, run.head_dtype, one_batch=True),
                   [names[d] for d in sorted(names)], plan.adapters[0],
                   lambda condition, prompt, doc: list(prompt.ids), generate_batch)
 
