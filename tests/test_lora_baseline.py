@@ -122,3 +122,23 @@ def test_engine_and_mixed_generation_match_the_adapted_lm(lora_run, tiny_lm_dir,
         with adapters.model.disable_adapter():
             second = adapters.model.generate(input_ids=ids[1:], **{**kw, "attention_mask": kw["attention_mask"][1:]})
     assert torch.equal(mixed[0], first[0]) and torch.equal(mixed[1], second[0])
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--document_memory", "rag"], "--document_memory"),
+    (["--document_memory", "lora", "--lora_rank", "-1"], "--lora_rank"),
+    (["--document_memory", "lora", "--lora_rank", "33"], "--lora_rank"),  # the tiny MLP: 32 -> 64 -> 32
+    (["--document_memory", "lora", "--lora_targets", "mlp.gate_proj"], "--lora_targets"),
+    (["--document_memory", "lora", "--lora_targets", "embed_in"], "--lora_targets"),
+    (["--document_memory", "lora", "--resume", "nowhere"], "--resume"),
+])
+def test_bad_lora_input_exits_2_in_one_line(extra, flag, tiny_lm_dir, tmp_path, capsys):  # noqa: F811
+    import train_guidance
+
+    with pytest.raises(SystemExit) as stop:
+        train_guidance.main(tiny_argv(tiny_lm_dir, tmp_path, *extra))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (a model's loading bar may come first)
+    assert last.startswith("train_guidance.py: error: ") and flag in last and "Traceback" not in err
+    assert not list(tmp_path.glob("run_*"))  # refused before a run folder was made
