@@ -134,7 +134,8 @@ case "$preset" in
     # recall under the right condition, ties by the lower CE), evaluates the document in the prompt on the
     # same documents and LM, and writes COMPARE_DIR/report/methods.md (+ methods.json, recall.png, ce.png).
     # COMPARE_DIR (outputs/compare) holds <method>_lr<lr>/run_N and a log each; EVAL_ARGS go to the report
-    # (e.g. --new_tokens 32); extra FLAGS go to every training.
+    # (default --new_tokens 32 --max_other_keys 2: generation is most of an evaluation's time, and every sweep
+    # run is evaluated); extra FLAGS go to every training.
     root="${COMPARE_DIR:-outputs/compare}"
     read -r -a methods <<<"${COMPARE_METHODS:-keyed keyed_zero shared lora lora_shared}"
     read -r -a lrs <<<"${COMPARE_LRS:-1e-3 3e-3 1e-2}"
@@ -172,7 +173,7 @@ case "$preset" in
     done
     # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
     exec "$PYTHON" -m docmem.evaluation.methods_report --out "$root/report" "${report[@]}" --prompt_from "$first" \
-      ${EVAL_ARGS:-}
+      ${EVAL_ARGS:---new_tokens 32 --max_other_keys 2}
     ;;
   capacity)
     # How many documents one memory holds, the question the paper leaves open: each method of CAPACITY_METHODS

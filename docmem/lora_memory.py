@@ -243,7 +243,7 @@ def save_adapters(adapters: LoraAdapters, directory: Path, extra: dict[str, Any]
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
     for d, name in enumerate(adapters.plan.adapters):
-        state = get_peft_model_state_dict(adapters.model, adapter_name=name)
+        state = get_peft_model_state_dict(adapters.model, adapter_name=name, save_embedding_layers=False)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
         path = folder / f"{name}.safetensors"
         save_file(tensors, str(path), metadata={"format": "pt"})

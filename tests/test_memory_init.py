@@ -64,3 +64,13 @@ def test_training_from_zero_output_lowers_the_loss_and_saves_the_choice(tiny_lm_
 
 def test_memory_init_flag_default_and_choices():
     assert parse_args(["--dataset", "synthetic"]).memory_init == "released"
+
+
+def test_bad_memory_init_flag_exits_2(capsys):
+    import train_guidance
+
+    with pytest.raises(SystemExit) as stop:
+        train_guidance.main(["--dataset", "synthetic", "--memory_init", "ones"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--memory_init" in err[0] and "zero_output" in err[0]
