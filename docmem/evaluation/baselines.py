@@ -113,10 +113,12 @@ def evaluate_method(run: LoadedRun, method: Method, options: EvalOptions, out: P
     plans = plan_conditions(prompts, len(documents), method.kind, options.max_other_keys)
     everything = [(c, i, d) for c, rows in plans.items() for i, d in rows]
     inputs = [method.row_ids(c, prompts[i], d) for c, i, d in everything]
+    t0 = time.time()
     continuations = greedy_rows(run.foundation, inputs, [len(prompts[i].reference_ids) for _, i, _ in everything],
                                 options.gen_batch_size,
                                 lambda rows, kw: method.generate_batch([(everything[r][0], everything[r][2])
                                                                         for r in rows], kw))
+    log.info(f"{method.name}: {len(everything)} generations in {time.time() - t0:.1f}s")
     recall = recall_report(RecallInputs(tokenizer, documents, prompts, skipped, options), plans, continuations)
     write_json(out / "recall.json", recall)
     analysis_plots.plot_recall_bars(recall["mean"], out / "recall.png",
@@ -136,6 +138,7 @@ def evaluate_method(run: LoadedRun, method: Method, options: EvalOptions, out: P
         ce = shared_ce(table, titles, method.shared_column)
         ce_part = {"memory_mean": float(np.mean(ce["memory"])), "no_memory_mean": float(np.mean(ce["no_memory"]))}
     write_json(out / "ce_matrix.json", ce)
+    log.info(f"{method.name}: written to {out} in {time.time() - started:.0f}s")
     summary = {
         "run_dir": str(run.run_dir), "document_memory": method.name, "documents": len(documents),
         "settings": asdict(options), "rougeL_recall": {c: recall["mean"][c]["rougeL"]["recall"] for c in plans},
