@@ -184,7 +184,8 @@ case "$preset" in
     # per step (each with its own key or adapter), CAPACITY_EPOCHS (50) epochs, SmolLM2-135M; each run evaluated
     # (ROUGE-L recall under the right and other keys or adapters, CE matrix); then benchmarks/capacity_report.py
     # writes one table and one plot against the number of documents into CAPACITY_DIR/report.
-    # The CPU-scale sweep: CAPACITY_DOCS="5 20 50" CAPACITY_SEGMENTS=1 bash run.sh capacity.
+    # The CPU-scale sweep: CAPACITY_DOCS="5 20 50" CAPACITY_SEGMENTS=1 bash run.sh capacity. CAPACITY_LR (3e-3)
+    # is every method's learning rate; CAPACITY_LORA_LR (CAPACITY_LR) the LoRA methods' (e.g. the best of run.sh compare).
     # CAPACITY_DIR (outputs/capacity) holds <kind>_m<entries>_n<docs>/run_N and a log each;
     # CAPACITY_JOBS (1) runs at once (a GPU holds many); EVAL_ARGS go to every evaluation (default: no
     # landscape, 2 other keys per document, 32 new tokens, 256 rows per generate call); extra FLAGS go to
@@ -207,13 +208,15 @@ case "$preset" in
         for kind in "${kinds[@]}"; do
           name="${kind}_m${m}_n${n}"
           dps=$(( n < 4 ? n : 4 ))
+          lr="${CAPACITY_LR:-3e-3}"
+          if [[ "$kind" == lora* ]]; then lr="${CAPACITY_LORA_LR:-$lr}"; fi
           echo "=== capacity $name: log in $root/$name.log" >&2
           # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
           ( "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
               --synthetic_articles "$n" --max_labels "$n" --max_segments "${CAPACITY_SEGMENTS:-2}" --segment_length 48 \
               --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
               --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 --docs_per_step "$dps" \
-              --lr 3e-3 --num_epochs "${CAPACITY_EPOCHS:-50}" --save_freq "${CAPACITY_EPOCHS:-50}" --seed 1 \
+              --lr "$lr" --num_epochs "${CAPACITY_EPOCHS:-50}" --save_freq "${CAPACITY_EPOCHS:-50}" --seed 1 \
               --document_memory "$kind" --save_dir "$root/$name" "$@" \
             && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
           pids+=("$!:$root/$name.log"); runs+=("$root/$name")

@@ -182,14 +182,10 @@ def attach_lora(foundation: Foundation, plan: LoraPlan, seeds: Sequence[int]) ->
         for name, seed in zip(plan.adapters[1:], seeds[1:]):
             torch.manual_seed(seed)
             model.add_adapter(name, config)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_("lora_" in _name_of(model, p))
+    model.eval()  # and it stays so: gradients need no train mode, and the LM's dropout stays off
+    for name, p in model.named_parameters():
+        p.requires_grad_("lora_" in name)
     return LoraAdapters(model, plan, foundation)
-
-
-def _name_of(model: nn.Module, parameter: nn.Parameter) -> str:
-    return next(n for n, p in model.named_parameters() if p is parameter)
 
 
 class PassThrough(nn.Module):

@@ -138,8 +138,7 @@ def optimizer_step(run: LoraRun, where: str) -> None:
 
 def train_epoch(run: LoraRun, epoch: int, step: int) -> tuple[float, int]:
     """One pass over the batches; returns (mean loss over batches, optimizer steps so far)."""
-    acc, total = run.config.num_accumulation_steps, 0.0
-    run.adapters.model.train()
+    acc, total = run.config.num_accumulation_steps, 0.0  # (the LM stays in eval mode: no dropout, as the memory's)
     for i, chunks in enumerate(run.steps):
         where = f"at epoch {epoch}, batch {i + 1} of {len(run.steps)}"
         loss_sum, groups = 0.0, sum(c.groups for c in chunks)
@@ -157,7 +156,6 @@ def train_epoch(run: LoraRun, epoch: int, step: int) -> tuple[float, int]:
         if (i + 1) % acc == 0 or i + 1 == len(run.steps):
             optimizer_step(run, where)
             step += 1
-    run.adapters.model.eval()
     return total / len(run.steps), step
 
 
