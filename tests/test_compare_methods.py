@@ -92,3 +92,7 @@ def test_unknown_method_is_refused(tmp_path, capsys):
                           env=subprocess_env(COMPARE_METHODS="keyed rag", COMPARE_DIR=str(tmp_path / "c")))
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "rag" in done.stderr
     assert not (tmp_path / "c").exists()  # refused before anything trained
+    done = subprocess.run(["bash", "run.sh", "capacity"], cwd=ROOT, capture_output=True, text=True,
+                          env=subprocess_env(CAPACITY_METHODS="lora rag", CAPACITY_DIR=str(tmp_path / "k")))
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "rag" in done.stderr
+    assert not (tmp_path / "k").exists()
