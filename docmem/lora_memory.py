@@ -19,7 +19,7 @@ import json
 import re
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +33,8 @@ from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import NO_MEMORY, FastEngine, KeySet
 from docmem.errors import ConfigError, MemoryFileError
-from document_memories import DocumentMemory, MemoryConfig, file_sha256
+from docmem.run_folder import memory_config_for
+from document_memories import DocumentMemory, file_sha256
 from foundations import Foundation
 
 LORA_CONFIG_NAME = "lora_config.json"
@@ -101,11 +102,7 @@ def resolve_targets(foundation: Foundation, layer: int, spec: str) -> list[str]:
 
 def keyed_parameter_count(config: TrainConfig, hidden_size: int, num_docs: int) -> int:
     """Trainable parameters of the keyed memory these settings would train (built on the meta device)."""
-    memory_config = MemoryConfig(
-        hidden_size=hidden_size, num_docs=num_docs, memory_dim=config.hook_memory_dim, key_dim=config.key_dim,
-        key_activation=config.key_activation, lm_act=config.lm_act, module_type=config.document_key_module_type,
-        key_internal_dim=config.key_internal_dim, key_internal_layers=config.key_internal_layers,
-        key_internal_activation=config.key_internal_activation, learn_doc_keys=config.learn_doc_keys)
+    memory_config = replace(memory_config_for(config, hidden_size, num_docs), use_keys=True)
     with torch.device("meta"):  # shapes only: nothing is allocated
         memory = DocumentMemory(memory_config)
     return sum(p.numel() for p in memory.parameters() if p.requires_grad)
