@@ -173,8 +173,9 @@ def markdown(rows: list[dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]]
     lines += ["", f"{RULE}. Every method trains for the same epochs on the same documents and batches. Recall: mean "
               "ROUGE-L recall of greedy continuations (over documents) under the right condition, other documents' "
               "conditions and the plain LM. CE in nats/token (documents x conditions: the diagonal is the own "
-              "condition). Attribution: top-1 by the lowest CE over the documents' conditions. bytes / doc: "
-              "memory/ on disk per document (see notes).", "", "## The methods", ""]
+              "condition). The prompt baseline scores each row's tokens after its first (nothing precedes the first "
+              "without a context), so its plain-LM CE differs a little from the trained methods'. Attribution: top-1 "
+              "by the lowest CE over the documents' conditions. bytes / doc: memory/ on disk per document (see notes).", "", "## The methods", ""]
     lines += [f"- **{r['method']}**: {r['what']}; `{r['run_dir']}`. Bytes: {r['bytes_note']}. Adding a document: "
               f"{r['add_document_how']}. Forgetting one: {r['forgetting']}." for r in rows]
     lines += ["", "## Learning-rate sweeps", "", "| method | lr | R-L recall right | CE right | run |", "|---|---|---|---|---|"]
