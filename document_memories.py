@@ -31,6 +31,9 @@ from transformers.activations import ACT2FN
 from docmem.errors import MemoryFileError
 
 MODULE_TYPES = ("linear", "nonlinear")
+# released: every linear layer orthogonal (gain sqrt 2), as released; zero_output: W_out and b_out start at
+# zero, so with act(0) = 0 (gelu, relu, tanh, silu) the hooked LM starts as the plain LM (LoRA's B = 0)
+MEMORY_INITS = ("released", "zero_output")
 BUILTIN_KEY_ACTIVATIONS = ("tanh", "relu", "sigmoid", "swiglu")
 WEIGHTS_NAME = "memory.safetensors"
 CONFIG_NAME = "memory_config.json"
@@ -93,6 +96,7 @@ class MemoryConfig:
     learn_doc_keys: bool = False
     use_keys: bool = True  # False: a shared memory, trained without keys (the paper's baseline)
     forgotten_directions: int = 0  # rows of `forget_basis`: selection directions projected out (forgetting)
+    init: str = "released"  # MEMORY_INITS: how a new memory's weights start (a loaded one takes its file's)
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_docs", "memory_dim", "key_dim", "key_internal_dim", "key_internal_layers"):
@@ -101,6 +105,8 @@ class MemoryConfig:
                 raise ValueError(f"MemoryConfig.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.forgotten_directions, int) or self.forgotten_directions < 0:
             raise ValueError(f"MemoryConfig.forgotten_directions must be >= 0, got {self.forgotten_directions!r}")
+        if self.init not in MEMORY_INITS:
+            raise ValueError(f"init must be one of {MEMORY_INITS}, got {self.init!r}")
         if self.module_type not in MODULE_TYPES:
             raise ValueError(f"module_type must be one of {MODULE_TYPES}, got {self.module_type!r}")
         if self.key_activation != "swiglu":
@@ -168,6 +174,9 @@ class DocumentMemory(nn.Module):
             if isinstance(module, nn.Linear):
                 _orthogonal_(module)
         nn.init.orthogonal_(self.doc_keys, gain=math.sqrt(2))
+        if self.config.init == "zero_output":  # drawn above all the same: the other weights match the released init
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

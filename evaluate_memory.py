@@ -3,6 +3,7 @@
     python evaluate_memory.py --run_dir outputs/demo/run_0 [--prompt_tokens 32 --new_tokens 64 --grid 10]
     python evaluate_memory.py --compare RUN_A RUN_B [...] --out DIR
     python evaluate_memory.py --run_dir RUN --forget DOC      (docmem/forgetting.py: eval/forget_doc_NN.*)
+    python evaluate_memory.py --run_dir RUN --method prompt [--out DIR]   the document-in-the-prompt baseline
 
 One run: rebuilds the run's frozen LM and documents from its config.yaml, loads its memory/,
 and writes into RUN/eval/:
@@ -26,6 +27,11 @@ and writes into RUN/eval/:
                                        (metrics.jsonl) and of the final memory
     summary.json                       the headline numbers (what --compare reads)
 
+A LoRA baseline run (--document_memory lora / lora_shared) is measured the same way, its adapters standing
+for keys (docmem/evaluation/baselines.py). --method prompt measures, on RUN's documents and LM, the
+document's training text placed before each prompt (no training) into --out (default RUN/eval_prompt/),
+and adds its context tokens per query.
+
 --compare evaluates the runs that have no eval/ yet, then writes DIR/compare.md, compare.json,
 recall.png and selection_stats.png, each run labelled by the config fields that set it apart.
 A RUN may also be a save_dir: its newest finished run_N is taken. The measurements live in
@@ -42,13 +48,16 @@ import torch
 
 from docmem.cli import OneLineParser, run_command
 from docmem.errors import EvalError
+from docmem.evaluation.baselines import evaluate_prompt
 from docmem.evaluation.compare import compare
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_run
 from docmem.forget_attack import attack_report, attack_table
 from docmem.forgetting import evaluate_forgetting, forgetting_table
+from docmem.run_folder import resolve_run_dir
 
 PROG = "evaluate_memory.py"
+METHODS = ("run", "prompt")
 PRINTED = ("run_dir", "rougeL_recall", "ce", "length_l0_pearson_r", "landscape", "attribution_top1_accuracy",
            "acceptance")
 
@@ -59,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--run_dir", help="a run folder save_dir/run_N (or a save_dir: its newest finished run)")
     what.add_argument("--compare", nargs="+", metavar="RUN", help="runs to set side by side (evaluated if needed)")
-    parser.add_argument("--out", help="folder of the comparison (with --compare)")
+    parser.add_argument("--out", help="folder of the comparison (with --compare) or of --method prompt")
+    parser.add_argument("--method", choices=METHODS, default="run", help="with --run_dir: run = the run's own memory "
+                        "or adapters; prompt = the document in the prompt, on the run's documents and LM")
     parser.add_argument("--forget", metavar="DOC", help="with --run_dir: measure forgetting this document (index or "
                         "title) both ways (drop_key, edit), before and after; writes eval/forget_doc_NN.json and .md")
     defaults = EvalOptions()
@@ -94,11 +105,17 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.compare:
         if not args.out:
             raise EvalError("--compare needs --out DIR")
-        if args.forget is not None:
-            raise EvalError("--forget goes with --run_dir (one run), not --compare")
+        if args.forget is not None or args.method != "run":
+            raise EvalError("--forget and --method go with --run_dir (one run), not --compare")
         compare(args.compare, args.out, options)
         table = (Path(args.out) / "compare.md").read_text().split("\n\n")[0]  # the notes follow a blank line
         sys.stdout.write(table + "\n")
+    elif args.method == "prompt":
+        if args.forget is not None:
+            raise EvalError("--forget measures a trained memory, not --method prompt")
+        summary = evaluate_prompt(resolve_run_dir(args.run_dir), options, Path(args.out) if args.out else None)
+        sys.stdout.write(json.dumps({k: summary[k] for k in PRINTED + ("context_tokens_per_query",)
+                                     if k in summary}, indent=1) + "\n")
     elif args.forget is not None and (args.reference or args.forgotten):
         report = attack_report(args.run_dir, args.forget, options, args.reference, args.forgotten)
         sys.stdout.write(attack_table(report) + "\n")

@@ -4,8 +4,11 @@
 #   bash run.sh demo             offline on a CPU in a few minutes (SmolLM2-135M, fictional articles)
 #   bash run.sh smollm2          the paper's settings on SmolLM2-135M (offline weights): keyed vs shared memory,
 #                                each evaluated, one comparison (needs WikiText: --data_path DIR offline)
-#   bash run.sh capacity         how many documents one memory holds: keyed and shared, 10/50/200 documents,
-#                                32 and 256 entries, each evaluated; one table and one plot
+#   bash run.sh capacity         how many documents one memory holds: keyed, shared and per-document LoRA,
+#                                10/50/200 documents, 32 and 256 entries, each evaluated; one table and one plot
+#   bash run.sh compare          the method against the alternatives on the demo's documents and settings: keyed
+#                                memory (both --memory_init), shared memory, per-document LoRA, shared LoRA, each
+#                                with a learning-rate sweep, and the document in the prompt; one report
 #   bash run.sh PRESET [FLAGS]   extra flags go after the preset's own, so they override them
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -123,35 +126,98 @@ case "$preset" in
     # shellcheck disable=SC2086
     exec "$PYTHON" evaluate_memory.py --compare "$root/keyed" "$root/shared" --out "$root/report" ${EVAL_ARGS:-}
     ;;
+  compare)
+    # What a user would pick instead, on the demo's documents and settings (run.sh demo): each method of
+    # COMPARE_METHODS ("keyed keyed_zero shared lora lora_shared") trained for COMPARE_EPOCHS (40, the demo's)
+    # at each learning rate of COMPARE_LRS ("1e-3 3e-3 1e-2"), the same epochs for all; then
+    # docmem/evaluation/methods_report.py evaluates every run, picks each method's best run (the highest ROUGE-L
+    # recall under the right condition, ties by the lower CE), evaluates the document in the prompt on the
+    # same documents and LM, and writes COMPARE_DIR/report/methods.md (+ methods.json, recall.png, ce.png).
+    # COMPARE_DIR (outputs/compare) holds <method>_lr<lr>/run_N and a log each; EVAL_ARGS go to the report
+    # (default --new_tokens 32 --max_other_keys 2: generation is most of an evaluation's time, and every sweep
+    # run is evaluated); extra FLAGS go to every training.
+    root="${COMPARE_DIR:-outputs/compare}"
+    read -r -a methods <<<"${COMPARE_METHODS:-keyed keyed_zero shared lora lora_shared}"
+    read -r -a lrs <<<"${COMPARE_LRS:-1e-3 3e-3 1e-2}"
+    epochs="${COMPARE_EPOCHS:-40}"
+    method_flags() {  # a method's training flags, or exit 2 for an unknown name
+      case "$1" in
+        keyed) echo "--document_memory keyed --memory_init released" ;;
+        keyed_zero) echo "--document_memory keyed --memory_init zero_output" ;;
+        shared) echo "--document_memory shared" ;;
+        lora) echo "--document_memory lora" ;;
+        lora_shared) echo "--document_memory lora_shared" ;;
+        *) echo "run.sh: unknown method '$1' in COMPARE_METHODS (allowed: keyed, keyed_zero, shared, lora, lora_shared)" >&2
+           return 2 ;;
+      esac
+    }
+    for method in "${methods[@]}"; do method_flags "$method" >/dev/null || exit 2; done
+    mkdir -p "$root"
+    report=(); first=""
+    for method in "${methods[@]}"; do
+      runs=()
+      for lr in "${lrs[@]}"; do
+        name="${method}_lr${lr}"
+        echo "=== compare $name: log in $root/$name.log" >&2
+        rc=0
+        # shellcheck disable=SC2046  # the method's flags are meant to split into words
+        bash ./run.sh demo $(method_flags "$method") --lr "$lr" --num_epochs "$epochs" --save_freq "$epochs" \
+          --save_dir "$root/$name" "$@" >"$root/$name.log" 2>&1 || rc=$?
+        if (( rc != 0 )); then
+          echo "run.sh: exit $rc, see $root/$name.log: $(tail -n 1 "$root/$name.log")" >&2
+          exit "$rc"
+        fi
+        runs+=("$root/$name"); first="${first:-$root/$name}"
+      done
+      report+=(--method "$method" "${runs[@]}")
+    done
+    # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
+    exec "$PYTHON" -m docmem.evaluation.methods_report --out "$root/report" "${report[@]}" --prompt_from "$first" \
+      ${EVAL_ARGS:---new_tokens 32 --max_other_keys 2}
+    ;;
   capacity)
-    # How many documents one memory holds, the question the paper leaves open: keyed and shared memories
-    # of each of CAPACITY_ENTRIES ("32 256") entries, trained on each of CAPACITY_DOCS ("10 50 200")
-    # fictional articles (--dataset synthetic: as many as asked for, and no LM has seen them), 2 segments
-    # of 48 words each, 4 documents per step (each with its own key), 50 epochs, SmolLM2-135M; each run evaluated (ROUGE-L recall
-    # under the right and other keys, CE matrix); then benchmarks/capacity_report.py writes one table
-    # and one plot against the number of documents into CAPACITY_DIR/report.
+    # How many documents one memory holds, the question the paper leaves open: each method of CAPACITY_METHODS
+    # ("keyed shared lora": keyed memory, shared memory, per-document LoRA with its rank matched to the keyed
+    # memory's parameters at the same entries; lora_shared also allowed) at each of CAPACITY_ENTRIES ("32 256")
+    # memory entries, trained on each of CAPACITY_DOCS ("10 50 200") fictional articles (--dataset synthetic: as
+    # many as asked for, and no LM has seen them), CAPACITY_SEGMENTS (2) segments of 48 words each, 4 documents
+    # per step (each with its own key or adapter), CAPACITY_EPOCHS (50) epochs, SmolLM2-135M; each run evaluated
+    # (ROUGE-L recall under the right and other keys or adapters, CE matrix); then benchmarks/capacity_report.py
+    # writes one table and one plot against the number of documents into CAPACITY_DIR/report.
+    # The CPU-scale sweep: CAPACITY_DOCS="5 20 50" CAPACITY_SEGMENTS=1 bash run.sh capacity. CAPACITY_LR (3e-3)
+    # is every method's learning rate; CAPACITY_LORA_LR (CAPACITY_LR) the LoRA methods' (e.g. the best of run.sh compare).
     # CAPACITY_DIR (outputs/capacity) holds <kind>_m<entries>_n<docs>/run_N and a log each;
     # CAPACITY_JOBS (1) runs at once (a GPU holds many); EVAL_ARGS go to every evaluation (default: no
     # landscape, 2 other keys per document, 32 new tokens, 256 rows per generate call); extra FLAGS go to
     # every training.
     root="${CAPACITY_DIR:-outputs/capacity}"
-    mkdir -p "$root"
     read -r -a docs_list <<<"${CAPACITY_DOCS:-10 50 200}"
     read -r -a entries_list <<<"${CAPACITY_ENTRIES:-32 256}"
+    read -r -a kinds <<<"${CAPACITY_METHODS:-keyed shared lora}"
+    for kind in "${kinds[@]}"; do
+      case "$kind" in
+        keyed|shared|lora|lora_shared) ;;
+        *) echo "run.sh: unknown method '$kind' in CAPACITY_METHODS (allowed: keyed, shared, lora, lora_shared)" >&2
+           exit 2 ;;
+      esac
+    done
+    mkdir -p "$root"
     pids=(); runs=()
     for n in "${docs_list[@]}"; do
       for m in "${entries_list[@]}"; do
-        for kind in keyed shared; do
+        for kind in "${kinds[@]}"; do
           name="${kind}_m${m}_n${n}"
           dps=$(( n < 4 ? n : 4 ))
+          lr="${CAPACITY_LR:-3e-3}"
+          if [[ "$kind" == lora* ]]; then lr="${CAPACITY_LORA_LR:-$lr}"; fi
           echo "=== capacity $name: log in $root/$name.log" >&2
           # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
           ( "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
-              --synthetic_articles "$n" --max_labels "$n" --max_segments 2 --segment_length 48 --max_length 96 \
-              --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
+              --synthetic_articles "$n" --max_labels "$n" --max_segments "${CAPACITY_SEGMENTS:-2}" --segment_length 48 \
+              --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
               --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 --docs_per_step "$dps" \
-              --lr 3e-3 --num_epochs 50 --save_freq 50 --seed 1 --document_memory "$kind" \
-              --save_dir "$root/$name" "$@" \
+              --lr "$lr" --num_epochs "${CAPACITY_EPOCHS:-50}" --save_freq "${CAPACITY_EPOCHS:-50}" --seed 1 \
+              --document_memory "$kind" --save_dir "$root/$name" "$@" \
             && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
           pids+=("$!:$root/$name.log"); runs+=("$root/$name")
           while (( $(jobs -rp | wc -l) >= ${CAPACITY_JOBS:-1} )); do sleep 0.5; done
@@ -164,7 +230,7 @@ case "$preset" in
     exit "$failed"
     ;;
   *)
-    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity)" >&2
+    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity, compare)" >&2
     exit 2
     ;;
 esac

@@ -43,6 +43,7 @@ from docmem.errors import NonFiniteLoss
 from docmem.evaluation.key_ce import ce_under_keys
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_trained
+from docmem.lora_training import train_lora
 from docmem.run_folder import METRICS_NAME, RunLock
 from docmem.run_state import LOSS_PARTS, RunState, finish_run, start_run
 from docmem.shard_runs import train_sharded
@@ -200,7 +201,13 @@ def train(state: RunState) -> None:
 
 def run(config: TrainConfig) -> Path:
     """Train and write everything into a new save_dir/run_N, or continue config.resume in place;
-    returns the run folder."""
+    returns the run folder. The LoRA baselines (--document_memory lora, lora_shared) train in
+    docmem/lora_training.py: same documents, batches, epochs and run folder, the LM loss only."""
+    if config.uses_lora:
+        run_dir, summary = train_lora(config)
+        log.info(f"run written to {run_dir}: CE own adapter {summary['initial_ce_positive']:.3f} -> "
+                 f"{summary['final_ce_positive']:.3f}")
+        return run_dir
     dist_ctx = init_distributed(use_cuda=resolve_device(config).startswith("cuda"))
     try:
         # train_and_finish returns only plain values: the run's state (and the DDP wrapper in it)

@@ -5,9 +5,10 @@
 Reads each run's config.yaml (document_memory, hook_memory_dim, max_labels) and eval/summary.json
 (written by evaluate_memory.py) and writes into --out:
 
-    capacity.json   one row per run: memory kind, entries, documents, ROUGE-L recall under the
-                    document's own key (keyed) or the memory (shared), under other documents' keys,
-                    without memory; CE under the own key / other keys / no memory
+    capacity.json   one row per run: method (keyed, shared, lora, lora_shared), entries, documents,
+                    ROUGE-L recall under the document's own key or adapter (keyed, lora) or the memory
+                    (shared, lora_shared), under other documents' keys or adapters, without memory; CE under
+                    the own / other keys or adapters and without memory; trainable parameters and LoRA rank
     capacity.md     the same as a table
     capacity.png    recall and CE against the number of documents, one line per (kind, entries)
 
@@ -27,8 +28,10 @@ import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-COLUMNS = ("kind", "entries", "documents", "recall_own", "recall_other", "recall_no_memory",
+COLUMNS = ("kind", "entries", "documents", "parameters", "recall_own", "recall_other", "recall_no_memory",
            "ce_own", "ce_other", "ce_no_memory")
+PER_DOCUMENT = ("keyed", "lora")  # methods with one condition per document (a key, an adapter)
+STYLES = {"keyed": "-", "shared": "--", "lora": "-.", "lora_shared": (0, (1, 1))}
 
 
 def newest_run(path: Path) -> Path:
@@ -43,7 +46,7 @@ def newest_run(path: Path) -> Path:
 
 def _from_name(path: Path) -> dict[str, Any]:
     """kind, entries, documents from a folder named as run.sh names them: <kind>_m<entries>_n<documents>."""
-    match = re.fullmatch(r"(keyed|shared)_m(\d+)_n(\d+)", path.name)
+    match = re.fullmatch(r"(keyed|shared|lora_shared|lora)_m(\d+)_n(\d+)", path.name)
     if not match:
         return {"kind": "?", "entries": None, "documents": None}
     return {"kind": match[1], "entries": int(match[2]), "documents": int(match[3])}
@@ -64,8 +67,10 @@ def read_row(path: Path) -> dict[str, Any]:
         return row
     summary = json.loads(summary_path.read_text())
     recall, ce = summary["rougeL_recall"], summary["ce"]
-    keyed = row["kind"] == "keyed"
+    keyed = row["kind"] in PER_DOCUMENT
+    lora = summary.get("lora") or {}
     row.update({
+        "parameters": lora.get("trainable_parameters"), "lora_rank": lora.get("rank"),
         "recall_own": recall.get("right_key") if keyed else recall.get("memory"),
         "recall_other": recall.get("other_keys") if keyed else None,
         "recall_no_memory": recall.get("no_memory"),
@@ -84,18 +89,21 @@ def _cell(value: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["memory", "entries", "documents", "R-L recall own key / memory", "R-L recall other keys",
+    header = ["method", "entries", "documents", "LoRA params (rank)", "R-L recall own key / memory", "R-L recall other keys",
               "R-L recall no memory", "CE own key / memory", "CE other keys", "CE no memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "missing" in row:
-            cells = [row["kind"], _cell(row["entries"]), _cell(row["documents"])] + ["missing"] * 6
+            cells = [row["kind"], _cell(row["entries"]), _cell(row["documents"])] + ["missing"] * 7
         else:
             cells = [_cell(row[c]) for c in COLUMNS]
+            if row.get("lora_rank") is not None:
+                cells[3] = f"{row['parameters']} ({row['lora_rank']})"
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "ROUGE-L recall of greedy continuations (mean over documents; evaluate_memory.py), CE in "
-             "nats/token. A shared memory has no keys: its own-key columns hold the memory's figures and "
-             "its other-key columns are empty."]
+             "nats/token. A shared memory (or one shared LoRA adapter) has no keys: its own-key columns hold the "
+             "memory's figures and its other-key columns are empty. Per-document LoRA: the own / other "
+             "adapters; its rank matched to the keyed memory's parameters at the same entries (at least 1)."]
     notes += [f"- missing: {row['run_dir']}: {row['missing']}" for row in rows if "missing" in row]
     return "\n".join(lines + notes) + "\n"
 
@@ -110,11 +118,12 @@ def plot(rows: list[dict[str, Any]], path: Path) -> Path:
     for kind, entries in sorted({(r["kind"], r["entries"]) for r in done}):
         series = sorted((r for r in done if (r["kind"], r["entries"]) == (kind, entries)), key=lambda r: r["documents"])
         x = [r["documents"] for r in series]
-        style = "-" if kind == "keyed" else "--"
+        style = STYLES.get(kind, "-")
         for ax, own, other in ((ax_recall, "recall_own", "recall_other"), (ax_ce, "ce_own", "ce_other")):
             line, = ax.plot(x, [r[own] for r in series], style, marker="o",
-                            label=f"{kind}, {entries} entries: {'own key' if kind == 'keyed' else 'memory'}")
-            if kind == "keyed":
+                            label=f"{kind}, {'matched to ' if 'lora' in kind else ''}{entries} entries: "
+                                  f"{'own key' if kind in PER_DOCUMENT else 'memory'}")
+            if kind in PER_DOCUMENT:
                 ax.plot(x, [r[other] for r in series], ":", marker="x", color=line.get_color(),
                         label=f"{kind}, {entries} entries: other keys")
     counts = sorted({r["documents"] for r in done})

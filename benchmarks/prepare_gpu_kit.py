@@ -10,7 +10,7 @@ together), so the kit comes in call folders, each under --call_mib with the work
     KIT/call2/  wheels/  data/  gguf/<file>.part1  manifest.json     (as many calls as the GGUF needs)
 
 - wheels: the packages the GPU image lacks (datasets, dill, multiprocess, fsspec, gguf, rouge-score, nltk,
-  defusedxml, and any --also), at the versions installed here (the tested ones), for CPython 3.12 on manylinux x86-64;
+  defusedxml, peft, and any --also), at the versions installed here (the tested ones), for CPython 3.12 on manylinux x86-64;
   a package with no wheel on the registry (rouge-score) is built into one here (pure Python).
 - data: the GPT-NeoX tokenizer and the WikiText copy, from --data (default ../shared/data).
 - the SmolLM2-135M GGUF (98 MB, more than one call carries) split into parts, one per call folder;
@@ -38,7 +38,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 # fsspec: datasets pins it (<= its tested release); defusedxml: nltk needs it
-KIT_PACKAGES = ("datasets", "dill", "multiprocess", "fsspec", "gguf", "rouge-score", "nltk", "defusedxml")
+KIT_PACKAGES = ("datasets", "dill", "multiprocess", "fsspec", "gguf", "rouge-score", "nltk", "defusedxml", "peft")
 # what the GPU image already holds, among these packages' requirements (device KINDS.md, read 2026-11-17)
 GPU_PRESENT = {"absl-py", "aiohttp", "click", "filelock", "fsspec", "httpx", "huggingface-hub", "joblib", "numpy",
                "packaging", "pandas", "pyarrow", "pyyaml", "regex", "requests", "six", "tqdm", "xxhash",

@@ -55,8 +55,9 @@ def plot_recall_bars(means: dict[str, dict[str, dict[str, float]]], path: Path, 
 
 
 def plot_compare_recall(labels: list[str], values: dict[str, list[float | None]], path: Path,
-                        ylabel: str = "ROUGE-L recall") -> Path:
-    """Grouped bars across runs: one group per run, one bar per condition (None = not measured)."""
+                        ylabel: str = "ROUGE-L recall", top: float = 1.18) -> Path:
+    """Grouped bars across runs: one group per run, one bar per condition (None = not measured);
+    the y axis runs from 0 to `top` (headroom above the bars for the legend)."""
     if not labels:
         raise ValueError("no runs to plot")
     conditions = list(values)
@@ -68,7 +69,7 @@ def plot_compare_recall(labels: list[str], values: dict[str, list[float | None]]
         ys = [np.nan if v is None else v for v in values[condition]]
         ax.bar(x + (c - (len(conditions) - 1) / 2) * width, ys, width, label=condition)
     ax.set_xticks(x, [_short(label, 36) for label in labels], rotation=30, ha="right", fontsize=8)
-    ax.set_ylim(0, 1.18)  # headroom: the legend sits above the bars
+    ax.set_ylim(0, top)  # headroom: the legend sits above the bars
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8, loc="upper center", ncol=max(1, len(conditions)))
     ax.grid(True, axis="y", alpha=0.3)

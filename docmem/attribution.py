@@ -12,7 +12,7 @@ pieces of segment_length words (at most max_segments per document).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 import wikitext
 from docmem.batching import Batch
 from docmem.config import TrainConfig
-from docmem.engines import NO_MEMORY, FastEngine
+from docmem.engines import NO_MEMORY, FastEngine, LossEngine
 from docmem.errors import UsageError
 from docmem.evaluation.generation import prompt_batch
 from docmem.run_folder import LoadedRun
@@ -60,7 +60,7 @@ def text_windows(tokenizer: Any, text: str, max_length: int) -> list[list[int]]:
 class Scorer:
     """What scoring texts needs: the LM, the memory on its block, and how much to batch."""
     foundation: Foundation
-    memory: DocumentMemory
+    memory: DocumentMemory | None  # None: a baseline without a memory (score_columns with its own engine)
     layer: int  # the hooked block
     dtype: torch.dtype
     max_length: int  # tokens per window (the run's --max_length)
@@ -73,40 +73,47 @@ class Scorer:
 @torch.no_grad()
 def score_texts(scorer: Scorer, texts: Sequence[str]) -> list[TextScores]:
     """Every text's CE under each key, no key, and the plain LM."""
-    foundation, memory, max_length = scorer.foundation, scorer.memory, scorer.max_length
-    rows_per_batch, key_sets_per_pass = scorer.rows_per_batch, scorer.key_sets_per_pass
+    memory = scorer.memory
     if not memory.config.use_keys:
         raise UsageError("a shared memory (trained without keys) cannot attribute: it has no document keys")
-    tokenizer = foundation.tokenizer
-    rows: list[tuple[int, list[int]]] = [(t, w) for t, text in enumerate(texts)
-                                          for w in text_windows(tokenizer, text, max_length)]
     keys = memory.doc_keys.detach()
     columns: list[Any] = [keys[j] for j in range(keys.shape[0])] + [None, NO_MEMORY]
+    engine = FastEngine(scorer.foundation, memory, scorer.layer, scorer.dtype, cache_budget_bytes=0,
+                        head_dtype=scorer.head_dtype)
+    counts, means = score_columns(engine, scorer, texts, columns)
+    n = keys.shape[0]
+    return [TextScores(int(counts[t]), means[t, :n].tolist(), float(means[t, n]), float(means[t, n + 1]))
+            for t in range(len(texts))]
+
+
+@torch.no_grad()
+def score_columns(engine: LossEngine, scorer: Scorer, texts: Sequence[str], columns: Sequence[Any]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's scored tokens and its token-mean CE under each column of the engine (texts x columns);
+    scorer gives the tokenizer, max_length and the batching."""
+    tokenizer = scorer.foundation.tokenizer
+    rows: list[tuple[int, list[int]]] = [(t, w) for t, text in enumerate(texts)
+                                          for w in text_windows(tokenizer, text, scorer.max_length)]
     sums = np.zeros((len(texts), len(columns)))
     counts = np.zeros(len(texts))
-    engine = FastEngine(foundation, memory, scorer.layer, scorer.dtype, cache_budget_bytes=0,
-                        head_dtype=scorer.head_dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    starts = range(0, len(rows), rows_per_batch)
+    starts = range(0, len(rows), scorer.rows_per_batch)
     for index, start in enumerate(tqdm(starts, desc=scorer.progress, unit="batch", dynamic_ncols=True,
                                        disable=scorer.progress is None)):
-        chunk = rows[start: start + rows_per_batch]
+        chunk = rows[start: start + scorer.rows_per_batch]
         ids, mask = prompt_batch([w for _, w in chunk], pad_id)
         batch = Batch(index=index, doc_ids=torch.arange(len(chunk)), input_ids=ids, attention_mask=mask,
                       labels=ids.masked_fill(mask == 0, -100))
         tokens = (mask[:, 1:] == 1).sum(dim=1).numpy()
-        for c in range(0, len(columns), key_sets_per_pass):
+        for c in range(0, len(columns), scorer.key_sets_per_pass):
             sets = [col.expand(len(chunk), -1) if isinstance(col, torch.Tensor) else col
-                    for col in columns[c: c + key_sets_per_pass]]
+                    for col in columns[c: c + scorer.key_sets_per_pass]]
             per_row = torch.stack(engine.losses(batch, sets, per_document=True)).float().cpu().numpy()  # (sets, rows)
             for r, (text_index, _) in enumerate(chunk):
                 sums[text_index, c: c + len(sets)] += per_row[:, r] * tokens[r]
         for r, (text_index, _) in enumerate(chunk):
             counts[text_index] += tokens[r]
-    n = keys.shape[0]
-    means = sums / counts[:, None]
-    return [TextScores(int(counts[t]), means[t, :n].tolist(), float(means[t, n]), float(means[t, n + 1]))
-            for t in range(len(texts))]
+    return counts, sums / counts[:, None]
 
 
 def held_out_texts(article: str, segments: int, segment_length: int, max_segments: int) -> list[str]:
@@ -150,12 +157,20 @@ def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: in
     """Attribution accuracy on training segments and held-out continuations (run: LoadedRun)."""
     scorer = Scorer(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype, run.config.max_length,
                     rows_per_batch, key_sets_per_pass, head_dtype=run.head_dtype)
+    return attribution_report(run.config, documents, lambda texts, label: score_texts(replace(scorer, progress=label),
+                                                                                      texts))
+
+
+def attribution_report(config: TrainConfig, documents: Sequence,
+                       score: Callable[[list[str], str], list[TextScores]]) -> dict[str, Any]:
+    """Top-1 attribution of the training segments and the held-out continuations; score(texts, label)
+    gives each text's CE under every document's condition (a key, an adapter, the document in the prompt)."""
     result: dict[str, Any] = {"documents": [d.title for d in documents],
                               "rule": "top-1 = the document whose key gives the text the lowest mean token CE"}
     for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),
-                          ("held_out", load_held_out(run.config, documents))):
+                          ("held_out", load_held_out(config, documents))):
         texts = [t for doc_texts in per_doc for t in doc_texts]
         truth = [d for d, doc_texts in enumerate(per_doc) for _ in doc_texts]
-        scores = score_texts(replace(scorer, progress=f"attribution: {name}"), texts) if texts else []
+        scores = score(texts, f"attribution: {name}") if texts else []
         result[name] = attribution_accuracy(texts, truth, scores)
     return result

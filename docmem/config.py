@@ -23,7 +23,7 @@ import yaml
 
 from docmem.cli import OneLineParser
 from docmem.errors import ConfigError
-from document_memories import BUILTIN_KEY_ACTIVATIONS, MODULE_TYPES, activation_names
+from document_memories import BUILTIN_KEY_ACTIVATIONS, MEMORY_INITS, MODULE_TYPES, activation_names
 from foundations.gguf_file import gguf_block_count, is_gguf_file
 from foundations.registry import MODEL_SIZES, NUM_LAYERS
 from wikitext import DATASETS
@@ -34,7 +34,8 @@ NEGATIVE_KEY_TYPES = ("other", "random", "zero", "perturb")
 GUIDANCE_LOSSES = ("clamped_mse", "abs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16_head")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
-DOCUMENT_MEMORIES = ("keyed", "shared")
+DOCUMENT_MEMORIES = ("keyed", "shared", "lora", "lora_shared")
+LORA_MEMORIES = ("lora", "lora_shared")  # the baselines trained by peft (docmem/lora_memory.py)
 MEMORY_MODULES = ("linear",)
 # Flags that may differ from the saved config on --resume: they change neither the numbers nor
 # the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
@@ -79,7 +80,9 @@ class TrainConfig:
     segment_length: int = _help("words per segment; segments overlap by half; a shorter article is one segment", default=128)
     max_length: int = _help("at most this many tokens per segment (longer ones are truncated)", default=256)
     # --- the document memory ---
-    document_memory: str = _help("keyed: one key per document (the method); shared: one memory, no keys, no guidance (baseline)", default="keyed")
+    document_memory: str = _help("keyed: one key per document (the method); shared: one memory, no keys, no guidance (baseline); "
+                                 "lora: one LoRA adapter per document (peft; the adapter is the key), LM loss only; "
+                                 "lora_shared: one LoRA adapter for all documents", default="keyed")
     memory_module: str = _help("memory architecture (the released code has one: linear)", default="linear")
     key_dim: int = _help("numbers per document key (DocRep)", default=2)
     key_activation: str = _help("activation of the memory selection: tanh, relu, sigmoid, swiglu, or any transformers activation", default="tanh")
@@ -92,6 +95,14 @@ class TrainConfig:
     key_internal_layers: int = _help("depth of the nonlinear key MLP, as the released make_mlp: 1 = one linear map; "
                                      "L >= 2 = L + 1 linear layers (input, L - 1 hidden-to-hidden, output)", default=2)
     learn_doc_keys: bool = _help("train the document keys too (fixed by default, as released)", default=False)
+    memory_init: str = _help("released: every memory layer orthogonal, as released (a fresh memory changes the LM's "
+                             "output); zero_output: W_out and b_out start at zero, so training starts from the plain LM "
+                             "(with an --lm_act whose value at 0 is 0, e.g. gelu)", default="released")
+    lora_rank: int = _help("--document_memory lora/lora_shared: the adapters' rank; 0 = auto: the rank whose total "
+                           "trainable parameters come closest to the keyed memory's at the same settings", default=0)
+    lora_targets: str = _help("--document_memory lora/lora_shared: the modules of block --hook_memory_layer that get "
+                              "adapters: mlp (its MLP projections), attention, all, or comma-separated names within "
+                              "the block (e.g. mlp.down_proj)", default="mlp")
     # --- sharding and forgetting (docmem/sharding.py) ---
     memory_shards: int = _help("split the documents into this many isolated shards (SISA), by position in the draw: each "
                                "its own memory, keys, optimizer and random stream; 1 = one memory", default=1)
@@ -156,6 +167,10 @@ class TrainConfig:
         return self.document_memory == "keyed"
 
     @property
+    def uses_lora(self) -> bool:
+        return self.document_memory in LORA_MEMORIES
+
+    @property
     def guidance_active(self) -> bool:
         return self.uses_keys and self.guidance > 0
 
@@ -199,6 +214,7 @@ class TrainConfig:
         choice("precision", PRECISIONS)
         choice("document_memory", DOCUMENT_MEMORIES)
         choice("memory_module", MEMORY_MODULES)
+        choice("memory_init", MEMORY_INITS)
         choice("document_key_module_type", MODULE_TYPES)
         choice("negative_key_type", NEGATIVE_KEY_TYPES)
         choice("guidance_loss", GUIDANCE_LOSSES)
@@ -227,6 +243,16 @@ class TrainConfig:
             at_least(flag, 0)
         if self.memory_shards < 1 or self.memory_shards > self.max_labels:
             raise ConfigError("memory_shards", self.memory_shards, f"must lie in 1..--max_labels ({self.max_labels})")
+        if self.lora_rank < 0:
+            raise ConfigError("lora_rank", self.lora_rank, "must be >= 1 (or 0: auto, matched to the keyed memory)")
+        if self.uses_lora:
+            if self.resume is not None:
+                raise ConfigError("resume", self.resume, "a LoRA baseline run cannot be resumed: start it again")
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise ConfigError("document_memory", self.document_memory, "LoRA baselines run in one process "
+                                                                           "(not under torchrun)")
+            if self.reference_loop:
+                raise ConfigError("reference_loop", True, "not used by LoRA baselines (they run the fast path)")
         if self.memory_shards > 1 and not self.uses_keys:
             raise ConfigError("memory_shards", self.memory_shards, "a shared memory (no keys) cannot be sharded: "
                                                                    "use --document_memory keyed")

@@ -225,19 +225,23 @@ def documents_mismatch(saved: list[Any], documents: list[wikitext.Document]) -> 
     return None
 
 
+def memory_config_for(config: TrainConfig, hidden_size: int, num_docs: int) -> MemoryConfig:
+    """The MemoryConfig a run's flags ask for."""
+    return MemoryConfig(
+        hidden_size=hidden_size, num_docs=num_docs, memory_dim=config.hook_memory_dim,
+        key_dim=config.key_dim, key_activation=config.key_activation, lm_act=config.lm_act,
+        module_type=config.document_key_module_type, key_internal_dim=config.key_internal_dim,
+        key_internal_layers=config.key_internal_layers, key_internal_activation=config.key_internal_activation,
+        learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys, init=config.memory_init)
+
+
 def new_memory(config: TrainConfig, foundation: Foundation, documents: list[wikitext.Document]) -> DocumentMemory:
     """A freshly initialised memory for the config and documents, on the device of its hooked block.
 
     A run on part of its draw (a shard, --exclude_docs) draws the key matrix for all --max_labels
     positions and keeps its documents' rows: a document's key does not depend on which others exist."""
     subset = is_subset_run(config)
-    memory_config = MemoryConfig(
-        hidden_size=foundation.hidden_size, num_docs=config.max_labels if subset else len(documents),
-        memory_dim=config.hook_memory_dim,
-        key_dim=config.key_dim, key_activation=config.key_activation, lm_act=config.lm_act,
-        module_type=config.document_key_module_type, key_internal_dim=config.key_internal_dim,
-        key_internal_layers=config.key_internal_layers, key_internal_activation=config.key_internal_activation,
-        learn_doc_keys=config.learn_doc_keys, use_keys=config.uses_keys)
+    memory_config = memory_config_for(config, foundation.hidden_size, config.max_labels if subset else len(documents))
     memory = DocumentMemory(memory_config, generator=torch.Generator().manual_seed(config.train_seed))
     if subset:
         state = memory.state_dict()
@@ -255,7 +259,7 @@ class LoadedRun:
     config: TrainConfig
     saved: dict[str, Any]  # config.yaml as written (with resolved and documents)
     foundation: Foundation
-    memory: DocumentMemory | ShardedMemory
+    memory: DocumentMemory | ShardedMemory | None  # None: a baseline (LoRA, the prompt), scored by its own engine
     documents: list[wikitext.Document]  # in key order
     dtype: torch.dtype
     head_dtype: torch.dtype | None = None  # the vocabulary head's products when scoring (None: the head's own)

@@ -74,8 +74,8 @@ def test_smoke_runs_every_stage(tmp_path):
     d = stages["d"]["figures"]["compare"]
     assert len(d) == 2 and {"keyed", "shared"} <= set(stages["d"]["figures"]["training"])
     e = stages["e"]["figures"]["rows"]
-    assert len(e) == 2 and not [r for r in e if "missing" in r]
-    assert {(r["kind"], r["documents"], r["entries"]) for r in e} == {("keyed", 3, 4), ("shared", 3, 4)}
+    assert len(e) == 3 and not [r for r in e if "missing" in r]
+    assert {(r["kind"], r["documents"], r["entries"]) for r in e} == {("keyed", 3, 4), ("shared", 3, 4), ("lora", 3, 4)}
     assert e[0]["recall_own"] is not None and e[0]["ce_own"] > 0
     # every figure has the command that reproduces it
     commands = [c["command"] for s in stages.values() for c in s["commands"]]

@@ -1,6 +1,7 @@
 """Stage e: `run.sh capacity`, how many documents one memory holds: keyed and shared memories of 32
-entries on 10, 50 and 200 fictional documents (6 runs at once on the GPU), each evaluated, one table
-and one plot. The preset's 256-entry runs are left out to fit the stage in its limit."""
+entries and per-document LoRA matched to the keyed memory's parameters, on 10, 50 and 200 fictional
+documents (9 runs at once on the GPU), each evaluated, one table and one plot. The preset's 256-entry runs
+are left out to fit the stage in its limit."""
 from __future__ import annotations
 
 import shutil
@@ -14,12 +15,13 @@ SMOKE_EVAL_ARGS = "--grid 0 --prompt_tokens 8 --new_tokens 8 --max_other_keys 1 
 
 
 def stage_e(st: Stage) -> None:
-    # 6 processes on 16 cores: 2 threads each, so they do not oversubscribe the CPU
+    # 9 processes on 16 cores: 1 thread each, so they do not oversubscribe the CPU
     env = {"CAPACITY_DIR": str(st.work), "CAPACITY_DOCS": "10 50 200", "CAPACITY_ENTRIES": "32",
-           "CAPACITY_JOBS": "6", "OMP_NUM_THREADS": "2", "EVAL_ARGS": EVAL_ARGS}
+           "CAPACITY_METHODS": "keyed shared lora", "CAPACITY_JOBS": "9", "OMP_NUM_THREADS": "1",
+           "EVAL_ARGS": EVAL_ARGS}
     flags: list[str] = []
     if st.smoke:
-        env.update(CAPACITY_DOCS="3", CAPACITY_ENTRIES="4", CAPACITY_JOBS="2", OMP_NUM_THREADS="1",
+        env.update(CAPACITY_DOCS="3", CAPACITY_ENTRIES="4", CAPACITY_JOBS="3", OMP_NUM_THREADS="1",
                    EVAL_ARGS=SMOKE_EVAL_ARGS)
         flags = [*st.tiny_flags(), "--num_epochs", "2"]
     result = st.run("capacity", ["bash", "run.sh", "capacity", *flags], env=env, check=False)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import wikitext
 from docmem.batching import Batch, make_batches
-from docmem.engines import NO_MEMORY, FastEngine, KeySet
+from docmem.engines import NO_MEMORY, FastEngine, KeySet, LossEngine
 from docmem.evaluation.options import EvalOptions
 from docmem.run_folder import LoadedRun
 
@@ -34,7 +34,10 @@ class CETable:
     """Mean token CE of a document's segments under given key sets, with the prefix cached once
     and each (row, column) scored once."""
 
-    def __init__(self, run: LoadedRun, documents: Sequence[wikitext.Document], options: EvalOptions) -> None:
+    def __init__(self, run: LoadedRun, documents: Sequence[wikitext.Document], options: EvalOptions,
+                 engine: LossEngine | None = None) -> None:
+        """engine: how a column is scored (default: the run's memory above its cached prefix; a baseline
+        gives its own, whose columns are adapter names or documents in the prompt)."""
         self.memory = run.memory
         self.per_pass = options.key_sets_per_pass
         batches = make_batches(list(documents), run.foundation.tokenizer, run.config.batch_size,
@@ -44,8 +47,9 @@ class CETable:
             # per_document means per row (the engine groups by chunk_of_row): one CE per segment
             rows = torch.arange(batch.input_ids.shape[0])
             self.by_doc[int(batch.doc_ids[0])].append(replace(batch, chunk_of_row=rows))
-        self.engine = FastEngine(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype,
-                                 cache_budget_bytes=int(run.config.cache_budget_gb * (1 << 30)), head_dtype=run.head_dtype)
+        self.engine = engine or FastEngine(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype,
+                                           cache_budget_bytes=int(run.config.cache_budget_gb * (1 << 30)),
+                                           head_dtype=run.head_dtype)
         # batch index -> column -> each row's CE sum (float64) ; batch index -> each row's scored tokens
         self.sums: dict[int, dict[Column, np.ndarray]] = {}
         self.row_tokens: dict[int, np.ndarray] = {
@@ -104,15 +108,28 @@ class CETable:
 
 
 def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikitext.Document]) -> dict[str, Any]:
-    n = len(documents)
+    """The keyed memory's document x key CE matrix (a shared memory: memory and no_memory per document)."""
     titles = [d.title for d in documents]
     if not run.config.uses_keys:
-        rows = [table.ce(d, [None, NO_MEMORY]) for d in range(n)]
-        return {"titles": titles, "matrix": None, "shared_memory": True,
-                "memory": [r[0] for r in rows], "no_memory": [r[1] for r in rows],
-                "note": "a shared memory has no keys: one CE per document with the memory and without it"}
-    keys = run.memory.doc_keys.detach()[:n]
-    columns = [keys[j] for j in range(n)] + [None, NO_MEMORY]
+        return shared_ce(table, titles, None)
+    keys = run.memory.doc_keys.detach()[:len(documents)]
+    return ce_matrix(table, titles, [keys[j] for j in range(len(documents))], {"no_key": None, "no_memory": NO_MEMORY})
+
+
+def shared_ce(table: CETable, titles: list[str], memory_column: KeySet) -> dict[str, Any]:
+    """One CE per document with the (shared) memory and without it."""
+    rows = [table.ce(d, [memory_column, NO_MEMORY]) for d in range(len(titles))]
+    return {"titles": titles, "matrix": None, "shared_memory": True,
+            "memory": [r[0] for r in rows], "no_memory": [r[1] for r in rows],
+            "note": "a shared memory has no keys: one CE per document with the memory and without it"}
+
+
+def ce_matrix(table: CETable, titles: list[str], doc_columns: Sequence[KeySet], extra: dict[str, KeySet]
+              ) -> dict[str, Any]:
+    """Documents x conditions: doc_columns[j] is document j's condition (its key, adapter, text in the
+    prompt); `extra` adds named columns (no_key, no_memory) as one list each."""
+    n = len(titles)
+    columns = list(doc_columns) + list(extra.values())
     with tqdm(total=sum(table.pending(d, columns) for d in range(n)), desc="CE matrix", unit="key",
               dynamic_ncols=True) as bar:
         rows = [table.ce(d, columns, bar) for d in range(n)]
@@ -121,7 +138,7 @@ def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikit
     argmins = [int(np.argmin(matrix[i])) for i in range(n)]
     return {
         "titles": titles, "matrix": matrix.tolist(), "rows": "documents", "columns": "keys (same order)",
-        "no_key": [r[n] for r in rows], "no_memory": [r[n + 1] for r in rows],
+        **{name: [r[n + k] for r in rows] for k, name in enumerate(extra)},
         "diagonal_mean": float(np.diag(matrix).mean()), "off_diagonal_mean": float(off.mean()) if off.size else None,
         "row_argmin": argmins, "diagonal_lowest_rows": sum(a == i for i, a in enumerate(argmins)),
         "diagonal_lowest_every_row": all(a == i for i, a in enumerate(argmins)),

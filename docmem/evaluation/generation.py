@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,6 +145,34 @@ def row_conditions(keys: KeySet | Sequence[KeySet], rows: int) -> list[KeySet]:
     return conditions
 
 
+GenerateBatch = Callable[[list[int], dict[str, Any]], torch.Tensor]  # (rows, generate()'s kwargs) -> token ids
+
+
+@torch.no_grad()
+def greedy_rows(foundation: Foundation, prompts: Sequence[Sequence[int]], wanted: Sequence[int], batch_size: int,
+                generate_batch: GenerateBatch) -> list[list[int]]:
+    """Greedy continuations of token rows (new ids, cut at the first end-of-text and at each row's wanted
+    length). Rows are batched longest-wanted first, so each batch generates only as far as its longest
+    row needs; generate_batch(rows, kwargs) runs one batch (setting up that batch's conditions first)."""
+    pad_id = foundation.tokenizer.pad_token_id
+    stop = _stop_ids(foundation)
+    order = sorted(range(len(prompts)), key=lambda i: -wanted[i])  # stable: ties keep prompt order
+    out: list[list[int]] = [[] for _ in prompts]
+    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", dynamic_ncols=True,
+                      leave=False):
+        rows = order[start: start + batch_size]
+        ids, mask = prompt_batch([prompts[i] for i in rows], pad_id)
+        device = foundation.input_device
+        generated = generate_batch(rows, {
+            "input_ids": ids.to(device), "attention_mask": mask.to(device), "do_sample": False,
+            "max_new_tokens": max(1, max(wanted[i] for i in rows)), "min_new_tokens": 0, "pad_token_id": pad_id,
+            "num_beams": 1, "temperature": None, "top_p": None, "top_k": None})
+        for i, row in zip(rows, generated[:, ids.shape[1]:].tolist()):
+            cut = next((t for t, token in enumerate(row) if token in stop), len(row))
+            out[i] = row[:min(cut, wanted[i])]
+    return out
+
+
 @torch.no_grad()
 def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, prompts: Sequence[Sequence[int]],
                     keys: KeySet | Sequence[KeySet],
@@ -154,87 +182,101 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
     keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key),
     engines.NO_MEMORY (the plain LM), or a list with one of those per row (a (key_dim,) key, None
     or NO_MEMORY): every condition then shares the batches. new_tokens: one count for all rows,
-    or one per row. Rows are batched longest-wanted first, so each batch generates only as far as
-    its longest row needs; the result is in prompt order; a progress bar counts the batches."""
+    or one per row. Rows are batched longest-wanted first (greedy_rows); the result is in prompt
+    order; a progress bar counts the batches."""
     conditions = row_conditions(keys, len(prompts))
     wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     if len(wanted) != len(prompts):
         raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
-    pad_id = foundation.tokenizer.pad_token_id
-    stop = _stop_ids(foundation)
-    order = sorted(range(len(prompts)), key=lambda i: -wanted[i])  # stable: ties keep prompt order
-    out: list[list[int]] = [[] for _ in prompts]
-    starts = range(0, len(order), batch_size)
     with attach_memory(foundation.block(layer), memory) as hook:
-        for start in tqdm(starts, desc="generating", unit="batch", dynamic_ncols=True, leave=False):
-            rows = order[start: start + batch_size]
-            ids, mask = prompt_batch([prompts[i] for i in rows], pad_id)
+        def generate_batch(rows: list[int], kwargs: dict[str, Any]) -> torch.Tensor:
             batch_conditions = [conditions[i] for i in rows]
             hook.enabled = any(not (isinstance(c, str) and c == NO_MEMORY) for c in batch_conditions)
             hook.memory = RowConditions(memory, batch_conditions)
-            device = foundation.input_device
-            generated = foundation.model.generate(
-                input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-                max_new_tokens=max(1, max(wanted[i] for i in rows)), min_new_tokens=0, pad_token_id=pad_id,
-                num_beams=1, temperature=None, top_p=None, top_k=None)
-            for i, row in zip(rows, generated[:, ids.shape[1]:].tolist()):
-                cut = next((t for t, token in enumerate(row) if token in stop), len(row))
-                out[i] = row[:min(cut, wanted[i])]
-    return out
+            return foundation.model.generate(**kwargs)
+
+        return greedy_rows(foundation, prompts, wanted, batch_size, generate_batch)
 
 
-def _row_key(keys: KeySet, row: int) -> KeySet:
-    """One row's condition from a condition's keys: its key, or None / NO_MEMORY for every row."""
-    return keys[row] if isinstance(keys, torch.Tensor) else keys
+Plans = dict[str, list[tuple[int, int | None]]]  # condition -> rows of (prompt index, condition's document or None)
+
+
+def prompts_of(tokenizer: Any, documents: Sequence[wikitext.Document], options: EvalOptions, max_length: int
+               ) -> tuple[list[Prompt], int]:
+    """segment_prompts, refusing when every segment is too short to have anything to recall."""
+    prompts, skipped = segment_prompts(tokenizer, documents, options.prompt_tokens, options.new_tokens, max_length)
+    if not prompts:
+        raise EvalError(f"every segment is shorter than --prompt_tokens {options.prompt_tokens} + 1 tokens: "
+                        "lower --prompt_tokens")
+    return prompts, skipped
+
+
+def plan_conditions(prompts: Sequence[Prompt], num_docs: int, kind: str, max_other_keys: int) -> Plans:
+    """The conditions of a recall evaluation: kind keyed (right_key, other_keys, no_key, no_memory),
+    per_document (a method with one condition per document and no 'no key': right_key, other_keys,
+    no_memory) or shared (memory, no_memory)."""
+    every = [(i, None) for i in range(len(prompts))]
+    plans: Plans = {}
+    if kind in ("keyed", "per_document"):
+        plans["right_key"] = [(i, p.doc) for i, p in enumerate(prompts)]
+        others = [(i, j) for i, p in enumerate(prompts) for j in other_documents(p.doc, num_docs, max_other_keys)]
+        if others:
+            plans["other_keys"] = others
+        if kind == "keyed":
+            plans["no_key"] = list(every)
+    else:
+        plans["memory"] = list(every)
+    plans["no_memory"] = list(every)
+    return plans
 
 
 def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], options: EvalOptions) -> dict[str, Any]:
     """ROUGE of greedy continuations under every condition, per document and averaged."""
     foundation, memory, config = run.foundation, run.memory, run.config
-    tokenizer = foundation.tokenizer
-    prompts, skipped = segment_prompts(tokenizer, documents, options.prompt_tokens, options.new_tokens,
-                                       config.max_length)
-    if not prompts:
-        raise EvalError(f"every segment is shorter than --prompt_tokens {options.prompt_tokens} + 1 tokens: "
-                        "lower --prompt_tokens")
+    prompts, skipped = prompts_of(foundation.tokenizer, documents, options, config.max_length)
+    doc_keys = memory.doc_keys.detach()[:len(documents)]
+    plans = plan_conditions(prompts, len(documents), "keyed" if config.uses_keys else "shared", options.max_other_keys)
+
+    def key_of(condition: str, key_doc: int | None) -> KeySet:
+        if condition == "no_memory":
+            return NO_MEMORY
+        return doc_keys[key_doc] if key_doc is not None else None
+
+    everything = [(c, i, d) for c, rows in plans.items() for i, d in rows]
+    # every condition's rows in one call: they share the batches (and each batch's decoding steps);
+    # generate (and score) as many tokens as the reference has: a segment near its end has fewer
+    # than new_tokens left, and a longer continuation would only dilute precision
+    started = time.time()
+    continuations = generate_greedy(foundation, memory, config.hook_memory_layer, [prompts[i].ids for _, i, _ in everything],
+                                    [key_of(c, d) for c, _, d in everything],
+                                    [len(prompts[i].reference_ids) for _, i, _ in everything], options.gen_batch_size)
+    log.info(f"recall: {len(everything)} generations ({', '.join(f'{c} {len(r)}' for c, r in plans.items())}) "
+             f"in {time.time() - started:.1f}s")
+    return recall_report(RecallInputs(foundation.tokenizer, documents, prompts, skipped, options), plans, continuations)
+
+
+@dataclass
+class RecallInputs:
+    tokenizer: Any
+    documents: Sequence[wikitext.Document]
+    prompts: list[Prompt]
+    skipped: int
+    options: EvalOptions
+
+
+def recall_report(inputs: RecallInputs, plans: Plans, continuations: list[list[int]]) -> dict[str, Any]:
+    """recall.json's content from every condition's continuations (in plan order, condition by condition)."""
+    tokenizer, documents, prompts, options = inputs.tokenizer, inputs.documents, inputs.prompts, inputs.options
     n_docs = len(documents)
-    keyed = config.uses_keys
-    doc_keys = memory.doc_keys.detach()[:n_docs]
-
-    # condition -> (rows of (prompt index, key document or None), keys for generate)
-    plans: dict[str, tuple[list[tuple[int, int | None]], Any]] = {}
-    if keyed:
-        rows = [(i, p.doc) for i, p in enumerate(prompts)]
-        plans["right_key"] = (rows, doc_keys[[p.doc for p in prompts]])
-        rows = [(i, j) for i, p in enumerate(prompts) for j in other_documents(p.doc, n_docs, options.max_other_keys)]
-        if rows:
-            plans["other_keys"] = (rows, doc_keys[[j for _, j in rows]])
-        plans["no_key"] = ([(i, None) for i in range(len(prompts))], None)
-    else:
-        plans["memory"] = ([(i, None) for i in range(len(prompts))], None)
-    plans["no_memory"] = ([(i, None) for i in range(len(prompts))], NO_MEMORY)
-
     per_document: list[dict[str, Any]] = [
         {"title": doc.title, "segments": len(doc.segments), "scored_segments": 0, "conditions": {}}
         for doc in documents]
     for p in prompts:
         per_document[p.doc]["scored_segments"] += 1
     examples: dict[int, dict[str, Any]] = {}
-    # every condition's rows in one call: they share the batches (and each batch's decoding steps)
-    started = time.time()
-    everything = [(condition, i, key_doc, _row_key(keys, r))
-                  for condition, (rows, keys) in plans.items() for r, (i, key_doc) in enumerate(rows)]
-    # generate (and score) as many tokens as the reference has: a segment near its end has fewer
-    # than new_tokens left, and a longer continuation would only dilute precision
-    continuations = generate_greedy(foundation, memory, config.hook_memory_layer,
-                                    [prompts[i].ids for _, i, _, _ in everything], [key for *_, key in everything],
-                                    [len(prompts[i].reference_ids) for _, i, _, _ in everything],
-                                    options.gen_batch_size)
-    decoded_all = [tokenizer.decode(c, skip_special_tokens=True) for c in continuations]
-    log.info(f"recall: {len(everything)} generations ({', '.join(f'{c} {len(r)}' for c, (r, _) in plans.items())}) "
-             f"in {time.time() - started:.1f}s")
-    for condition, (rows, _) in plans.items():
-        decoded = [text for (c, _, _, _), text in zip(everything, decoded_all) if c == condition]
+    decoded_all = iter([tokenizer.decode(c, skip_special_tokens=True) for c in continuations])
+    for condition, rows in plans.items():
+        decoded = [next(decoded_all) for _ in rows]
         scores = rouge_scores(decoded, [prompts[i].reference for i, _ in rows])
         for d in range(n_docs):
             mine = [s for s, (i, _) in zip(scores, rows) if prompts[i].doc == d]
@@ -259,7 +301,7 @@ def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], opti
                      "scored_tokens": "each continuation is as many tokens as its reference (up to new_tokens)",
                      "rouge": "rouge-score RougeScorer(rouge1, rouge2, rougeL), no stemming"},
         "conditions": list(plans),
-        "segments_scored": len(prompts), "segments_skipped_too_short": skipped,
+        "segments_scored": len(prompts), "segments_skipped_too_short": inputs.skipped,
         "mean": mean, "per_document": per_document,
         "examples": [examples[d] for d in sorted(examples)],
     }

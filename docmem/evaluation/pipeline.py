@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 import wikitext
 from docmem import analysis_plots
 from docmem.attribution import evaluate_attribution
-from docmem.config import TrainConfig
+from docmem.config import TrainConfig, load_run_config
+from docmem.evaluation.baselines import evaluate_lora_run
 from docmem.evaluation.ce_table import CETable, evaluate_ce_matrix
 from docmem.evaluation.generation import evaluate_recall
 from docmem.evaluation.landscape import compute_landscape, landscape_skipped, length_report, selection_report
@@ -179,6 +180,10 @@ def evaluate_trained(run_dir: str | Path, config: TrainConfig, foundation: Found
 
 def evaluate_run(run_dir: str | Path, options: EvalOptions, foundation_cache: FoundationCache | None = None
                  ) -> dict[str, Any]:
-    """Load a saved run (or a save_dir's newest finished one) and evaluate it."""
-    run = load_run(resolve_run_dir(run_dir), options.validate(), foundation_cache)
+    """Load a saved run (or a save_dir's newest finished one) and evaluate it (a LoRA baseline run:
+    evaluation/baselines.py, with the same measures and files)."""
+    run_dir = resolve_run_dir(run_dir)
+    if load_run_config(run_dir, flag="run_dir")[0].uses_lora:
+        return evaluate_lora_run(run_dir, options)
+    run = load_run(run_dir, options.validate(), foundation_cache)
     return evaluate_loaded(run, options)
