@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
@@ -58,16 +59,23 @@ def _run(cmd: list[str]) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+def _single_and_ddp(common: list[str], placeholder: Path, root: Path) -> tuple[Path, Path]:
+    """Train `common` (a tiny_argv with save_dir `placeholder`) once in one process with 2 documents a
+    step and once under torchrun with 2 processes; the two save_dirs."""
+    single, ddp = root / "single", root / "ddp"
+    _run([sys.executable, str(ROOT / "train_guidance.py"),
+          *[str(single) if a == str(placeholder) else a for a in common], "--docs_per_step", "2"])
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+          str(ROOT / "train_guidance.py"), *[str(ddp) if a == str(placeholder) else a for a in common]])
+    assert not (ddp / "run_1").exists()  # rank 0 alone wrote
+    return single, ddp
+
+
 def test_torchrun_two_processes_equal_one_with_two_docs_per_step(tiny_lm_dir, tmp_path):
     common = tiny_argv(tiny_lm_dir, tmp_path / "x", "--max_labels", "4", "--num_epochs", "3", "--save_freq", "3")
-    single = [a if a != str(tmp_path / "x") else str(tmp_path / "single") for a in common]
-    multi = [a if a != str(tmp_path / "x") else str(tmp_path / "ddp") for a in common]
-    _run([sys.executable, str(ROOT / "train_guidance.py"), *single, "--docs_per_step", "2"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(ROOT / "train_guidance.py"), *multi])
+    _single_and_ddp(common, tmp_path / "x", tmp_path)
     a = load_tensors(tmp_path / "single" / "run_0" / "memory" / "memory.safetensors")
     b = load_tensors(tmp_path / "ddp" / "run_0" / "memory" / "memory.safetensors")
-    assert not (tmp_path / "ddp" / "run_1").exists()  # rank 0 alone wrote
     for name in a:
         rel = ((a[name] - b[name]).norm() / a[name].norm().clamp(min=1e-12)).item()
         assert rel <= 1e-5, (name, rel)
@@ -84,12 +92,7 @@ def test_torchrun_sharded_run_equals_one_process(tiny_lm_dir, tmp_path):
     processes, and the memory equals that of one process with 2 documents a step. 3 documents: shards of
     2 and 1, so a shard with one document (random negatives, one chunk for two processes) runs too."""
     common = tiny_argv(tiny_lm_dir, tmp_path / "x", "--num_epochs", "3", "--save_freq", "3", "--memory_shards", "2")
-    single = [a if a != str(tmp_path / "x") else str(tmp_path / "single") for a in common]
-    multi = [a if a != str(tmp_path / "x") else str(tmp_path / "ddp") for a in common]
-    _run([sys.executable, str(ROOT / "train_guidance.py"), *single, "--docs_per_step", "2"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-          str(ROOT / "train_guidance.py"), *multi])
-    assert not (tmp_path / "ddp" / "run_1").exists()  # rank 0 alone wrote
+    _single_and_ddp(common, tmp_path / "x", tmp_path)
     for shard in (0, 1):
         a = load_tensors(tmp_path / "single" / "run_0" / "memory" / f"shard_{shard}" / "memory.safetensors")
         b = load_tensors(tmp_path / "ddp" / "run_0" / "memory" / f"shard_{shard}" / "memory.safetensors")
