@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from docmem.batching import make_batches
-from docmem.engines import NO_MEMORY, FastEngine
+from docmem.batching import Batch, one_batch
+from docmem.engines import NO_MEMORY, FastEngine, KeySet
 from docmem.evaluation.options import EvalOptions
 from docmem.forgetting import forget, forgotten_provenance
 from docmem.run_folder import LoadedRun, load_run
@@ -45,29 +45,50 @@ class UnlearnSettings:
 UNLEARN_DEFAULTS = UnlearnSettings()
 
 
-def _mean_ce(engine: FastEngine, batches: list, key_sets: list) -> torch.Tensor:
-    """(len(key_sets),) mean token CE over the batches, one per key (a (key_dim,) tensor) or NO_MEMORY."""
-    total, tokens = 0, 0
-    for batch in batches:
-        rows = batch.input_ids.shape[0]
-        n = int((batch.labels[:, 1:] != -100).sum())
-        sets = [k.expand(rows, -1) if isinstance(k, torch.Tensor) else k for k in key_sets]
-        total = total + torch.stack(engine.losses(batch, sets)) * n
-        tokens += n
-    return total / max(tokens, 1)
+@dataclass(frozen=True)
+class UnlearnBatch:
+    """Every row a step scores, in one batch: each other document once, then D once per key it is
+    asked about (its old key, then each attacker). Position p of `order` is row group p."""
+    batch: Batch
+    order: list[int]  # the document at each position: the others, then D repeated
+    retained: int  # the first `retained` positions are the other documents
+    tokens_of_chunk: torch.Tensor  # (C,) scored tokens of each chunk of the batch
+
+    def keys_of_rows(self, key_of_position: torch.Tensor) -> torch.Tensor:
+        """(positions, key_dim) -> (B, key_dim): each row gets its position's key (gradients flow back)."""
+        return key_of_position[self.batch.doc_ids]
+
+    def document_ce(self, engine: FastEngine, key_set: KeySet) -> torch.Tensor:
+        """(positions,) each position's mean token CE under its key: one engine pass for all of them."""
+        (chunk_ce,) = engine.losses(self.batch, [key_set], per_document=True)
+        chunk_doc = self.batch.chunk_doc_ids.to(chunk_ce.device)
+        tokens = self.tokens_of_chunk.to(chunk_ce.device)
+        zeros = chunk_ce.new_zeros(len(self.order))
+        # a document of several chunks: its token mean = the chunk means weighted by their tokens
+        return zeros.index_add(0, chunk_doc, chunk_ce * tokens) / zeros.index_add(0, chunk_doc, tokens)
+
+
+def unlearn_batch(run: LoadedRun, doc: int, copies: int) -> UnlearnBatch:
+    """The other documents of the run once, then document `doc` `copies` times, as one batch
+    (the engine runs the prefix of D's repeated rows once)."""
+    order = [j for j in range(len(run.documents)) if j != doc] + [doc] * copies
+    batch = one_batch([run.documents[j] for j in order], run.foundation.tokenizer, run.config.batch_size,
+                      run.config.max_length)
+    assert batch.chunk_of_row is not None and batch.chunk_doc_ids is not None
+    scored = (batch.labels[:, 1:] != -100).sum(dim=1).float()
+    tokens = torch.zeros(len(batch.chunk_doc_ids)).index_add(0, batch.chunk_of_row, scored)
+    return UnlearnBatch(batch, order, len(order) - copies, tokens)
 
 
 def unlearn(run: LoadedRun, doc: int, settings: UnlearnSettings) -> tuple[Any, dict[str, Any]]:
     """A new memory (the run's is left alone) fine-tuned to forget document `doc`; and what it did."""
     memory = copy.deepcopy(run.memory).train()
     engine = FastEngine(run.foundation, memory, run.config.hook_memory_layer, run.dtype, head_dtype=run.head_dtype)
-    by_doc: list[list] = [[] for _ in run.documents]
-    for batch in make_batches(run.documents, run.foundation.tokenizer, run.config.batch_size, run.config.max_length):
-        by_doc[int(batch.doc_ids[0])].append(batch)
     keys = memory.doc_keys.detach().clone()
     others = [j for j in range(len(run.documents)) if j != doc]
+    rows = unlearn_batch(run, doc, 1 + len(others) + settings.random_keys)
     with torch.no_grad():
-        target = float(_mean_ce(engine, by_doc[doc], [NO_MEMORY])[0])
+        target = float(rows.document_ce(engine, NO_MEMORY)[rows.retained])
     generator = torch.Generator().manual_seed(settings.seed)
     spread = float(keys.std()) if keys.numel() > 1 else 1.0
     randoms = (torch.randn(settings.random_keys, keys.shape[1], generator=generator) * spread).to(keys)
@@ -76,8 +97,10 @@ def unlearn(run: LoadedRun, doc: int, settings: UnlearnSettings) -> tuple[Any, d
     attacker_opt = torch.optim.Adam([attackers], lr=settings.attacker_lr)
     history = []
     for step in range(settings.steps):
-        retain = torch.stack([_mean_ce(engine, by_doc[j], [keys[j]])[0] for j in others]).mean()
-        ce = _mean_ce(engine, by_doc[doc], [keys[doc], *attackers])
+        # one pass: every other document under its own key, D under its old key and every attacker's
+        ce = rows.document_ce(engine, rows.keys_of_rows(torch.cat([keys[others], keys[doc:doc + 1], attackers])))
+        retain = ce[:rows.retained].mean()
+        ce = ce[rows.retained:]
         forget_term = torch.relu(target - ce).mean()
         optimizer.zero_grad(set_to_none=True)
         attacker_opt.zero_grad(set_to_none=True)
