@@ -13,6 +13,13 @@ find, so the memory cannot hide D near the old key only. They take their gradien
 backward pass, sign flipped (an attacker whose CE already reached tau stays put). The retain
 term keeps the others' text likely under their own keys. The memory is updated with AdamW and
 the run's gradient clipping; the random keys come from a seeded generator (UnlearnSettings.seed).
+
+Cost: a step scores every other document under its key and D under 1 + attackers keys. All of it
+is one batch (`unlearn_batch`: each other document's rows once, then D's rows once per key, each
+row with its own key) and one engine pass: one decoder call, one head, larger products than five
+small passes; D's repeated rows share one prefix, computed once and cached for every step.
+Per-document token means come from the pass's per-chunk means, so the loss is the same as
+scoring each document alone (tests/test_unlearning.py).
 """
 from __future__ import annotations
 
