@@ -12,7 +12,8 @@ CE (they start at every other document's key and at random keys): the keys an at
 find, so the memory cannot hide D near the old key only. They take their gradient from the same
 backward pass, sign flipped (an attacker whose CE already reached tau stays put). The retain
 term keeps the others' text likely under their own keys. The memory is updated with AdamW (beta1
-0.5: short memory of the forget phase's steps) and the run's gradient clipping; the random keys come from a seeded generator (UnlearnSettings.seed).
+0.5: a short memory of the forget phase's steps) and the run's gradient clipping; the random keys
+come from a seeded generator (UnlearnSettings.seed).
 
 Cost: a step scores every other document under its key and D under 1 + attackers keys. All of it
 is one batch (`unlearn_batch`: each other document's rows once, then D's rows once per key, each
