@@ -46,13 +46,15 @@ def test_unlearn_then_the_attack_table(tiny_run, tiny_lm_dir, tmp_path):  # noqa
                                  num_epochs=4, save_freq=4))
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert em.main(["--run_dir", str(run), "--forget", "0", "--reference", str(tmp_path / "ref" / "run_0"),
-                    "--forgotten", str(out), "--grid", "3", "--new_tokens", "8", "--prompt_tokens", "8"]) == 0
+                    "--forgotten", str(out), str(out), "--grid", "3", "--new_tokens", "8", "--prompt_tokens", "8"]) == 0
     report = json.loads((run / "eval" / "forget_attack_doc_00.json").read_text())
-    assert set(report["rows"]) == {"before", "unlearn"} and "attack_ce" in report["reference"]
+    # two memories forgotten the same way: a row each (the second once overwrote the first)
+    assert set(report["rows"]) == {"before", "unlearn", "unlearn (unlearned)"} and "attack_ce" in report["reference"]
+    assert abs(report["rows"]["unlearn"]["attack_ce"] - report["rows"]["unlearn (unlearned)"]["attack_ce"]) < 1e-5
     before = report["rows"]["before"]
     assert before["attack_ce"] <= before["old_key_ce"] + 1e-6
     assert report["rows"]["unlearn"]["old_key_ce"] > before["old_key_ce"]
-    assert (run / "eval" / "forget_attack_doc_00.md").read_text().count("\n| ") == 4  # header, rule, 2 rows
+    assert (run / "eval" / "forget_attack_doc_00.md").read_text().count("\n| ") == 5  # header, rule, 3 rows
     assert exit_code(forget_cli.main, ["--run_dir", str(run), "--doc", "7", "--method", "unlearn"]) == 2
 
 
