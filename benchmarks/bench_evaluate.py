@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -33,11 +34,12 @@ STAGES = {
 }
 
 
-def timed(argv: list[str], log: Path) -> float:
-    """Run a command (stderr to `log`), return its wall time; a failure ends the benchmark with its log's tail."""
+def timed(argv: list[str], log: Path, stdout: Path | None = None) -> float:
+    """Run a command (stderr to `log`, stdout to `stdout` or nowhere), return its wall time; a failure
+    ends the benchmark with its log's tail."""
     started = time.perf_counter()
-    with open(log, "w") as stderr:
-        done = subprocess.run(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr)
+    with open(log, "w") as stderr, open(stdout or os.devnull, "w") as out:
+        done = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=stderr)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]

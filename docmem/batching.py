@@ -82,3 +82,22 @@ def make_batches(documents: list, tokenizer, batch_size: int, max_length: int, d
                                     for i, n in enumerate(rows)]),
         ))
     return batches
+
+
+def one_batch(documents: list, tokenizer, batch_size: int, max_length: int) -> Batch:
+    """Every chunk of every document in one batch, scoring exactly the tokens each chunk scores in
+    its own batch of make_batches: make_batches with a step as large as all the chunks (no
+    wrap-around), rows left padded to the longest chunk; `chunk_of_row` / `chunk_doc_ids` tell each
+    row's chunk and each chunk's document (its position in `documents`)."""
+    chunks = sum(-(-len(doc.segments) // batch_size) for doc in documents)
+    (batch,) = make_batches(documents, tokenizer, batch_size, max_length, docs_per_step=chunks)
+    assert batch.chunk_of_row is not None and batch.chunk_doc_ids is not None
+    # Alone, a chunk is padded to its longest row, whose first token is never a target (nothing
+    # precedes it). Padded further here, that token would be scored, predicted from a pad token.
+    length = batch.attention_mask.sum(dim=1)
+    own = torch.zeros(len(batch.chunk_doc_ids), dtype=length.dtype).scatter_reduce(0, batch.chunk_of_row, length,
+                                                                                    "amax")
+    first = batch.input_ids.shape[1] - own[batch.chunk_of_row]
+    labels = batch.labels.clone()
+    labels[torch.arange(labels.shape[0]), first] = -100
+    return replace(batch, labels=labels)

@@ -5,11 +5,11 @@ hooked LM per key set (positive, then negative), with the library's own loss.
 
 FastEngine: the same numbers for a fraction of the cost. The LM is frozen and in eval mode,
 so everything up to the hooked block is identical in every epoch and for every key. It runs
-that prefix once per batch (no grad) and keeps its output (the prefix cache); each step then
-runs only the memory, the blocks above it, the final norm and a chunked linear+CE, on the
-rows of every key set concatenated into one batch. The decoder's own forward runs both parts
-(its block list swapped for a slice), so attention masks and rotary positions stay the
-library's.
+that prefix once per batch (no grad; a row repeated in the batch only once) and keeps its
+output (the prefix cache); each step then runs only the memory, the blocks above it, the final
+norm and a chunked linear+CE, on the rows of every key set concatenated into one batch. The
+decoder's own forward runs both parts (its block list swapped for a slice), so attention masks
+and rotary positions stay the library's.
 """
 from __future__ import annotations
 
@@ -150,11 +150,15 @@ class FastEngine:
         cached = self.cache.get(batch.index)
         if cached is not None and cached.shape[:2] == batch.input_ids.shape:
             return cached.to(self.block_device, non_blocking=True)
-        on_device = batch.to(self.foundation.input_device)
+        first, copy_of_row = _distinct_rows(batch)
+        input_ids, attention_mask = batch.input_ids[first], batch.attention_mask[first]
+        device = self.foundation.input_device
         lower = nn.ModuleList(list(self.foundation.blocks)[: self.layer + 1])
-        with self._decoder_slice(lower, keep_norm=False) as decoder, _autocast(on_device.input_ids.device, self.dtype):
-            hidden = decoder(input_ids=on_device.input_ids, attention_mask=on_device.attention_mask,
+        with self._decoder_slice(lower, keep_norm=False) as decoder, _autocast(device, self.dtype):
+            hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              use_cache=False).last_hidden_state
+        if copy_of_row is not None:
+            hidden = hidden[copy_of_row.to(hidden.device)]
         self._store(batch.index, hidden)
         return hidden
 
@@ -195,6 +199,24 @@ class FastEngine:
                                          targets[valid].to(head_device), bias=self.head_bias,
                                          chunk_size=self.chunk_size, workspace=self.head_workspace)
         return _reduce(per_token, row_of_token.to(head_device), batch.group_ids, n, per_document)
+
+
+def _distinct_rows(batch: Batch) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+    """The rows to run the prefix on, and for every row which of them it repeats (None: all distinct).
+
+    A row repeated in a batch (forget.py --method unlearn scores one document under several keys
+    in one batch) has the same prefix: it is computed once, in the order rows first appear."""
+    rows = torch.cat([batch.input_ids, batch.attention_mask], dim=1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return slice(None), None
+    position = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full((distinct.shape[0],), rows.shape[0], device=rows.device).scatter_reduce(0, inverse, position,
+                                                                                              "amin")
+    order = torch.argsort(first)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(order.shape[0], device=order.device)
+    return first[order], slot[inverse]
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:

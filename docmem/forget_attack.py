@@ -90,6 +90,8 @@ def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: s
         memory_dir, mem_run = locate_memory(path)
         provenance = read_provenance(memory_dir, mem_run)
         method = ((provenance.get("forgotten") or [{}])[-1]).get("method") or Path(path).name
+        if method in report["rows"]:  # two memories forgotten the same way: one row each, named by folder
+            method = f"{method} ({Path(path).name})"
         mem_titles = [d["title"] for d in provenance.get("documents") or []]
         memory = load_any_memory(memory_dir, device=run.memory.doc_keys.device).eval()
         report["rows"][method] = _memory_row(run, memory, mem_titles, doc, options, settings)

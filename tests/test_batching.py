@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from docmem.batching import make_batches
+from docmem.batching import make_batches, one_batch
 from fixtures_tiny import build_tokenizer
 from foundations import prepare_tokenizer
 from wikitext import Document
@@ -49,3 +49,21 @@ def test_processes_split_the_single_process_batches(tokenizer):
         assert torch.equal(w.labels, torch.cat([a.labels, b.labels]))
         assert torch.equal(w.chunk_doc_ids, a.chunk_doc_ids) and torch.equal(w.chunk_doc_ids, b.chunk_doc_ids)
         assert torch.equal(w.chunk_of_row, torch.cat([a.chunk_of_row, b.chunk_of_row]))
+
+
+def test_one_batch_scores_what_each_chunk_scores_alone(tokenizer):
+    """All chunks in one batch, padded to the longest: each row keeps exactly its own targets (a
+    chunk's longest row's first token, predicted from nothing alone, is not scored when padded)."""
+    documents = docs(3, 5)
+    alone = make_batches(documents, tokenizer, batch_size=2, max_length=64)
+    whole = one_batch(documents, tokenizer, batch_size=2, max_length=64)
+    assert whole.chunk_doc_ids.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2]  # round robin over documents
+    assert whole.input_ids.shape == (15, max(b.input_ids.shape[1] for b in alone))
+    for chunk, doc in enumerate(whole.chunk_doc_ids.tolist()):
+        batch = [b for b in alone if b.doc_ids[0] == doc][chunk // 3]
+        rows = whole.chunk_of_row == chunk
+        assert torch.equal(whole.doc_ids[rows], batch.doc_ids)
+        for mine, own in zip(whole.labels[rows], batch.labels):
+            assert torch.equal(mine[1:][mine[1:] != -100], own[1:][own[1:] != -100])
+        # the padding only moved: the same tokens, as many real ones
+        assert torch.equal(whole.attention_mask[rows].sum(1), batch.attention_mask.sum(1))

@@ -182,3 +182,26 @@ def test_per_document_means_of_a_mixed_batch(arch):
             whole = engine.losses(mixed, [memory.keys_for(mixed.doc_ids)])[0]
             tokens = torch.tensor([(p.labels[:, 1:] != -100).sum().item() for p in parts], dtype=torch.float32)
             torch.testing.assert_close(whole, (pos_means * tokens).sum() / tokens.sum(), rtol=1e-5, atol=0)
+
+
+def test_a_repeated_row_runs_the_prefix_once(arch):
+    """A batch repeating rows (unlearning scores one document under several keys) runs the LM below
+    the hook on its distinct rows only, and every row gets the prefix it would get alone."""
+    foundation, memory = setup(arch, 2)
+    parts = make_batches(True)
+    rows = [0, 1, 2, 3, 0, 1, 0, 1, 4]
+    ids, mask, labels = (torch.cat([getattr(b, f) for b in parts])[rows] for f in ("input_ids", "attention_mask",
+                                                                                      "labels"))
+    repeated = Batch(0, torch.tensor([0, 0, 1, 1, 0, 0, 0, 0, 2]), ids, mask, labels)
+    distinct = Batch(1, repeated.doc_ids[[0, 1, 2, 3, 8]], ids[[0, 1, 2, 3, 8]], mask[[0, 1, 2, 3, 8]],
+                     labels[[0, 1, 2, 3, 8]])
+    engine = FastEngine(foundation, memory, 2, torch.float32)
+    seen: list[int] = []
+    hook = foundation.blocks[0].register_forward_pre_hook(lambda _, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[0]), with_kwargs=True)
+    try:
+        shared = engine.prefix(repeated)
+    finally:
+        hook.remove()
+    assert seen == [5]  # the 5 distinct rows of 9
+    torch.testing.assert_close(shared, engine.prefix(distinct)[[0, 1, 2, 3, 0, 1, 0, 1, 4]], rtol=0, atol=0)

@@ -2,14 +2,22 @@
 --forget's attack table against a reference run trained without the document."""
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
+
+import pytest
+import torch
 
 import evaluate_memory as em
 import forget as forget_cli
+from docmem.batching import make_batches
+from docmem.engines import FastEngine
 from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.options import EvalOptions
 from docmem.key_attack import AttackSettings, attack, attack_starts
 from docmem.run_folder import load_run
+from docmem.unlearning import unlearn_batch
 from fixtures_memory import copy_run, exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 from fixtures_tiny import run_training, tiny_argv
 
@@ -38,11 +46,62 @@ def test_unlearn_then_the_attack_table(tiny_run, tiny_lm_dir, tmp_path):  # noqa
                                  num_epochs=4, save_freq=4))
     assert ref.returncode == 0, ref.stderr[-2000:]
     assert em.main(["--run_dir", str(run), "--forget", "0", "--reference", str(tmp_path / "ref" / "run_0"),
-                    "--forgotten", str(out), "--grid", "3", "--new_tokens", "8", "--prompt_tokens", "8"]) == 0
+                    "--forgotten", str(out), str(out), "--grid", "3", "--new_tokens", "8", "--prompt_tokens", "8"]) == 0
     report = json.loads((run / "eval" / "forget_attack_doc_00.json").read_text())
-    assert set(report["rows"]) == {"before", "unlearn"} and "attack_ce" in report["reference"]
+    # two memories forgotten the same way: a row each (the second once overwrote the first)
+    assert set(report["rows"]) == {"before", "unlearn", "unlearn (unlearned)"} and "attack_ce" in report["reference"]
+    assert abs(report["rows"]["unlearn"]["attack_ce"] - report["rows"]["unlearn (unlearned)"]["attack_ce"]) < 1e-5
     before = report["rows"]["before"]
     assert before["attack_ce"] <= before["old_key_ce"] + 1e-6
     assert report["rows"]["unlearn"]["old_key_ce"] > before["old_key_ce"]
-    assert (run / "eval" / "forget_attack_doc_00.md").read_text().count("\n| ") == 4  # header, rule, 2 rows
+    assert (run / "eval" / "forget_attack_doc_00.md").read_text().count("\n| ") == 5  # header, rule, 3 rows
     assert exit_code(forget_cli.main, ["--run_dir", str(run), "--doc", "7", "--method", "unlearn"]) == 2
+
+
+def _per_document_ce(engine: FastEngine, batches: list, key: torch.Tensor) -> torch.Tensor:
+    """The computation one pass replaced: a document's token-mean CE over its own batches, one key."""
+    total, tokens = 0, 0
+    for batch in batches:
+        n = int((batch.labels[:, 1:] != -100).sum())
+        total = total + engine.losses(batch, [key.expand(batch.input_ids.shape[0], -1)])[0] * n
+        tokens += n
+    return total / tokens
+
+
+@pytest.mark.parametrize("batch_size", [16, 1])  # one chunk a document; one chunk a segment (weighted means)
+def test_one_pass_equals_the_per_document_losses(tiny_run, batch_size):  # noqa: F811
+    """Each other document under its own key and D under its old key and every attacker key, in one
+    batch and one engine pass: the same retain and forget terms, and gradients, as separate passes."""
+    run = load_run(tiny_run)
+    # segments of unequal lengths: padding inside a document's batch, chunks of unequal weight
+    documents = [replace(d, segments=[d.segments[0], d.segments[1][:len(d.segments[1]) // (2 + i)]])
+                 for i, d in enumerate(run.documents)]
+    run = replace(run, config=replace(run.config, batch_size=batch_size), documents=documents)
+    doc, others = 1, [0, 2]
+    memory = copy.deepcopy(run.memory)
+    keys = memory.doc_keys.detach()
+    attackers = torch.cat([keys[others], torch.randn(2, keys.shape[1], generator=torch.Generator().manual_seed(0))])
+    by_doc: list[list] = [[] for _ in run.documents]
+    for batch in make_batches(run.documents, run.foundation.tokenizer, batch_size, run.config.max_length):
+        by_doc[int(batch.doc_ids[0])].append(batch)
+    assert all(len(b) == (1 if batch_size == 16 else 2) for b in by_doc)
+
+    engine = FastEngine(run.foundation, memory, run.config.hook_memory_layer, torch.float32)
+    ce_alone = torch.stack([_per_document_ce(engine, by_doc[j], keys[j]) for j in others]
+                           + [_per_document_ce(engine, by_doc[doc], k) for k in [keys[doc], *attackers]])
+    target = float(ce_alone[len(others):].detach().median())  # the hinge live for some keys, not all
+
+    def terms(ce_of_docs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([ce_of_docs[:len(others)].mean(), torch.relu(target - ce_of_docs[len(others):]).mean()])
+
+    alone = terms(ce_alone)
+    alone_grad = torch.autograd.grad(alone.sum(), list(memory.trainable_parameters()))
+    rows = unlearn_batch(run, doc, 1 + len(attackers))
+    assert rows.order == [*others, *[doc] * 5] and rows.retained == len(others)
+    one = FastEngine(run.foundation, memory, run.config.hook_memory_layer, torch.float32)
+    joint = terms(rows.document_ce(one, rows.keys_of_rows(torch.cat([keys[others], keys[doc:doc + 1], attackers]))))
+    joint_grad = torch.autograd.grad(joint.sum(), list(memory.trainable_parameters()))
+    torch.testing.assert_close(joint, alone, rtol=1e-5, atol=1e-6)
+    for a, b in zip(joint_grad, alone_grad):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert alone[1] > 0
