@@ -20,7 +20,6 @@ from docmem.batching import left_pad
 from docmem.engines import NO_MEMORY, KeySet
 from docmem.errors import EvalError
 from docmem.evaluation.options import EvalOptions
-from docmem.kv_cache import cache_kwargs
 from docmem.run_folder import LoadedRun
 from document_memories import DocumentMemory
 from foundations import Foundation
@@ -164,11 +163,10 @@ def greedy_rows(foundation: Foundation, prompts: Sequence[Sequence[int]], wanted
         rows = order[start: start + batch_size]
         ids, mask = prompt_batch([prompts[i] for i in rows], pad_id)
         device = foundation.input_device
-        kwargs = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "do_sample": False,
-                  "max_new_tokens": max(1, max(wanted[i] for i in rows)), "min_new_tokens": 0, "pad_token_id": pad_id,
-                  "num_beams": 1, "temperature": None, "top_p": None, "top_k": None}
-        kwargs.update(cache_kwargs(foundation.model))  # a cache that grows in place, not by torch.cat
-        generated = generate_batch(rows, kwargs)
+        generated = generate_batch(rows, {
+            "input_ids": ids.to(device), "attention_mask": mask.to(device), "do_sample": False,
+            "max_new_tokens": max(1, max(wanted[i] for i in rows)), "min_new_tokens": 0, "pad_token_id": pad_id,
+            "num_beams": 1, "temperature": None, "top_p": None, "top_k": None})
         for i, row in zip(rows, generated[:, ids.shape[1]:].tolist()):
             cut = next((t for t, token in enumerate(row) if token in stop), len(row))
             out[i] = row[:min(cut, wanted[i])]
