@@ -81,7 +81,24 @@ def make_batches(documents: list, tokenizer, batch_size: int, max_length: int, d
             chunk_of_row=torch.cat([torch.full((n,), rank * docs_per_step + i, dtype=torch.long)
                                     for i, n in enumerate(rows)]),
         ))
+        batches[-1] = _own_targets(batches[-1], [p["input_ids"].shape[1] for p in parts])
     return batches
+
+
+def _own_targets(batch: Batch, chunk_lengths: list[int]) -> Batch:
+    """Every chunk scores the tokens it scores alone. Alone, a chunk is padded to its longest row,
+    whose first token is never a target (nothing precedes it); padded further to a longer chunk of
+    its group, that token would be scored, predicted from a pad token. One chunk per batch (the
+    released order) is never padded further: the batch is returned as it is."""
+    length = batch.input_ids.shape[1]
+    if all(n == length for n in chunk_lengths):
+        return batch
+    assert batch.chunk_of_row is not None
+    local = batch.chunk_of_row - int(batch.chunk_of_row.min())  # this process's chunks, in order
+    first = length - torch.tensor(chunk_lengths)[local]  # each row's chunk's first column
+    labels = batch.labels.clone()
+    labels[torch.arange(labels.shape[0]), first] = -100
+    return replace(batch, labels=labels)
 
 
 def one_batch(documents: list, tokenizer, batch_size: int, max_length: int) -> Batch:
@@ -91,13 +108,4 @@ def one_batch(documents: list, tokenizer, batch_size: int, max_length: int) -> B
     row's chunk and each chunk's document (its position in `documents`)."""
     chunks = sum(-(-len(doc.segments) // batch_size) for doc in documents)
     (batch,) = make_batches(documents, tokenizer, batch_size, max_length, docs_per_step=chunks)
-    assert batch.chunk_of_row is not None and batch.chunk_doc_ids is not None
-    # Alone, a chunk is padded to its longest row, whose first token is never a target (nothing
-    # precedes it). Padded further here, that token would be scored, predicted from a pad token.
-    length = batch.attention_mask.sum(dim=1)
-    own = torch.zeros(len(batch.chunk_doc_ids), dtype=length.dtype).scatter_reduce(0, batch.chunk_of_row, length,
-                                                                                    "amax")
-    first = batch.input_ids.shape[1] - own[batch.chunk_of_row]
-    labels = batch.labels.clone()
-    labels[torch.arange(labels.shape[0]), first] = -100
-    return replace(batch, labels=labels)
+    return batch

@@ -35,7 +35,9 @@ def test_docs_per_step_groups_different_documents_and_wraps(tokenizer):
     for b in batches:
         assert len(set(b.doc_ids.tolist())) == 2
         assert b.input_ids.shape == b.attention_mask.shape == b.labels.shape
-        assert torch.equal(b.labels == -100, b.attention_mask == 0)
+        assert (b.labels[b.attention_mask == 0] == -100).all()
+        # a real token goes unscored only where a chunk padded further keeps its own targets: one per row at most
+        assert ((b.labels == -100) & (b.attention_mask == 1)).sum(dim=1).le(1).all()
         assert (b.attention_mask[:, -1] == 1).all()  # left padding
 
 
@@ -67,3 +69,20 @@ def test_one_batch_scores_what_each_chunk_scores_alone(tokenizer):
             assert torch.equal(mine[1:][mine[1:] != -100], own[1:][own[1:] != -100])
         # the padding only moved: the same tokens, as many real ones
         assert torch.equal(whole.attention_mask[rows].sum(1), batch.attention_mask.sum(1))
+
+
+def test_a_chunk_in_a_group_scores_what_it_scores_alone(tokenizer):
+    """docs_per_step > 1: a chunk padded to its group's longest chunk scores exactly the tokens it
+    scores in its own batch, so its loss does not depend on the documents it is grouped with."""
+    documents = docs(5, 3)
+    alone = make_batches(documents, tokenizer, batch_size=3, max_length=64)  # one batch per document
+    grouped = make_batches(documents, tokenizer, batch_size=3, max_length=64, docs_per_step=2)
+    padded_further = 0
+    for b in grouped:
+        for chunk, doc in enumerate(b.chunk_doc_ids.tolist()):
+            rows = b.chunk_of_row == chunk
+            own = alone[doc]
+            padded_further += b.input_ids.shape[1] > own.input_ids.shape[1]
+            for mine, ref in zip(b.labels[rows], own.labels):
+                assert torch.equal(mine[1:][mine[1:] != -100], ref[1:][ref[1:] != -100])
+    assert padded_further > 0  # the case that needs it occurs
