@@ -21,6 +21,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,6 +49,23 @@ def timed(argv: list[str], log: Path, stdout: Path | None = None) -> float:
     return seconds
 
 
+@contextmanager
+def work_folder(keep: str | None, prefix: str) -> Iterator[Path]:
+    """A benchmark's folder: `keep` (made if needed, kept afterwards) or a temporary one."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        work = Path(keep) if keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        yield work
+
+
+def train_demo(work: Path, demo_args: str) -> tuple[float, Path]:
+    """`bash run.sh demo` into work/demo, timed by wall clock as a user sees it: (seconds, its run_0)."""
+    seconds = timed(["bash", "run.sh", "demo", "--save_dir", str(work / "demo"), *demo_args.split()],
+                    work / "demo.log")
+    print(f"bash run.sh demo: {seconds:.1f}s", flush=True)
+    return seconds, work / "demo" / "run_0"
+
+
 def stage_times(log: Path) -> dict[str, float]:
     """The stages' times from an evaluation's log (tqdm's carriage returns split lines too)."""
     found: dict[str, float] = {}
@@ -67,18 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="train into this folder (kept) instead of a temporary one")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="bench_evaluate_") as tmp:
-        work = Path(args.keep) if args.keep else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.keep, "bench_evaluate_") as work:
         result: dict[str, object] = {}
         if args.run_dir:
             run_dir = Path(args.run_dir)
         else:
-            save_dir = work / "demo"
-            result["demo_s"] = timed(["bash", "run.sh", "demo", "--save_dir", str(save_dir), *args.demo_args.split()],
-                                     work / "demo.log")
-            run_dir = save_dir / "run_0"
-            print(f"bash run.sh demo: {result['demo_s']:.1f}s", flush=True)
+            result["demo_s"], run_dir = train_demo(work, args.demo_args)
         eval_log = work / "evaluate.log"
         result["evaluate_s"] = timed([sys.executable, "evaluate_memory.py", "--run_dir", str(run_dir),
                                       *args.eval_args.split()], eval_log)

@@ -20,10 +20,9 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
-from benchmarks.bench_evaluate import timed
+from benchmarks.bench_evaluate import timed, train_demo, work_folder
 
 
 def training_seconds(run_dir: Path) -> float | None:
@@ -43,19 +42,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="bench_unlearn_") as tmp:
-        work = Path(args.keep) if args.keep else Path(tmp)
-        work.mkdir(parents=True, exist_ok=True)
+    with work_folder(args.keep, "bench_unlearn_") as work:
         result: dict[str, object] = {"load_average_1m": os.getloadavg()[0]}
         if args.run_dir:
             run_dir = Path(args.run_dir)
             demo_s = args.train_seconds
         else:
-            save_dir = work / "demo"
-            demo_s = timed(["bash", "run.sh", "demo", "--save_dir", str(save_dir), *args.demo_args.split()],
-                           work / "demo.log")
-            run_dir = save_dir / "run_0"
-            print(f"bash run.sh demo: {demo_s:.1f}s", flush=True)
+            demo_s, run_dir = train_demo(work, args.demo_args)
         train_s = training_seconds(run_dir) or args.train_seconds
         if train_s is None:
             raise SystemExit(f"--run_dir {run_dir}: no summary.json with wall_seconds; give --train_seconds")
