@@ -15,6 +15,7 @@ import zipfile
 from benchmarks.gpu_stages import kit as kit_module
 from benchmarks.gpu_stages import wheels as kit_wheels
 from benchmarks.gpu_stages.common import GGUF_FILE
+from benchmarks.gpu_stages.stage_a import outcomes_from_log
 from conftest import ROOT, SHARED_DATA
 from fixtures_tiny import build_local_wikitext, build_tokenizer
 
@@ -190,3 +191,18 @@ def test_a_cut_call_still_returns_the_finished_stages(tmp_path):
     assert results["stages"]["a"]["status"] == "ok" and "b" not in results["stages"]
     assert results["complete"] is False and "still running" in (out / "gpu_check.md").read_text()
     assert "installed 1 wheels" in " ".join(results["kit"]["actions"])
+
+
+def test_a_cut_pytest_run_still_records_the_tests_that_finished(tmp_path):
+    """Stage a on the H200 once ran out of its limit after 13 of 14 tests: their outcomes come from
+    pytest's verbose log, since the JUnit report is written only at the end."""
+    log = tmp_path / "a_pytest.log"
+    log.write_text("$ python -m pytest -m cuda tests/test_cuda.py -v\n"
+                   "============ test session starts ============\n"
+                   "tests/test_cuda.py::test_fast_equals_reference_fp32[gpt_neox-1] PASSED     [  7%]\n"
+                   "tests/test_cuda.py::test_fast_close_to_reference_bf16[llama] FAILED        [ 14%]\n"
+                   "tests/test_cuda.py::test_memory_inside_generate[llama] SKIPPED (no reason) [ 21%]\n"
+                   "tests/test_cuda.py::test_torchrun_one_process_trains_like_plain_run \n")
+    assert outcomes_from_log(log) == {"test_fast_equals_reference_fp32[gpt_neox-1]": "passed",
+                                      "test_fast_close_to_reference_bf16[llama]": "failed",
+                                      "test_memory_inside_generate[llama]": "skipped"}

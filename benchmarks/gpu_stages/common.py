@@ -15,10 +15,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = {"a": "cuda_tests", "b": "speed", "c": "paper_run_timed", "d": "smollm2_keyed_vs_shared", "e": "capacity"}
-# Seconds per stage on one H100/H200 (benchmarks/README.md says how each was estimated). The device
-# tool's calls are sized to at most 5 minutes of work each: call 1 = a + c, call 2 = b + d + e, plus
-# the kit check (~20 s) in each.
-FULL_LIMITS = {"a": 45, "b": 80, "c": 235, "d": 110, "e": 90}
+# Seconds per stage on one H200, sized from the first run there (2026-11-29; benchmarks/README.md gives
+# what each stage took). 15 minutes of device time hold two calls of about 5 and 6.5 minutes (plus the
+# machine's start): a,c then b,d, or a,b then d,e.
+FULL_LIMITS = {"a": 150, "b": 130, "c": 235, "d": 170, "e": 200}
 SMOKE_LIMITS = {"a": 60, "b": 120, "c": 120, "d": 150, "e": 180}  # generous: CI machines vary
 BASE_PACKAGES = ("torch", "transformers", "safetensors", "yaml", "matplotlib", "tqdm", "numpy", "PIL", "accelerate")
 # what each stage needs beyond BASE_PACKAGES; "gguf_model" = the SmolLM2 GGUF file (full mode only)

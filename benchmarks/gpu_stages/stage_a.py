@@ -1,19 +1,39 @@
 """Stage a: the CUDA tests (pytest -m cuda tests/test_cuda.py), counted from their JUnit report; on the
-GPU nothing may skip, since a skip there hides a missing piece."""
+GPU nothing may skip, since a skip there hides a missing piece. pytest runs verbose, so a run cut off by
+the stage's limit still records the outcome of every test that finished (read from its log)."""
 from __future__ import annotations
 
+import re
 import sys
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 from .common import Stage, StageError
+
+# pytest -v prints "tests/test_cuda.py::test_name[param] PASSED   [ 7%]" as each test ends
+_VERBOSE_LINE = re.compile(r"^\S+::(?P<name>\S+) (?P<outcome>PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+
+
+def outcomes_from_log(log: Path) -> dict[str, str]:
+    """Each finished test's outcome, from a verbose pytest log (lower case, as in the JUnit report)."""
+    found = {}
+    for line in log.read_text(errors="replace").splitlines():
+        match = _VERBOSE_LINE.match(line.strip())
+        if match:
+            found[match["name"]] = match["outcome"].lower()
+    return found
 
 
 def stage_a(st: Stage) -> None:
     junit = st.work / "junit.xml"
-    result = st.run("pytest", [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-q", "-rs",
+    result = st.run("pytest", [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "-rs",
                                "-p", "no:cacheprovider", f"--junitxml={junit}"], check=False)
     if result["timed_out"]:
-        raise StageError(f"pytest ran out of the stage's time after {result['seconds']} s")
+        done = outcomes_from_log(st.runner.logs / result["log"])
+        st.figures.update(finished_before_limit=done,
+                          counts={"finished": len(done), "passed": sum(v == "passed" for v in done.values())})
+        raise StageError(f"pytest ran out of the stage's time after {result['seconds']} s, "
+                         f"{len(done)} tests finished ({st.figures['counts']['passed']} passed)")
     try:
         suite = ET.parse(junit).getroot()
     except (OSError, ET.ParseError) as e:
