@@ -100,6 +100,11 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token to pad with")
     tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
+    # A BPE tokenizer decodes without the WordPiece space clean-up: transformers 5.17+ ignores the flag
+    # for BPE (and warns once), earlier 5.x applied it. False gives every version the same text.
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if getattr(tokenizer, "clean_up_tokenization_spaces", False) and type(getattr(backend, "model", None)).__name__ == "BPE":
+        tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
 
 

@@ -126,6 +126,19 @@ def test_prepare_tokenizer_pads_with_eos_on_the_left() -> None:
         prepare_tokenizer(SimpleNamespace(eos_token=None, pad_token=None, padding_side="right"))
 
 
+def test_a_bpe_tokenizer_decodes_without_the_space_clean_up_and_without_a_warning(caplog) -> None:
+    """SmolLM2's tokenizer asks for the WordPiece clean-up, which transformers skips for BPE with a
+    warning in the middle of every evaluation's output; prepare_tokenizer turns the flag off."""
+    tokenizer = build_tokenizer()  # a BPE tokenizer
+    tokenizer.clean_up_tokenization_spaces = True
+    ids = tokenizer("a , b .")["input_ids"]
+    prepare_tokenizer(tokenizer)
+    assert tokenizer.clean_up_tokenization_spaces is False
+    with caplog.at_level(logging.WARNING):
+        text = tokenizer.decode(ids)
+    assert " ," in text and "clean_up_tokenization_spaces" not in caplog.text
+
+
 def test_block_index_out_of_range_names_the_flag_and_the_range() -> None:
     tokenizer = SimpleNamespace(eos_token="<eos>", pad_token=None, padding_side="right", pad_token_id=0)
     foundation = from_model(tiny_model("llama"), tokenizer, name="tiny-llama")

@@ -20,6 +20,7 @@ from docmem.batching import left_pad
 from docmem.engines import NO_MEMORY, KeySet
 from docmem.errors import EvalError
 from docmem.evaluation.options import EvalOptions
+from docmem.greedy import decode_greedy
 from docmem.run_folder import LoadedRun
 from document_memories import DocumentMemory
 from foundations import Foundation
@@ -145,7 +146,8 @@ def row_conditions(keys: KeySet | Sequence[KeySet], rows: int) -> list[KeySet]:
     return conditions
 
 
-GenerateBatch = Callable[[list[int], dict[str, Any]], torch.Tensor]  # (rows, generate()'s kwargs) -> token ids
+GenerateBatch = Callable[[list[int], dict[str, Any]], "torch.Tensor | list[list[int]]"]
+# (rows, generate()'s kwargs) -> generate()'s token ids (prompt and continuation), or each row's new tokens
 
 
 @torch.no_grad()
@@ -167,7 +169,8 @@ def greedy_rows(foundation: Foundation, prompts: Sequence[Sequence[int]], wanted
             "input_ids": ids.to(device), "attention_mask": mask.to(device), "do_sample": False,
             "max_new_tokens": max(1, max(wanted[i] for i in rows)), "min_new_tokens": 0, "pad_token_id": pad_id,
             "num_beams": 1, "temperature": None, "top_p": None, "top_k": None})
-        for i, row in zip(rows, generated[:, ids.shape[1]:].tolist()):
+        new = generated[:, ids.shape[1]:].tolist() if isinstance(generated, torch.Tensor) else generated
+        for i, row in zip(rows, new):
             cut = next((t for t, token in enumerate(row) if token in stop), len(row))
             out[i] = row[:min(cut, wanted[i])]
     return out
@@ -176,24 +179,30 @@ def greedy_rows(foundation: Foundation, prompts: Sequence[Sequence[int]], wanted
 @torch.no_grad()
 def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, prompts: Sequence[Sequence[int]],
                     keys: KeySet | Sequence[KeySet],
-                    new_tokens: int | Sequence[int], batch_size: int = 64) -> list[list[int]]:
+                    new_tokens: int | Sequence[int], batch_size: int = 128) -> list[list[int]]:
     """Greedy continuations (new token ids, cut at the first end-of-text) with the memory on `layer`.
 
     keys: a (rows, key_dim) tensor (one key per prompt), None (memory without a key),
     engines.NO_MEMORY (the plain LM), or a list with one of those per row (a (key_dim,) key, None
     or NO_MEMORY): every condition then shares the batches. new_tokens: one count for all rows,
-    or one per row. Rows are batched longest-wanted first (greedy_rows); the result is in prompt
-    order; a progress bar counts the batches."""
+    or one per row. Rows are batched longest-wanted first (greedy_rows) and decoded by
+    greedy.decode_greedy, which drops each row from its batch when it has its tokens; the result is
+    in prompt order; a progress bar counts the batches."""
     conditions = row_conditions(keys, len(prompts))
     wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     if len(wanted) != len(prompts):
         raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
+    stop = _stop_ids(foundation)
     with attach_memory(foundation.block(layer), memory) as hook:
-        def generate_batch(rows: list[int], kwargs: dict[str, Any]) -> torch.Tensor:
-            batch_conditions = [conditions[i] for i in rows]
-            hook.enabled = any(not (isinstance(c, str) and c == NO_MEMORY) for c in batch_conditions)
-            hook.memory = RowConditions(memory, batch_conditions)
-            return foundation.model.generate(**kwargs)
+        def generate_batch(rows: list[int], kwargs: dict[str, Any]) -> list[list[int]]:
+            def condition_rows(alive: list[int]) -> None:  # the memory's per-row conditions, narrowed with the batch
+                batch_conditions = [conditions[rows[a]] for a in alive]
+                hook.enabled = any(not (isinstance(c, str) and c == NO_MEMORY) for c in batch_conditions)
+                hook.memory = RowConditions(memory, batch_conditions)
+
+            condition_rows(list(range(len(rows))))
+            return decode_greedy(foundation.model, kwargs["input_ids"], kwargs["attention_mask"],
+                                 [max(1, wanted[i]) for i in rows], stop, condition_rows)
 
         return greedy_rows(foundation, prompts, wanted, batch_size, generate_batch)
 

@@ -20,7 +20,7 @@ class EvalOptions:
     l0_threshold: float = 1e-2  # an entry is in use when |s| exceeds this
     max_docs: int | None = None  # evaluate the first N documents only
     max_other_keys: int = 4  # other_keys: at most this many other documents' keys per document
-    gen_batch_size: int = 64  # rows per generate() call
+    gen_batch_size: int = 128  # rows decoded together (each row leaves its batch when it has its tokens)
     key_sets_per_pass: int = 16  # CE: key sets batched into one suffix pass
     device: str = "auto"  # auto: the run's GPU if it had one and one is here, else cpu
     threads: int = 0  # CPU threads for torch (0: torch's default)
