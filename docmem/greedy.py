@@ -28,11 +28,12 @@ def _returned_cache(output):
 
 @torch.no_grad()
 def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, wanted: Sequence[int],
-                  stop_ids: Collection[int], on_rows: Callable[[list[int]], None] | None = None) -> list[list[int]]:
+                  stop_ids: Collection[int], on_rows: Callable[[list[int]], None] | None = None,
+                  on_tokens: Callable[[int], object] | None = None) -> list[list[int]]:
     """Each row's greedy continuation (new token ids): up to wanted[r] tokens, ending with the first
     stop token if one comes. Rows are left padded. on_rows(rows) is called with the indices of the rows
     still decoding whenever some drop out, before the next step (to narrow per-row state such as the
-    memory's per-row keys to them)."""
+    memory's per-row keys to them); on_tokens(n) after each step with the tokens it decoded (a bar)."""
     rows = input_ids.shape[0]
     if len(wanted) != rows:
         raise ValueError(f"{len(wanted)} token counts for {rows} rows")
@@ -52,6 +53,8 @@ def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         tokens = output.logits[:, -1, :].float().argmax(-1).cpu()
         for r, t in zip(alive.tolist(), tokens.tolist()):
             out[r].append(t)
+        if on_tokens is not None:
+            on_tokens(len(alive))
         left = left - 1
         done = (left <= 0) | torch.isin(tokens, stops)
         if bool(done.all()):

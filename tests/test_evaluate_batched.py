@@ -10,7 +10,7 @@ import torch
 
 from docmem.engines import NO_MEMORY, ReferenceEngine
 from docmem.evaluation.ce_table import CETable, column_id
-from docmem.evaluation.generation import generate_greedy, segment_prompts
+from docmem.evaluation.generation import generate_greedy, greedy_rows, segment_prompts
 from docmem.evaluation.landscape import grid_keys, landscape_axis
 from docmem.evaluation.options import EvalOptions
 from docmem.run_folder import load_run
@@ -97,3 +97,33 @@ def test_conditions_share_batches_and_give_each_row_its_own_tokens(run):
     assert any(batched[k] != batched[k + 3] for k in range(0, len(rows), 4))
     with pytest.raises(ValueError, match="keys for"):
         generate_greedy(foundation, memory, layer, rows[:2], conditions[:1], 4)
+
+
+class _Bar:  # what greedy_rows reads of a tqdm bar
+    def __init__(self) -> None:
+        self.n, self.updates = 0, []
+
+    def update(self, k: int) -> None:
+        self.n += k
+        self.updates.append(k)
+
+
+def test_the_generation_bar_counts_every_wanted_token_batch_by_batch(run):
+    """The bar advances as the caller decodes, and each batch tops it up to what its rows wanted (rows
+    ended early by an end-of-text token), so it ends full whatever the stops."""
+    foundation = run.foundation
+    prompts, _ = segment_prompts(foundation.tokenizer, run.documents, 8, 12, run.config.max_length)
+    rows = [p.ids for p in prompts]
+    wanted = [3 + i % 4 for i in range(len(rows))]
+    bar, seen = _Bar(), []
+
+    def generate_batch(batch_rows, kwargs):
+        seen.append(bar.n)
+        bar.update(1)  # as if one token had been decoded, then the rows stopped
+        return [[foundation.tokenizer.eos_token_id] for _ in batch_rows]
+
+    out = greedy_rows(foundation, rows, wanted, 4, generate_batch, bar)
+    assert out == [[] for _ in rows]  # cut at the end-of-text token
+    assert bar.n == sum(wanted)
+    firsts = sorted(wanted, reverse=True)
+    assert seen == [sum(firsts[:k]) for k in range(0, len(rows), 4)]  # each batch started where the last one filled it

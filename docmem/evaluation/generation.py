@@ -152,28 +152,39 @@ GenerateBatch = Callable[[list[int], dict[str, Any]], "torch.Tensor | list[list[
 
 @torch.no_grad()
 def greedy_rows(foundation: Foundation, prompts: Sequence[Sequence[int]], wanted: Sequence[int], batch_size: int,
-                generate_batch: GenerateBatch) -> list[list[int]]:
+                generate_batch: GenerateBatch, bar: tqdm | None = None) -> list[list[int]]:
     """Greedy continuations of token rows (new ids, cut at the first end-of-text and at each row's wanted
     length). Rows are batched longest-wanted first, so each batch generates only as far as its longest
-    row needs; generate_batch(rows, kwargs) runs one batch (setting up that batch's conditions first)."""
+    row needs; generate_batch(rows, kwargs) runs one batch (setting up that batch's conditions first).
+    A progress bar counts the tokens wanted (bar: one the caller advances as it decodes; else one that
+    advances by whole batches); each batch tops it up by what its rows did not need."""
     pad_id = foundation.tokenizer.pad_token_id
     stop = _stop_ids(foundation)
     order = sorted(range(len(prompts)), key=lambda i: -wanted[i])  # stable: ties keep prompt order
     out: list[list[int]] = [[] for _ in prompts]
-    for start in tqdm(range(0, len(order), batch_size), desc="generating", unit="batch", dynamic_ncols=True,
-                      leave=False):
+    progress = bar if bar is not None else generation_bar(wanted)
+    for start in range(0, len(order), batch_size):
         rows = order[start: start + batch_size]
         ids, mask = prompt_batch([prompts[i] for i in rows], pad_id)
         device = foundation.input_device
+        goal = progress.n + sum(max(1, wanted[i]) for i in rows)
         generated = generate_batch(rows, {
             "input_ids": ids.to(device), "attention_mask": mask.to(device), "do_sample": False,
             "max_new_tokens": max(1, max(wanted[i] for i in rows)), "min_new_tokens": 0, "pad_token_id": pad_id,
             "num_beams": 1, "temperature": None, "top_p": None, "top_k": None})
+        progress.update(max(0, goal - progress.n))
         new = generated[:, ids.shape[1]:].tolist() if isinstance(generated, torch.Tensor) else generated
         for i, row in zip(rows, new):
             cut = next((t for t, token in enumerate(row) if token in stop), len(row))
             out[i] = row[:min(cut, wanted[i])]
+    if bar is None:
+        progress.close()
     return out
+
+
+def generation_bar(wanted: Sequence[int]) -> tqdm:
+    return tqdm(total=sum(max(1, w) for w in wanted), desc="generating", unit="token", dynamic_ncols=True,
+                leave=False)
 
 
 @torch.no_grad()
@@ -187,13 +198,13 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
     or NO_MEMORY): every condition then shares the batches. new_tokens: one count for all rows,
     or one per row. Rows are batched longest-wanted first (greedy_rows) and decoded by
     greedy.decode_greedy, which drops each row from its batch when it has its tokens; the result is
-    in prompt order; a progress bar counts the batches."""
+    in prompt order; a progress bar counts the tokens."""
     conditions = row_conditions(keys, len(prompts))
     wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
     if len(wanted) != len(prompts):
         raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
     stop = _stop_ids(foundation)
-    with attach_memory(foundation.block(layer), memory) as hook:
+    with attach_memory(foundation.block(layer), memory) as hook, generation_bar(wanted) as bar:
         def generate_batch(rows: list[int], kwargs: dict[str, Any]) -> list[list[int]]:
             def condition_rows(alive: list[int]) -> None:  # the memory's per-row conditions, narrowed with the batch
                 batch_conditions = [conditions[rows[a]] for a in alive]
@@ -202,9 +213,9 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
 
             condition_rows(list(range(len(rows))))
             return decode_greedy(foundation.model, kwargs["input_ids"], kwargs["attention_mask"],
-                                 [max(1, wanted[i]) for i in rows], stop, condition_rows)
+                                 [max(1, wanted[i]) for i in rows], stop, condition_rows, bar.update)
 
-        return greedy_rows(foundation, prompts, wanted, batch_size, generate_batch)
+        return greedy_rows(foundation, prompts, wanted, batch_size, generate_batch, bar)
 
 
 Plans = dict[str, list[tuple[int, int | None]]]  # condition -> rows of (prompt index, condition's document or None)
