@@ -40,8 +40,10 @@ MEMORY_MODULES = ("linear",)
 # Flags that may differ from the saved config on --resume: they change neither the numbers nor
 # the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
 # and debugging only).
-RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end", "report_to")
+RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end", "report_to",
+                     "summary_process")
 REPORT_TO = ("none", "tensorboard")  # --report_to: docmem/tensorboard_log.py
+SUMMARY_PROCESSES = ("auto", "on", "off")  # --summary_process: docmem/summary_drawing.py
 RUN_CONFIG_NAME = "config.yaml"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -133,6 +135,8 @@ class TrainConfig:
     # --- outputs ---
     save_dir: str = _help("runs are written to save_dir/run_N (N = first free number)", default="outputs/pythia/1b")
     save_freq: int = _help("write a summary (pictures, logit lens) and a checkpoint every this many epochs", default=10)
+    summary_process: str = _help("draw each summary's pictures in a helper process while training goes on: auto (when the "
+                                 "memory trains on a GPU), on, off (in the training process, which waits)", default="auto")
     top_k_tokens: int = _help("tokens listed per document in the logit lens", default=20)
     l0_threshold: float = _help("a memory entry counts as selected (L0) when |s_i| exceeds this", default=1e-2)
     eval_at_end: bool = _help("run evaluate_memory.py's measurements (recall, CE matrix, landscape) when training ends",
@@ -140,8 +144,9 @@ class TrainConfig:
     report_to: str = _help("also log losses, selection statistics and selection heatmaps to: none, tensorboard "
                            "(run_N/tensorboard/; needs the optional tensorboard package)", default="none")
     resume: str | None = _help("continue the interrupted run in this folder (save_dir/run_N) from its checkpoint, "
-                               "with its own config.yaml; only --num_epochs (to extend it), --detect_anomaly and "
-                               "--cache_budget_gb may be given differently", default=None)
+                               "with its own config.yaml; only --num_epochs (to extend it), --detect_anomaly, "
+                               "--cache_budget_gb, --eval_at_end, --report_to and --summary_process may be given "
+                               "differently", default=None)
     # --- debugging ---
     detect_anomaly: bool = _help("torch.autograd anomaly detection: name the operation whose backward gives NaN (slow)",
                                  default=False)
@@ -220,6 +225,7 @@ class TrainConfig:
         choice("guidance_loss", GUIDANCE_LOSSES)
         choice("lr_scheduler", LR_SCHEDULERS)
         choice("report_to", REPORT_TO)
+        choice("summary_process", SUMMARY_PROCESSES)
         if self.report_to == "tensorboard":
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("report_to", self.report_to, "the tensorboard package is not installed "

@@ -28,6 +28,7 @@ from docmem.errors import ConfigError, NonFiniteLoss
 from docmem.evaluation.key_ce import ce_under_keys
 from docmem.signals import StopOnSignal
 from docmem.summaries import SummaryWriter
+from docmem.summary_drawing import draws_in_background
 from docmem.tensorboard_log import TensorBoardLog, open_tensorboard
 from document_memories import DocumentMemory
 from foundations import Foundation, placement
@@ -176,7 +177,8 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
                      documents=documents, batches=batches, memory=memory, engine=engine, optimizer=optimizer,
                      scheduler=make_scheduler(optimizer, config, steps_per_epoch * config.num_epochs),
                      generator=torch.Generator().manual_seed(config.train_seed),
-                     writer=SummaryWriter(run_dir, foundation, memory, [d.title for d in documents], config),
+                     writer=SummaryWriter(run_dir, foundation, memory, [d.title for d in documents], config,
+                                          background=draws_in_background(config.summary_process, device)),
                      stop=stop, dist_ctx=dist_ctx, started=started,
                      tensorboard=open_tensorboard(config.report_to, run_dir, [d.title for d in documents],
                                                   config.key_activation) if dist_ctx.is_main else None)

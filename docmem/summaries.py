@@ -20,6 +20,7 @@ import torch
 
 from docmem import analysis_plots, plots
 from docmem.config import TrainConfig
+from docmem.summary_drawing import DrawingProcess, Frame, FrameDrawer
 from document_memories import DocumentMemory
 from foundations import Foundation
 from utils import final_norm, logit_lens
@@ -29,35 +30,28 @@ log = logging.getLogger(__name__)
 
 class SummaryWriter:
     def __init__(self, run_dir: Path, foundation: Foundation, memory: DocumentMemory, titles: list[str],
-                 config: TrainConfig) -> None:
+                 config: TrainConfig, background: bool = False) -> None:
+        """background: draw the pictures in a helper process (docmem/summary_drawing.py), started at the
+        first summary, while training goes on."""
         self.run_dir, self.foundation, self.memory, self.titles, self.config = run_dir, foundation, memory, titles, config
         self.frames: dict[str, list[Path]] = {"losses": [], "docreps": [], "logits": []}
         # a fixed colour scale where the selection is bounded, so GIF frames compare
         self.vmax = 1.0 if memory.config.key_activation in ("tanh", "sigmoid") else None
-        # the figures, kept from one summary to the next (built at the first): a summary redraws only what changed
-        self.loss_curves: plots.LossCurves | None = None
-        self.heatmap: plots.SelectionHeatmap | None = None
-        self.lens_table: plots.LogitLensTable | None = None
+        self.background = background
+        self.drawer: FrameDrawer | None = None  # the kept figures, when drawing here
+        self.process: DrawingProcess | None = None  # the helper, when drawing there
 
     @torch.no_grad()
     def write(self, epoch: int, history: list[dict]) -> Path:
         folder = self.run_dir / "summaries" / f"epoch_{epoch:04d}"
         folder.mkdir(parents=True, exist_ok=True)
         target = self.config.target_negative_ce if self.config.guidance_active else None
-        title = f"epoch {epoch}"
-        if self.loss_curves is None or not self.loss_curves.fits(history, target, title):
-            self.loss_curves = plots.LossCurves(history, target=target, title=title)
-        self.frames["losses"].append(self.loss_curves.draw(history, folder / "losses.png", title=title))
-
         keys = self.memory.doc_keys if self.memory.config.use_keys else None
+        selections = None
         if keys is not None:
             selections = self.memory.selection(keys).float().cpu()
             (folder / "selection.json").write_text(json.dumps(
                 {"epoch": epoch, "titles": self.titles, "selections": selections.tolist()}) + "\n")
-            if self.heatmap is None or not self.heatmap.fits(selections.numpy(), self.titles):
-                self.heatmap = plots.SelectionHeatmap(self.titles, selections.shape[1], vmax=self.vmax)
-            self.frames["docreps"].append(self.heatmap.draw(selections.numpy(), folder / "selection.png", epoch=epoch))
-
         readouts = self.memory.readout(keys)
         decoder = self.foundation.decoder()
         top = logit_lens(readouts, final_norm(decoder), self.foundation.model.get_output_embeddings(),
@@ -66,9 +60,18 @@ class SummaryWriter:
         (folder / "logit_lens.json").write_text(json.dumps(
             {"epoch": epoch, "documents": [{"title": t, "top_tokens": [{"token": tok, "logit": v} for tok, v in row]}
                                            for t, row in zip(names, top)]}, ensure_ascii=False, indent=1) + "\n")
-        if self.lens_table is None or not self.lens_table.fits(top, names):
-            self.lens_table = plots.LogitLensTable.for_tokens(top, names)
-        self.frames["logits"].append(self.lens_table.draw(top, folder / "logit_lens.png", epoch=epoch))
+        frame = Frame(str(folder), epoch, list(history), target,
+                      selections.tolist() if selections is not None else None, self.titles, top, names)
+        if self.background:
+            self.process = self.process or DrawingProcess(self.vmax)
+            self.process.submit(frame)
+        else:
+            self.drawer = self.drawer or FrameDrawer(self.vmax)
+            self.drawer.draw(frame)
+        self.frames["losses"].append(folder / "losses.png")
+        if selections is not None:
+            self.frames["docreps"].append(folder / "selection.png")
+        self.frames["logits"].append(folder / "logit_lens.png")
         return folder
 
     def write_run_pictures(self, history: list[dict]) -> list[Path]:
@@ -76,6 +79,9 @@ class SummaryWriter:
         losses.gif, docreps.gif and logits.gif from every frame so far (those of an earlier session
         of a resumed run included: run_folder.rewind_run_dir lists them). Each GIF is written to a
         temporary file and renamed, so a stop in the middle leaves the previous GIF whole."""
+        if self.process is not None:  # every frame drawn first: the GIFs are made of them
+            process, self.process = self.process, None
+            process.finish()
         written = []
         count = max(map(len, self.frames.values()))
         if count:  # a stop waits for this: say why

@@ -58,7 +58,9 @@ def test_gifs_are_built_once_with_one_frame_per_summary(tiny_lm_dir, tmp_path, m
     assert not list(run_dir.glob(".*.tmp"))
 
 
-def test_gifs_after_a_stop_and_after_the_resume(tiny_lm_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("summary_process", ["off", "on"])
+def test_gifs_after_a_stop_and_after_the_resume(tiny_lm_dir, tmp_path, monkeypatch, summary_process):
+    """With the helper process too: the stop waits for its frame, which the GIFs then hold."""
     real, calls = train_guidance.train_step_losses, []
 
     def stop_in_epoch_3(*args, **kwargs):
@@ -69,7 +71,7 @@ def test_gifs_after_a_stop_and_after_the_resume(tiny_lm_dir, tmp_path, monkeypat
 
     monkeypatch.setattr(train_guidance, "train_step_losses", stop_in_epoch_3)
     with pytest.raises(SystemExit) as exit_info:
-        train_guidance.main(argv(tiny_lm_dir, tmp_path / "runs"))
+        train_guidance.main([*argv(tiny_lm_dir, tmp_path / "runs"), "--summary_process", summary_process])
     assert exit_info.value.code == 143
     run_dir = tmp_path / "runs" / "run_0"
     assert frames(run_dir) == dict.fromkeys(GIFS, 1)  # written on the stop, with the summary so far
