@@ -13,8 +13,8 @@ and rotary positions stay the library's.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Protocol
 
 import torch
@@ -22,10 +22,10 @@ from torch import nn
 
 from docmem.batching import Batch
 from docmem.chunked_ce import Workspace, linear_cross_entropy
+from docmem.decoder_slices import DecoderSlices, distinct_rows
 from document_memories import DocumentMemory
 from foundations import Foundation, block_device
 from hook_lm import attach_memory
-from utils import final_norm
 
 NO_MEMORY = "no_memory"  # a key set meaning: the plain LM, memory bypassed
 
@@ -114,10 +114,7 @@ class FastEngine:
         gradient); None = the head's own. An fp32 LM with head_dtype bf16 is --precision bf16_head:
         a bf16 copy of the head is made once, everything else stays fp32."""
         self.foundation, self.memory, self.layer, self.dtype = foundation, memory, layer, dtype
-        self.decoder = foundation.decoder()
-        self.blocks_name = _child_name(self.decoder, foundation.blocks)
-        norm = final_norm(self.decoder)
-        self.norm_name = _child_name(self.decoder, norm) if not isinstance(norm, nn.Identity) else None
+        self.slices = DecoderSlices(foundation)
         self.head = foundation.model.get_output_embeddings()
         head_dtype = head_dtype or self.head.weight.dtype
         self.head_weight = self.head.weight.detach().to(head_dtype)  # the head itself when no cast is needed
@@ -129,32 +126,16 @@ class FastEngine:
         self.cached_bytes = 0
         self.block_device = block_device(foundation, layer)
 
-    # ---- running slices of the decoder -----------------------------------------------------
-    @contextmanager
-    def _decoder_slice(self, blocks: nn.ModuleList, keep_norm: bool) -> Iterator[nn.Module]:
-        original_blocks = getattr(self.decoder, self.blocks_name)
-        original_norm = getattr(self.decoder, self.norm_name) if self.norm_name else None
-        setattr(self.decoder, self.blocks_name, blocks)
-        if self.norm_name and not keep_norm:
-            setattr(self.decoder, self.norm_name, nn.Identity())
-        try:
-            yield self.decoder
-        finally:
-            setattr(self.decoder, self.blocks_name, original_blocks)
-            if self.norm_name:
-                setattr(self.decoder, self.norm_name, original_norm)
-
     @torch.no_grad()
     def prefix(self, batch: Batch) -> torch.Tensor:
         """Hidden state after the hooked block, memory not applied: (B, T, d)."""
         cached = self.cache.get(batch.index)
         if cached is not None and cached.shape[:2] == batch.input_ids.shape:
             return cached.to(self.block_device, non_blocking=True)
-        first, copy_of_row = _distinct_rows(batch)
+        first, copy_of_row = distinct_rows(batch.input_ids, batch.attention_mask)
         input_ids, attention_mask = batch.input_ids[first], batch.attention_mask[first]
         device = self.foundation.input_device
-        lower = nn.ModuleList(list(self.foundation.blocks)[: self.layer + 1])
-        with self._decoder_slice(lower, keep_norm=False) as decoder, _autocast(device, self.dtype):
+        with self.slices.blocks(0, self.layer + 1, final_norm=False) as decoder, _autocast(device, self.dtype):
             hidden = decoder(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              use_cache=False).last_hidden_state
         if copy_of_row is not None:
@@ -190,8 +171,7 @@ class FastEngine:
                 mixed = torch.cat([hidden if isinstance(keys, str) and keys == NO_MEMORY
                                    else self.memory(hidden, keys if isinstance(keys, torch.Tensor) else None)
                                    for keys in key_sets])
-            upper = nn.ModuleList(list(self.foundation.blocks)[self.layer + 1:])
-            with self._decoder_slice(upper, keep_norm=True) as decoder:
+            with self.slices.blocks(self.layer + 1, self.foundation.num_blocks, final_norm=True) as decoder:
                 final = decoder(inputs_embeds=mixed, attention_mask=mask.repeat(n, 1), use_cache=False).last_hidden_state
         head_device = self.head.weight.device
         targets, valid, row_of_token = _targets(batch.labels.to(device), n)
@@ -201,27 +181,3 @@ class FastEngine:
         return _reduce(per_token, row_of_token.to(head_device), batch.group_ids, n, per_document)
 
 
-def _distinct_rows(batch: Batch) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
-    """The rows to run the prefix on, and for every row which of them it repeats (None: all distinct).
-
-    A row repeated in a batch (forget.py --method unlearn scores one document under several keys
-    in one batch) has the same prefix: it is computed once, in the order rows first appear."""
-    rows = torch.cat([batch.input_ids, batch.attention_mask], dim=1)
-    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
-    if distinct.shape[0] == rows.shape[0]:
-        return slice(None), None
-    position = torch.arange(rows.shape[0], device=rows.device)
-    first = torch.full((distinct.shape[0],), rows.shape[0], device=rows.device).scatter_reduce(0, inverse, position,
-                                                                                              "amin")
-    order = torch.argsort(first)
-    slot = torch.empty_like(order)
-    slot[order] = torch.arange(order.shape[0], device=order.device)
-    return first[order], slot[inverse]
-
-
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    for name, module in parent.named_children():
-        if module is child:
-            return name
-    raise ValueError(f"{type(child).__name__} is not a direct child of {type(parent).__name__}; "
-                     "this architecture needs --reference_loop")

@@ -1,5 +1,6 @@
 """Greedy decoding of a batch of token rows with a key/value cache, each row dropped from the batch
-as soon as it has its tokens (its own count, or an end-of-text token).
+as soon as it has its tokens (its own count, or an end-of-text token); and a prompt pass that runs the
+blocks below a memory once per distinct prompt when rows repeat prompts under different conditions.
 
 transformers' generate() decodes every row of a batch until the longest is done; when the rows want
 different lengths (recall's continuations are as long as their references), a fifth of those steps
@@ -11,14 +12,33 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+
+from docmem.decoder_slices import DecoderSlices, distinct_rows
+from foundations import Foundation
+from hook_lm import MemoryHook
+
+# (input_ids, attention_mask, position_ids) -> (each row's last-position logits (rows, 1, vocab), the key/value
+# cache of every block), or None: the model's own pass instead
+Prefill = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], "tuple[torch.Tensor, Any] | None"]
+SHARED_PROMPT_MODELS = ("llama", "gpt_neox")  # the architectures whose blocks the shared prompt pass is checked on
 
 
-def _cache_argument(model: nn.Module) -> str:
+@dataclass
+class DecodeHooks:
+    on_rows: Callable[[list[int]], None] | None = None  # the rows still decoding, whenever some drop out
+    on_tokens: Callable[[int], object] | None = None  # tokens decoded by a step (a progress bar)
+    prefill: Prefill | None = None  # the prompt pass (None: the model's own forward)
+
+
+def _cache_argument(module: nn.Module) -> str:
     """The forward's name for the key/value cache: `cache` from transformers 5.24, `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def _returned_cache(output):
@@ -28,12 +48,12 @@ def _returned_cache(output):
 
 @torch.no_grad()
 def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, wanted: Sequence[int],
-                  stop_ids: Collection[int], on_rows: Callable[[list[int]], None] | None = None,
-                  on_tokens: Callable[[int], object] | None = None) -> list[list[int]]:
+                  stop_ids: Collection[int], hooks: DecodeHooks | None = None) -> list[list[int]]:
     """Each row's greedy continuation (new token ids): up to wanted[r] tokens, ending with the first
-    stop token if one comes. Rows are left padded. on_rows(rows) is called with the indices of the rows
-    still decoding whenever some drop out, before the next step (to narrow per-row state such as the
-    memory's per-row keys to them); on_tokens(n) after each step with the tokens it decoded (a bar)."""
+    stop token if one comes. Rows are left padded. hooks.on_rows(rows) is called with the indices of the
+    rows still decoding whenever some drop out, before the next step (to narrow per-row state such as the
+    memory's per-row keys to them); hooks.on_tokens(n) after each step with the tokens it decoded."""
+    hooks = hooks or DecodeHooks()
     rows = input_ids.shape[0]
     if len(wanted) != rows:
         raise ValueError(f"{len(wanted)} token counts for {rows} rows")
@@ -47,27 +67,77 @@ def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     stops = torch.tensor(sorted(stop_ids), dtype=torch.long)
     mask = attention_mask
     positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
-    output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    shared = hooks.prefill(input_ids, mask, positions) if hooks.prefill is not None else None
+    if shared is None:
+        output = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                       logits_to_keep=1)
+        logits, cache = output.logits, _returned_cache(output)
+    else:
+        logits, cache = shared
     positions = positions[:, -1:]
     while True:
-        tokens = output.logits[:, -1, :].float().argmax(-1).cpu()
+        tokens = logits[:, -1, :].float().argmax(-1).cpu()
         for r, t in zip(alive.tolist(), tokens.tolist()):
             out[r].append(t)
-        if on_tokens is not None:
-            on_tokens(len(alive))
+        if hooks.on_tokens is not None:
+            hooks.on_tokens(len(alive))
         left = left - 1
         done = (left <= 0) | torch.isin(tokens, stops)
         if bool(done.all()):
             return out
-        cache = _returned_cache(output)
         if bool(done.any()):
             keep = (~done).nonzero().flatten()
             cache.batch_select_indices(keep.to(device))
             alive, tokens, left = alive[keep], tokens[keep], left[keep]
             mask, positions = mask[keep.to(mask.device)], positions[keep.to(positions.device)]
-            if on_rows is not None:
-                on_rows(alive.tolist())
+            if hooks.on_rows is not None:
+                hooks.on_rows(alive.tolist())
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         positions = positions + 1
         output = model(input_ids=tokens.view(-1, 1).to(device), attention_mask=mask, position_ids=positions,
                        use_cache=True, logits_to_keep=1, **{cache_arg: cache})
+        logits, cache = output.logits, _returned_cache(output)
+
+
+def prompt_pass_once_per_prompt(foundation: Foundation, layer: int, hook: MemoryHook) -> Prefill:
+    """A prompt pass for rows that repeat prompts under different memory conditions (recall's right key,
+    other keys, no key, no memory). The blocks up to the hooked `layer` do not depend on the condition: they
+    run once per distinct prompt, their cache copied to every row; `hook` then applies each row's memory
+    condition to the block's output, and the blocks above run once per row. The same numbers as the model's
+    own pass over every row (tests/test_greedy.py). Returns None (the model's own pass) when no prompt
+    repeats, or for an architecture it has not been checked on."""
+    model = foundation.model
+    if getattr(model.config, "model_type", None) not in SHARED_PROMPT_MODELS:
+        return lambda ids, mask, positions: None
+    slices = DecoderSlices(foundation)
+    cache_arg = _cache_argument(slices.decoder)
+
+    def prefill(ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, Any] | None:
+        first, copy_of_row = distinct_rows(ids, mask)
+        if copy_of_row is None:
+            return None
+        lower, upper = DynamicCache(), DynamicCache()
+        enabled, hook.enabled = hook.enabled, False  # the memory comes after, row by row
+        try:
+            with slices.blocks(0, layer + 1, final_norm=False) as decoder:
+                hidden = decoder(input_ids=ids[first], attention_mask=mask[first], position_ids=positions[first],
+                                 use_cache=True, **{cache_arg: lower}).last_hidden_state
+        finally:
+            hook.enabled = enabled
+        rows = copy_of_row.to(hidden.device)
+        mixed = hook.apply(hidden[rows])
+        with slices.blocks(layer + 1, foundation.num_blocks, final_norm=True) as decoder:
+            final = decoder(inputs_embeds=mixed, attention_mask=mask, position_ids=positions, use_cache=True,
+                            **{cache_arg: upper}).last_hidden_state
+        logits = model.get_output_embeddings()(final[:, -1:, :])
+        cache = DynamicCache()
+        for i in range(foundation.num_blocks):
+            if i <= layer:
+                keys, values = lower.layers[i].keys, lower.layers[i].values
+                keys, values = keys[rows.to(keys.device)], values[rows.to(values.device)]
+            else:
+                keys, values = upper.layers[i].keys, upper.layers[i].values
+            cache.update(keys, values, i)
+        return logits, cache
+
+    return prefill

@@ -1,14 +1,19 @@
 """docmem/greedy.py: decoding that drops each row when it has its tokens gives transformers' generate()
 greedy tokens, on tiny random GPT-NeoX and Llama models, with left padding, ragged wanted lengths and
-an end-of-text token that stops some rows early."""
+an end-of-text token that stops some rows early; the prompt pass that runs the blocks below the memory
+once per distinct prompt gives the model's own logits, cache and tokens."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import tiny_model
-from docmem.evaluation.generation import prompt_batch
-from docmem.greedy import decode_greedy
+from docmem.engines import NO_MEMORY
+from docmem.evaluation.generation import RowConditions, prompt_batch
+from docmem.greedy import DecodeHooks, _returned_cache, decode_greedy, prompt_pass_once_per_prompt
+from document_memories import DocumentMemory, MemoryConfig
+from foundations import from_model
+from hook_lm import attach_memory
 
 PAD = 0
 
@@ -37,7 +42,7 @@ def test_the_same_tokens_as_generate(arch):
     stop = free[0][5]
     expected = [_cut(row, w, stop) for row, w in zip(_generate(model, ids, mask, max(wanted), stop), wanted)]
     narrowed: list[list[int]] = []
-    got = decode_greedy(model, ids, mask, wanted, {stop}, narrowed.append)
+    got = decode_greedy(model, ids, mask, wanted, {stop}, DecodeHooks(on_rows=narrowed.append))
     assert got == expected
     assert any(len(g) < w for g, w in zip(got, wanted))  # the stop token ended a row early
     assert narrowed and all(a > b for a, b in zip(map(len, narrowed), map(len, narrowed[1:])))  # rows only leave
@@ -52,3 +57,48 @@ def test_bad_counts_are_refused():
         decode_greedy(model, ids, mask, [3], set())
     with pytest.raises(ValueError, match="at least one"):
         decode_greedy(model, ids, mask, [3, 0], set())
+
+
+class _Tok:  # from_model only sets the padding of a tokenizer
+    eos_token = pad_token = "<eos>"
+    eos_token_id = pad_token_id = PAD
+    padding_side = "left"
+
+
+@pytest.mark.parametrize("layer", [1, 2])  # the last block too: nothing above it but the final norm
+@torch.no_grad()
+def test_the_prompt_pass_once_per_prompt_is_the_models_own(arch, layer):
+    foundation = from_model(tiny_model(arch, seed=5, num_layers=3), _Tok())
+    memory = DocumentMemory(MemoryConfig(hidden_size=32, num_docs=3, memory_dim=16),
+                            generator=torch.Generator().manual_seed(0)).eval()
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(1, 128, (n,), generator=gen).tolist() for n in (6, 4, 6)]
+    keys = memory.doc_keys.detach()
+    conditions = [keys[0], keys[1], keys[2], None, NO_MEMORY]  # every prompt under each, as recall does
+    rows = [p for p in prompts for _ in conditions]
+    per_row = conditions * len(prompts)
+    ids, mask = prompt_batch(rows, PAD)
+    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    wanted = [3 + r % 5 for r in range(len(rows))]
+    with attach_memory(foundation.block(layer), memory) as hook:
+        hook.memory = RowConditions(memory, per_row)
+        shared = prompt_pass_once_per_prompt(foundation, layer, hook)
+        logits, cache = shared(ids, mask, positions)
+        own = foundation.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                               logits_to_keep=1)
+        assert shared(ids[:1], mask[:1], positions[:1]) is None  # no prompt repeats: the model's own pass
+
+        def narrow(alive: list[int]) -> None:
+            hook.memory = RowConditions(memory, [per_row[a] for a in alive])
+
+        hook.memory = RowConditions(memory, per_row)
+        with_shared = decode_greedy(foundation.model, ids, mask, wanted, set(), DecodeHooks(on_rows=narrow, prefill=shared))
+        hook.memory = RowConditions(memory, per_row)
+        without = decode_greedy(foundation.model, ids, mask, wanted, set(), DecodeHooks(on_rows=narrow))
+    torch.testing.assert_close(logits, own.logits, rtol=0, atol=1e-5)
+    own_cache = _returned_cache(own)
+    for i in range(foundation.num_blocks):
+        torch.testing.assert_close(cache.layers[i].keys, own_cache.layers[i].keys, rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache.layers[i].values, own_cache.layers[i].values, rtol=0, atol=1e-5)
+    assert not torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[0], logits[4])  # conditions differ
+    assert with_shared == without

@@ -20,7 +20,7 @@ from docmem.batching import left_pad
 from docmem.engines import NO_MEMORY, KeySet
 from docmem.errors import EvalError
 from docmem.evaluation.options import EvalOptions
-from docmem.greedy import decode_greedy
+from docmem.greedy import DecodeHooks, decode_greedy, prompt_pass_once_per_prompt
 from docmem.run_folder import LoadedRun
 from document_memories import DocumentMemory
 from foundations import Foundation
@@ -197,7 +197,8 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
     engines.NO_MEMORY (the plain LM), or a list with one of those per row (a (key_dim,) key, None
     or NO_MEMORY): every condition then shares the batches. new_tokens: one count for all rows,
     or one per row. Rows are batched longest-wanted first (greedy_rows) and decoded by
-    greedy.decode_greedy, which drops each row from its batch when it has its tokens; the result is
+    greedy.decode_greedy, which drops each row from its batch when it has its tokens; rows that share a
+    prompt run the blocks up to the memory's once (greedy.prompt_pass_once_per_prompt). The result is
     in prompt order; a progress bar counts the tokens."""
     conditions = row_conditions(keys, len(prompts))
     wanted = [new_tokens] * len(prompts) if isinstance(new_tokens, int) else list(new_tokens)
@@ -205,6 +206,8 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
         raise ValueError(f"{len(wanted)} token counts for {len(prompts)} prompts")
     stop = _stop_ids(foundation)
     with attach_memory(foundation.block(layer), memory) as hook, generation_bar(wanted) as bar:
+        prompt_pass = prompt_pass_once_per_prompt(foundation, layer, hook)
+
         def generate_batch(rows: list[int], kwargs: dict[str, Any]) -> list[list[int]]:
             def condition_rows(alive: list[int]) -> None:  # the memory's per-row conditions, narrowed with the batch
                 batch_conditions = [conditions[rows[a]] for a in alive]
@@ -213,7 +216,8 @@ def generate_greedy(foundation: Foundation, memory: DocumentMemory, layer: int, 
 
             condition_rows(list(range(len(rows))))
             return decode_greedy(foundation.model, kwargs["input_ids"], kwargs["attention_mask"],
-                                 [max(1, wanted[i]) for i in rows], stop, condition_rows, bar.update)
+                                 [max(1, wanted[i]) for i in rows], stop,
+                                 DecodeHooks(on_rows=condition_rows, on_tokens=bar.update, prefill=prompt_pass))
 
         return greedy_rows(foundation, prompts, wanted, batch_size, generate_batch, bar)
 

@@ -1,0 +1,71 @@
+"""Running a slice of the decoder's blocks: those up to the hooked block (the prefix) or those above it.
+
+The decoder's own forward runs the slice, its block list swapped for the slice (and its final norm for
+an identity when the slice stops below the top), so attention masks, positions and rotary embeddings stay
+the library's. The loss engine's prefix cache and greedy decoding's shared prompt pass both use it. Also
+here: the distinct rows of a batch, since a row repeated in a batch has the same prefix.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from foundations import Foundation
+from utils import final_norm
+
+
+def _child_name(parent: nn.Module, child: nn.Module) -> str:
+    for name, module in parent.named_children():
+        if module is child:
+            return name
+    raise ValueError(f"{type(child).__name__} is not a direct child of {type(parent).__name__}; "
+                     "this architecture needs --reference_loop")
+
+
+class DecoderSlices:
+    """The decoder of a foundation, run on any contiguous range of its blocks."""
+
+    def __init__(self, foundation: Foundation) -> None:
+        self.foundation = foundation
+        self.decoder = foundation.decoder()
+        self.blocks_name = _child_name(self.decoder, foundation.blocks)
+        norm = final_norm(self.decoder)
+        self.norm_name = _child_name(self.decoder, norm) if not isinstance(norm, nn.Identity) else None
+
+    @contextmanager
+    def blocks(self, start: int, stop: int, final_norm: bool) -> Iterator[nn.Module]:
+        """The decoder running blocks start..stop-1 only, then its final norm if final_norm (the part below
+        a hooked block leaves it out even when that block is the last)."""
+        blocks = nn.ModuleList(list(self.foundation.blocks)[start:stop])
+        original_blocks = getattr(self.decoder, self.blocks_name)
+        original_norm = getattr(self.decoder, self.norm_name) if self.norm_name else None
+        setattr(self.decoder, self.blocks_name, blocks)
+        if self.norm_name and not final_norm:
+            setattr(self.decoder, self.norm_name, nn.Identity())
+        try:
+            yield self.decoder
+        finally:
+            setattr(self.decoder, self.blocks_name, original_blocks)
+            if self.norm_name:
+                setattr(self.decoder, self.norm_name, original_norm)
+
+
+def distinct_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor
+                  ) -> tuple[torch.Tensor | slice, torch.Tensor | None]:
+    """The rows to run a prefix on, and for every row which of them it repeats (None: all distinct).
+    The distinct rows keep the order in which they first appear."""
+    rows = torch.cat([input_ids, attention_mask], dim=1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if distinct.shape[0] == rows.shape[0]:
+        return slice(None), None
+    position = torch.arange(rows.shape[0], device=rows.device)
+    first = torch.full((distinct.shape[0],), rows.shape[0], device=rows.device).scatter_reduce(0, inverse, position,
+                                                                                              "amin")
+    order = torch.argsort(first)
+    slot = torch.empty_like(order)
+    slot[order] = torch.arange(order.shape[0], device=order.device)
+    return first[order], slot[inverse]
+
