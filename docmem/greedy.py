@@ -87,7 +87,7 @@ def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
             return out
         if bool(done.any()):
             keep = (~done).nonzero().flatten()
-            cache.batch_select_indices(keep.to(device))
+            cache.batch_select_indices(keep)  # CPU indices: the layers may lie on several GPUs
             alive, tokens, left = alive[keep], tokens[keep], left[keep]
             mask, positions = mask[keep.to(mask.device)], positions[keep.to(positions.device)]
             if hooks.on_rows is not None:
