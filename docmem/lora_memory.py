@@ -33,11 +33,10 @@ from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import NO_MEMORY, FastEngine, KeySet
 from docmem.errors import ConfigError, MemoryFileError
-from docmem.run_folder import memory_config_for
+from docmem.run_folder import LORA_CONFIG_NAME, memory_config_for
 from document_memories import DocumentMemory, file_sha256
 from foundations import Foundation
 
-LORA_CONFIG_NAME = "lora_config.json"
 ADAPTERS_DIR = "adapters"
 SHARED_ADAPTER = "shared"
 TARGET_GROUPS = ("mlp", "attention", "all")

@@ -26,7 +26,7 @@ from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.engines import NO_MEMORY
 from docmem.errors import DocmemError, MemoryRunError, UnknownDocumentError, UsageError
 from docmem.provenance import provenance_from_saved
-from docmem.run_folder import MEMORY_DIR, resolve_run_dir
+from docmem.run_folder import LORA_CONFIG_NAME, MEMORY_DIR, resolve_run_dir
 from docmem.sharding import load_any_memory
 from document_memories import (
     CONFIG_NAME,
@@ -50,13 +50,22 @@ def locate_memory(path: str | Path) -> tuple[Path, Path | None]:
     if (path / CONFIG_NAME).is_file():
         run_dir = path.parent if (path.parent / RUN_CONFIG_NAME).is_file() else None
         return path, run_dir
+    _refuse_lora(path)
     try:
         run_dir = resolve_run_dir(path)
     except DocmemError as err:
         raise MemoryRunError(f"{path}: neither a run folder, a memory/ folder nor a save_dir with a finished run") from err
+    _refuse_lora(run_dir / MEMORY_DIR)
     if not (run_dir / MEMORY_DIR / CONFIG_NAME).is_file():
         raise MemoryRunError(f"{run_dir}: no {MEMORY_DIR}/{CONFIG_NAME} (the run has not finished, or it crashed)")
     return run_dir / MEMORY_DIR, run_dir
+
+
+def _refuse_lora(memory_dir: Path) -> None:
+    if (memory_dir / LORA_CONFIG_NAME).is_file():
+        raise MemoryRunError(f"{memory_dir.parent if memory_dir.name == MEMORY_DIR else memory_dir}: a LoRA baseline "
+                             "run (--document_memory lora or lora_shared); this script takes keyed and shared "
+                             "memories: measure the run with evaluate_memory.py --run_dir")
 
 
 def read_run_yaml(run_dir: Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@ batches into the same run folder layout, rank matched to the keyed memory's para
 document, and forgetting by deleting a file is exact (the adapter never depended on other documents)."""
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -143,3 +144,16 @@ def test_bad_lora_input_exits_2_in_one_line(extra, flag, tiny_lm_dir, tmp_path, 
     last = err.strip().splitlines()[-1]  # (a model's loading bar may come first)
     assert last.startswith("train_guidance.py: error: ") and flag in last and "Traceback" not in err
     assert not list(tmp_path.glob("run_*"))  # refused before a run folder was made
+
+
+@pytest.mark.parametrize("script", ["generate", "attribute", "forget"])
+def test_the_memory_scripts_refuse_a_lora_run_in_one_line(script, lora_run, capsys):
+    """generate.py, attribute.py and forget.py take keyed and shared memories: a LoRA run is named as such
+    (it used to read as a run that had not finished)."""
+    argv = {"generate": ["--doc", "0"], "attribute": ["--text", "some words here"],
+            "forget": ["--doc", "0", "--method", "drop_key", "--out", str(lora_run.parent / "forgotten")]}[script]
+    for target in (lora_run, lora_run / "memory"):
+        code = importlib.import_module(script).main(["--run_dir", str(target), *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and len(err) == 1, err
+        assert err[0].startswith(f"{script}.py: error: ") and "LoRA baseline run" in err[0] and "evaluate_memory.py" in err[0]

@@ -27,7 +27,7 @@ from docmem.errors import EvalError
 from docmem.evaluation.baselines import evaluate_prompt
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.evaluation.pipeline import evaluate_run
-from docmem.run_folder import MEMORY_DIR, resolve_run_dir
+from docmem.run_folder import LORA_CONFIG_NAME, MEMORY_DIR, resolve_run_dir
 
 log = logging.getLogger(__name__)
 PROG = "methods_report"
@@ -74,8 +74,8 @@ def pick_best(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def memory_cost(run_dir: Path, config: dict[str, Any], summary: dict[str, Any], documents: int) -> dict[str, Any]:
     """Trainable parameters and bytes on disk per document of a run's memory/ (memory or adapters)."""
     memory = run_dir / MEMORY_DIR
-    if (memory / "lora_config.json").is_file():
-        lora = json.loads((memory / "lora_config.json").read_text())
+    if (memory / LORA_CONFIG_NAME).is_file():
+        lora = json.loads((memory / LORA_CONFIG_NAME).read_text())
         sizes = [e["bytes"] for e in lora["adapter_files"]]
         return {"trainable_parameters": lora["parameters"], "keyed_memory_parameters": lora["keyed_parameters"],
                 "lora_rank": lora["rank"], "bytes_per_document": sum(sizes) / documents,
