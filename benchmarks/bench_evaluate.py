@@ -36,12 +36,12 @@ STAGES = {
 }
 
 
-def timed(argv: list[str], log: Path, stdout: Path | None = None) -> float:
-    """Run a command (stderr to `log`, stdout to `stdout` or nowhere), return its wall time; a failure
-    ends the benchmark with its log's tail."""
+def timed(argv: list[str], log: Path, stdout: Path | None = None, env: dict[str, str] | None = None) -> float:
+    """Run a command (stderr to `log`, stdout to `stdout` or nowhere; `env` added to the environment),
+    return its wall time; a failure ends the benchmark with its log's tail."""
     started = time.perf_counter()
     with open(log, "w") as stderr, open(stdout or os.devnull, "w") as out:
-        done = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=stderr)
+        done = subprocess.run(argv, cwd=ROOT, stdout=out, stderr=stderr, env={**os.environ, **(env or {})})
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         tail = log.read_text(errors="replace")[-2000:]
