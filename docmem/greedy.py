@@ -99,16 +99,16 @@ def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         logits, cache = output.logits, _returned_cache(output)
 
 
-def prompt_pass_once_per_prompt(foundation: Foundation, layer: int, hook: MemoryHook) -> Prefill:
+def prompt_pass_once_per_prompt(foundation: Foundation, layer: int, hook: MemoryHook) -> Prefill | None:
     """A prompt pass for rows that repeat prompts under different memory conditions (recall's right key,
     other keys, no key, no memory). The blocks up to the hooked `layer` do not depend on the condition: they
     run once per distinct prompt, their cache copied to every row; `hook` then applies each row's memory
     condition to the block's output, and the blocks above run once per row. The same numbers as the model's
-    own pass over every row (tests/test_greedy.py). Returns None (the model's own pass) when no prompt
-    repeats, or for an architecture it has not been checked on."""
+    own pass over every row (tests/test_greedy.py). The pass returns None (the model's own pass then) when
+    no prompt repeats; for an architecture it has not been checked on there is no pass (None)."""
     model = foundation.model
     if getattr(model.config, "model_type", None) not in SHARED_PROMPT_MODELS:
-        return lambda ids, mask, positions: None
+        return None
     slices = DecoderSlices(foundation)
     cache_arg = _cache_argument(slices.decoder)
 
