@@ -188,7 +188,7 @@ case "$preset" in
     # is every method's learning rate; CAPACITY_LORA_LR (CAPACITY_LR) the LoRA methods' (e.g. the best of run.sh compare).
     # CAPACITY_DIR (outputs/capacity) holds <kind>_m<entries>_n<docs>/run_N and a log each;
     # CAPACITY_JOBS (1) runs at once (a GPU holds many); EVAL_ARGS go to every evaluation (default: no
-    # landscape, 2 other keys per document, 32 new tokens, 256 rows per generate call); extra FLAGS go to
+    # landscape, 2 other keys per document, 32 new tokens, 256 rows decoded together); extra FLAGS go to
     # every training.
     root="${CAPACITY_DIR:-outputs/capacity}"
     read -r -a docs_list <<<"${CAPACITY_DOCS:-10 50 200}"
