@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import datasets
-import datasets.config
 import huggingface_hub.constants
 import numpy as np
 import torch
@@ -27,6 +25,7 @@ from docmem import hub, synthetic
 from docmem.errors import DataUnavailableError
 
 if TYPE_CHECKING:
+    import datasets
     from transformers import PreTrainedTokenizerBase
 
 DATASETS = ("wikitext-103-v1", "wikitext-2-v1", "wikitext-103-raw-v1", "wikitext-2-raw-v1", "synthetic")
@@ -69,6 +68,8 @@ def load_articles(dataset: str, data_split: str = "train", data_path: str | None
 
 def _load_hub(dataset: str, data_split: str, cache_dir: str | None) -> list[str]:
     # An unreachable Hub: read the cache only, rather than wait for the client's retries.
+    import datasets  # here, not at the top: a second or more at start-up, and only Hub or parquet data needs it
+
     unreachable = None if _offline_requested() else hub.unreachable_reason()
     try:
         with _offline_from_environment(force=unreachable is not None):
@@ -101,6 +102,7 @@ def _offline_from_environment(force: bool = False) -> Iterator[None]:
     datasets and huggingface_hub read them once, at import; set after that (a test, a notebook)
     they would be ignored and the Hub tried, with retries. Offline mode still reads the local cache.
     """
+    import datasets.config
     saved = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
              huggingface_hub.constants.HF_HUB_OFFLINE)
     if force or _offline_requested():
@@ -152,6 +154,7 @@ def _find_parquet_files(folder: Path, config: str, split: str) -> list[Path]:
 
 
 def _read_parquet(files: list[Path], cache_dir: str | None, data_path: Path) -> list[str]:
+    import datasets
     rows = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train", cache_dir=cache_dir)
     return _pages(rows, f"--data_path {data_path}")
 
