@@ -8,7 +8,9 @@ prefix below the hooked block runs once per window; every key is one batched pas
 The evaluation (`evaluate_attribution`, written by evaluate_memory.py as attribution.json):
 top-1 accuracy of attributing each training segment to its document, and each held-out
 continuation: the text of the same article after the words it was trained on, cut into
-pieces of segment_length words (at most max_segments per document).
+pieces of segment_length words (at most max_segments per document). A training segment is
+scored as training scored it: its row of the CE table (evaluation/ce_table.py), in training's
+batch, which the CE matrix has already scored under every key (`table_scores`).
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import NO_MEMORY, FastEngine, LossEngine
 from docmem.errors import UsageError
+from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.generation import prompt_batch
 from docmem.run_folder import LoadedRun
 from document_memories import DocumentMemory
@@ -116,6 +119,18 @@ def score_columns(engine: LossEngine, scorer: Scorer, texts: Sequence[str], colu
     return counts, sums / counts[:, None]
 
 
+def table_scores(table: CETable, documents: Sequence, doc_columns: Sequence[Any], no_key: Any = NO_MEMORY
+                 ) -> list[list[TextScores]]:
+    """Each document's training segments (in order) scored from the CE table: per segment its scored
+    tokens and its CE under each document's column (key, adapter), `no_key` and the plain LM; the
+    same numbers as score_columns() gives a document's segments batched as in training
+    (tests/test_attribute.py), and no pass runs that the CE matrix has not already run."""
+    n = len(doc_columns)
+    columns = list(doc_columns) + [no_key, NO_MEMORY]
+    return [[TextScores(int(tokens), ce[:n], ce[n], ce[n + 1]) for tokens, ce in table.row_ce(d, columns)]
+            for d in range(len(documents))]
+
+
 def held_out_texts(article: str, segments: int, segment_length: int, max_segments: int) -> list[str]:
     """The article's text after the words its `segments` training windows covered, in pieces of
     segment_length words (at most max_segments; a last piece of fewer than MIN_HELD_OUT_WORDS is dropped)."""
@@ -153,24 +168,36 @@ def attribution_accuracy(texts: Sequence[str], truth: Sequence[int], scores: Seq
             "right_key_below_plain_lm": sum(i["ce_right_key"] < i["ce_no_memory"] for i in items), "items": items}
 
 
-def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int) -> dict[str, Any]:
-    """Attribution accuracy on training segments and held-out continuations (run: LoadedRun)."""
+def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int,
+                         table: CETable) -> dict[str, Any]:
+    """Attribution accuracy on training segments (from `table`, the run's CE table of `documents`) and
+    held-out continuations (run: LoadedRun)."""
     scorer = Scorer(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype, run.config.max_length,
                     rows_per_batch, key_sets_per_pass, head_dtype=run.head_dtype)
+    keys = run.memory.doc_keys.detach()
+    training = table_scores(table, documents, [keys[j] for j in range(keys.shape[0])], no_key=None)
     return attribution_report(run.config, documents, lambda texts, label: score_texts(replace(scorer, progress=label),
-                                                                                      texts))
+                                                                                      texts), training)
 
 
-def attribution_report(config: TrainConfig, documents: Sequence,
-                       score: Callable[[list[str], str], list[TextScores]]) -> dict[str, Any]:
-    """Top-1 attribution of the training segments and the held-out continuations; score(texts, label)
-    gives each text's CE under every document's condition (a key, an adapter, the document in the prompt)."""
+def attribution_report(config: TrainConfig, documents: Sequence, score: Callable[[list[str], str], list[TextScores]],
+                       training: list[list[TextScores]]) -> dict[str, Any]:
+    """Top-1 attribution of the training segments (`training`: each document's segments scored, table_scores)
+    and the held-out continuations; score(texts, label) gives each held-out text's CE under every document's
+    condition (a key, an adapter, the document in the prompt)."""
     result: dict[str, Any] = {"documents": [d.title for d in documents],
-                              "rule": "top-1 = the document whose key gives the text the lowest mean token CE"}
+                              "rule": "top-1 = the document whose key gives the text the lowest mean token CE",
+                              "training_segments_scored": "as in training: each segment's tokens in its training "
+                                                          "batch (the CE matrix's rows)"}
     for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),
                           ("held_out", load_held_out(config, documents))):
         texts = [t for doc_texts in per_doc for t in doc_texts]
         truth = [d for d, doc_texts in enumerate(per_doc) for _ in doc_texts]
-        scores = score(texts, f"attribution: {name}") if texts else []
+        if name == "training_segments":
+            scores = [s for doc_scores in training for s in doc_scores]
+            if len(scores) != len(texts):
+                raise ValueError(f"{len(scores)} training segment scores for {len(texts)} segments")
+        else:
+            scores = score(texts, f"attribution: {name}") if texts else []
         result[name] = attribution_accuracy(texts, truth, scores)
     return result

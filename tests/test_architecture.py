@@ -11,9 +11,10 @@ from conftest import ROOT
 
 # imports allowed inside a function: optional or heavy dependencies, loaded only when asked,
 # by module name (a name allows its submodules too): TensorBoard (optional, --report_to tensorboard)
-# and gguf (read only for a .gguf --lm_path; a GPU machine may lack it). foundations/load.py finds
+# gguf (read only for a .gguf --lm_path; a GPU machine may lack it) and datasets (read only for Hub or
+# parquet WikiText; importing it costs every script about 0.7 s at start-up). foundations/load.py finds
 # optional HTTP libraries with importlib.
-LAZY_IMPORTS_ALLOWED: set[str] = {"torch.utils.tensorboard", "gguf"}
+LAZY_IMPORTS_ALLOWED: set[str] = {"torch.utils.tensorboard", "gguf", "datasets"}
 
 
 def allowed_lazily(module: str) -> bool:

@@ -15,6 +15,7 @@ from docmem.attribution import (
     evaluate_attribution,
     held_out_texts,
     score_texts,
+    table_scores,
 )
 from docmem.engines import NO_MEMORY
 from docmem.evaluation.ce_table import CETable
@@ -75,9 +76,31 @@ def test_held_out_texts_start_after_the_trained_words():
     assert held_out_texts(" ".join(words[:52]), 2, 32, 10) == []  # a 4-word tail is too short
 
 
+def test_training_segments_are_scored_from_the_ce_table(tiny_run):  # noqa: F811
+    # each training segment's scores read from the CE table == the segment scored as a text in its
+    # training batch; and reading them runs no pass the CE matrix has not run
+    run = load_run(tiny_run, EvalOptions(device="cpu"))
+    table = CETable(run, run.documents, EvalOptions())
+    keys = run.memory.doc_keys.detach()
+    table.ce(0, [keys[j] for j in range(3)] + [None, NO_MEMORY])  # document 0's CE matrix row
+    passes = []
+    table.engine.losses = (lambda original: lambda *a, **k: passes.append(1) or original(*a, **k))(table.engine.losses)
+    from_table = table_scores(table, run.documents[:1], [keys[j] for j in range(3)], no_key=None)
+    assert passes == []
+    tok = run.foundation.tokenizer
+    texts = [tok.decode(tok(seg)["input_ids"][: run.config.max_length]) for seg in run.documents[0].segments]
+    alone = score_texts(Scorer(run.foundation, run.memory, 2, run.dtype, run.config.max_length,
+                               rows_per_batch=run.config.batch_size, head_dtype=run.head_dtype), texts)
+    assert len(from_table[0]) == len(texts)
+    for t, s in zip(from_table[0], alone):
+        assert t.tokens == s.tokens
+        assert t.key_ce + [t.no_key, t.no_memory] == pytest.approx(s.key_ce + [s.no_key, s.no_memory], rel=1e-5)
+
+
 def test_evaluation_on_the_tiny_run(tiny_run):  # noqa: F811
     run = load_run(tiny_run, EvalOptions(device="cpu"))
-    result = evaluate_attribution(run, run.documents, 16, 16)
+    table = CETable(run, run.documents, EvalOptions())
+    result = evaluate_attribution(run, run.documents, 16, 16, table)
     assert result["training_segments"]["texts"] == 6
     assert result["held_out"]["texts"] > 0
     assert all(0 <= result[k]["top1_accuracy"] <= 1 for k in ("training_segments", "held_out"))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from docmem import analysis_plots
-from docmem.attribution import Scorer, TextScores, attribution_report, score_columns
+from docmem.attribution import Scorer, TextScores, attribution_report, score_columns, table_scores
 from docmem.config import load_run_config
 from docmem.engines import NO_MEMORY, KeySet, LossEngine
 from docmem.errors import ConfigError
@@ -129,7 +129,9 @@ def evaluate_method(run: LoadedRun, method: Method, options: EvalOptions, out: P
         ce_part = {k: ce[k] for k in ("diagonal_mean", "off_diagonal_mean", "diagonal_lowest_rows",
                                        "diagonal_lowest_every_row")}
         ce_part["no_memory_mean"] = float(np.mean(ce["no_memory"]))
-        report = attribution_report(run.config, documents, _text_scorer(run, method, options, len(documents)))
+        training = table_scores(table, documents, method.doc_columns[: len(documents)])
+        report = attribution_report(run.config, documents, _text_scorer(run, method, options, len(documents)),
+                                    training)
         write_json(out / "attribution.json", report)
         attribution = {k: report[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
     else:

@@ -67,7 +67,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     attribution = None
     if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
         t0 = time.time()
-        attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass)
+        attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass, table)
         write_json(out / "attribution.json", attribution)
         attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
         log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
