@@ -271,6 +271,25 @@ def test_end_to_end_keyed_and_shared(trained_runs, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_max_docs_measures_the_first_documents(trained_runs, tmp_path, capsys):
+    import shutil
+
+    run = shutil.copytree(trained_runs["keyed"], tmp_path / "run_0")
+    assert em.main(["--run_dir", str(run), *EVAL_ARGS, "--max_docs", "2"]) == 0
+    ce = json.loads((run / "eval" / "ce_matrix.json").read_text())
+    assert np.array(ce["matrix"]).shape == (2, 2)
+    attribution = json.loads((run / "eval" / "attribution.json").read_text())
+    items = attribution["training_segments"]["items"]
+    # the first 2 documents' segments, each ranked among all 3 documents' keys
+    assert [i["document"] for i in items] == [0, 0, 1, 1] and all(1 <= i["rank"] <= 3 for i in items)
+    # a segment's right-key CE is its row of the CE table: the CE matrix's diagonal pools them by tokens
+    for d in range(2):
+        mine = [i for i in items if i["document"] == d]
+        pooled = sum(i["ce_right_key"] * i["tokens"] for i in mine) / sum(i["tokens"] for i in mine)
+        assert pooled == pytest.approx(ce["matrix"][d][d], rel=1e-9)
+    capsys.readouterr()
+
+
 def test_mismatched_documents_fail_clearly(trained_runs, tmp_path, capsys):
     import shutil
 
