@@ -2,8 +2,10 @@
 each document's key, against the memory without a key and the plain LM.
 
 A text is tokenized as in training and cut into windows of the run's max_length tokens (each
-window is scored on its own; a text's CE is the token-weighted mean over its windows). The
-prefix below the hooked block runs once per window; every key is one batched pass above it.
+window is scored on its own, on its tokens after the first; a text's CE is the token-weighted mean
+over its windows). Windows are batched with left padding, and a window scores the same tokens
+alone or batched (`own_targets`): only the positions shift, which changes the numbers by rounding.
+The prefix below the hooked block runs once per window; every key is one batched pass above it.
 
 The evaluation (`evaluate_attribution`, written by evaluate_memory.py as attribution.json):
 top-1 accuracy of attributing each training segment to its document, and each held-out
@@ -106,8 +108,8 @@ def score_columns(engine: LossEngine, scorer: Scorer, texts: Sequence[str], colu
         chunk = rows[start: start + scorer.rows_per_batch]
         ids, mask = prompt_batch([w for _, w in chunk], pad_id)
         batch = Batch(index=index, doc_ids=torch.arange(len(chunk)), input_ids=ids, attention_mask=mask,
-                      labels=ids.masked_fill(mask == 0, -100))
-        tokens = (mask[:, 1:] == 1).sum(dim=1).numpy()
+                      labels=own_targets(ids, mask))
+        tokens = (batch.labels[:, 1:] != -100).sum(dim=1).numpy()
         for c in range(0, len(columns), scorer.key_sets_per_pass):
             sets = [col.expand(len(chunk), -1) if isinstance(col, torch.Tensor) else col
                     for col in columns[c: c + scorer.key_sets_per_pass]]
@@ -129,6 +131,14 @@ def table_scores(table: CETable, documents: Sequence, doc_columns: Sequence[Any]
     columns = list(doc_columns) + [no_key, NO_MEMORY]
     return [[TextScores(int(tokens), ce[:n], ce[n], ce[n + 1]) for tokens, ce in table.row_ce(d, columns)]
             for d in range(len(documents))]
+
+
+def own_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Labels of left-padded rows of texts: each text's tokens after its first (-100 on padding and on the
+    first token, which only padding precedes), so a text scores the same tokens, alone or batched."""
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[torch.arange(ids.shape[0]), mask.long().argmax(dim=1)] = -100
+    return labels
 
 
 def held_out_texts(article: str, segments: int, segment_length: int, max_segments: int) -> list[str]:

@@ -1,11 +1,13 @@
-"""attribute.py and docmem/attribution.py on a tiny run: scores agree with the CE table of
-evaluate_memory.py, the ranking is by CE, the evaluation's accounting, and one-line errors."""
+"""attribute.py and docmem/attribution.py on a tiny run: a text scores the same alone or batched,
+training segments are read from the CE table of evaluate_memory.py, the ranking is by CE, the
+evaluation's accounting, and one-line errors."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
-import numpy as np
 import pytest
+import torch
 
 import attribute
 from docmem.attribution import (
@@ -17,7 +19,8 @@ from docmem.attribution import (
     score_texts,
     table_scores,
 )
-from docmem.engines import NO_MEMORY
+from docmem.batching import make_batches
+from docmem.engines import NO_MEMORY, FastEngine
 from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.options import EvalOptions
 from docmem.run_folder import load_run
@@ -25,25 +28,23 @@ from docmem.trained_memory import load_memory_run
 from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 
 
-def test_scores_match_the_ce_table(tiny_run):  # noqa: F811
+def test_a_text_scores_the_same_alone_or_batched(tiny_run):  # noqa: F811
+    # every text scores its own tokens after the first, whatever else shares its batch (left padding
+    # shifts only the positions: rounding)
     run = load_run(tiny_run, EvalOptions(device="cpu"))
-    table = CETable(run, run.documents, EvalOptions())
-    keys = run.memory.doc_keys.detach()
-    for doc in range(3):  # a document's segments scored as texts == its row of the CE matrix
-        # (in training's batches, so the left padding, which shifts positions, is the same as there)
-        # each segment as training saw it: its first max_length tokens (longer ones were truncated there)
-        tok = run.foundation.tokenizer
-        texts = [tok.decode(tok(seg)["input_ids"][: run.config.max_length]) for seg in run.documents[doc].segments]
-        assert all(len(tok(t)["input_ids"]) <= run.config.max_length for t in texts)
-        scores = score_texts(Scorer(run.foundation, run.memory, 2, run.dtype, run.config.max_length,
-                                    rows_per_batch=run.config.batch_size, key_sets_per_pass=2,
-                                    head_dtype=run.head_dtype), texts)
-        tokens = np.array([s.tokens for s in scores])
-        pooled = [float(np.dot([s.key_ce[j] for s in scores], tokens) / tokens.sum()) for j in range(3)]
-        pooled += [float(np.dot([s.no_key for s in scores], tokens) / tokens.sum()),
-                   float(np.dot([s.no_memory for s in scores], tokens) / tokens.sum())]
-        expected = table.ce(doc, [keys[j] for j in range(3)] + [None, NO_MEMORY])
-        assert pooled == pytest.approx(expected, rel=1e-4)
+    tok = run.foundation.tokenizer
+    texts = [seg for doc in run.documents for seg in doc.segments] + ["A short text.", "Another one, a bit longer."]
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    assert len(set(lengths)) > 2 and max(lengths) <= 128  # one window each
+
+    def scored(rows_per_batch: int) -> list:
+        return score_texts(Scorer(run.foundation, run.memory, 2, run.dtype, 128,
+                                  rows_per_batch=rows_per_batch, key_sets_per_pass=2), texts)
+
+    batched, alone = scored(len(texts)), scored(1)
+    assert [s.tokens for s in batched] == [s.tokens for s in alone] == [n - 1 for n in lengths]
+    for b, a in zip(batched, alone):
+        assert b.key_ce + [b.no_key, b.no_memory] == pytest.approx(a.key_ce + [a.no_key, a.no_memory], rel=1e-5)
 
 
 def test_long_text_is_windowed_and_ranking_is_by_ce(tiny_run):  # noqa: F811
@@ -51,10 +52,9 @@ def test_long_text_is_windowed_and_ranking_is_by_ce(tiny_run):  # noqa: F811
     text = " ".join(["word"] * 300)
     (s,) = score_texts(Scorer(tm.foundation, tm.memory, tm.layer, tm.dtype, max_length=64), [text])
     n = len(tm.foundation.tokenizer(text)["input_ids"])
-    # windows of 64 tokens score 63 targets each; the last, shorter one is left padded in the batch
-    # and (as in training) its first token is a target too, predicted from the pad (= eos) before it
+    # windows of 64 tokens score 63 targets each, the last, shorter one its tokens after the first
     full, rest = divmod(n, 64)
-    assert full >= 2 and s.tokens == full * 63 + rest
+    assert full >= 2 and rest >= 2 and s.tokens == full * 63 + rest - 1
     assert s.ranking() == sorted(range(3), key=lambda j: s.key_ce[j])
     with pytest.raises(ValueError, match="empty"):
         score_texts(Scorer(tm.foundation, tm.memory, tm.layer, tm.dtype, 64), ["  "])
@@ -87,14 +87,18 @@ def test_training_segments_are_scored_from_the_ce_table(tiny_run):  # noqa: F811
     table.engine.losses = (lambda original: lambda *a, **k: passes.append(1) or original(*a, **k))(table.engine.losses)
     from_table = table_scores(table, run.documents[:1], [keys[j] for j in range(3)], no_key=None)
     assert passes == []
-    tok = run.foundation.tokenizer
-    texts = [tok.decode(tok(seg)["input_ids"][: run.config.max_length]) for seg in run.documents[0].segments]
-    alone = score_texts(Scorer(run.foundation, run.memory, 2, run.dtype, run.config.max_length,
-                               rows_per_batch=run.config.batch_size, head_dtype=run.head_dtype), texts)
-    assert len(from_table[0]) == len(texts)
-    for t, s in zip(from_table[0], alone):
-        assert t.tokens == s.tokens
-        assert t.key_ce + [t.no_key, t.no_memory] == pytest.approx(s.key_ce + [s.no_key, s.no_memory], rel=1e-5)
+    # what training computes for each row of document 0's batch, one column at a time on a fresh engine
+    (batch,) = [b for b in make_batches(run.documents, run.foundation.tokenizer, run.config.batch_size,
+                                        run.config.max_length) if int(b.doc_ids[0]) == 0]
+    rows = replace(batch, chunk_of_row=torch.arange(batch.input_ids.shape[0]))
+    engine = FastEngine(run.foundation, run.memory, 2, run.dtype, head_dtype=run.head_dtype)
+    with torch.no_grad():
+        expected = [engine.losses(rows, [c.expand(len(rows.doc_ids), -1) if isinstance(c, torch.Tensor) else c],
+                                  per_document=True)[0] for c in [keys[j] for j in range(3)] + [None, NO_MEMORY]]
+    assert len(from_table[0]) == len(run.documents[0].segments) == len(rows.doc_ids)
+    for r, t in enumerate(from_table[0]):
+        assert t.tokens == int((rows.labels[r, 1:] != -100).sum())
+        assert t.key_ce + [t.no_key, t.no_memory] == pytest.approx([float(e[r]) for e in expected], rel=1e-6)
 
 
 def test_evaluation_on_the_tiny_run(tiny_run):  # noqa: F811
