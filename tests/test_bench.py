@@ -1,10 +1,15 @@
-"""benchmarks/bench_train_step.py runs end to end and the fast path matches the frozen two-pass loop."""
+"""benchmarks/bench_train_step.py runs end to end and the fast path matches the frozen two-pass loop;
+bench_evaluate.py's repeated pairs report each ratio and their median."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("released_s_per_step", "frozen_two_pass_s_per_step", "fast_s_per_step", "fast_first_step_s",
@@ -28,3 +33,24 @@ def test_bench_tiny_reports_json_and_equal_losses():
     # loose: Adam turns round-off in a near-zero gradient (a zero-initialised bias) into a visible step
     assert report["max_rel_diff_params"] <= 1e-2, report["max_rel_diff_params"]
     assert (report["shape"], report["layer"], report["batch"], report["seq"]) == ("tiny", 1, 2, 32)
+
+
+def test_bench_evaluate_repeats_report_each_ratio_and_their_median(monkeypatch, capsys):
+    ratios = iter([0.9, 0.7, 0.8])
+    keeps = []
+
+    def fake_pair(args, keep):  # the timing itself is the subprocesses'; here the bookkeeping around it
+        keeps.append(keep)
+        return {"demo_s": 10.0, "evaluate_s": 0.0, "ratio": next(ratios)}
+
+    monkeypatch.setattr(bench_evaluate, "one_pair", fake_pair)
+    assert bench_evaluate.main(["--repeats", "3", "--keep", "/tmp/k"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert keeps == ["/tmp/k/pair_0", "/tmp/k/pair_1", "/tmp/k/pair_2"]
+    assert out[-2] == "ratios: 0.90, 0.70, 0.80; median 0.80"
+    report = json.loads(out[-1])
+    assert report["ratios"] == [0.9, 0.7, 0.8] and report["median_ratio"] == 0.8 and len(report["pairs"]) == 3
+    for argv in (["--repeats", "0"], ["--repeats", "2", "--run_dir", "RUN"]):
+        with pytest.raises(SystemExit) as exit_info:
+            bench_evaluate.main(argv)
+        assert exit_info.value.code == 2 and "--repeats" in capsys.readouterr().err
