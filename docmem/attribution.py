@@ -124,9 +124,9 @@ def score_columns(engine: LossEngine, scorer: Scorer, texts: Sequence[str], colu
 def table_scores(table: CETable, documents: Sequence, doc_columns: Sequence[Any], no_key: Any = NO_MEMORY
                  ) -> list[list[TextScores]]:
     """Each document's training segments (in order) scored from the CE table: per segment its scored
-    tokens and its CE under each document's column (key, adapter), `no_key` and the plain LM; the
-    same numbers as score_columns() gives a document's segments batched as in training
-    (tests/test_attribute.py), and no pass runs that the CE matrix has not already run."""
+    tokens and its CE under each document's column (key, adapter), `no_key` and the plain LM, as
+    training's loss scores that row of its batch (tests/test_attribute.py checks them against the
+    engine on training's batch); no pass runs that the CE matrix has not already run."""
     n = len(doc_columns)
     columns = list(doc_columns) + [no_key, NO_MEMORY]
     return [[TextScores(int(tokens), ce[:n], ce[n], ce[n + 1]) for tokens, ce in table.row_ce(d, columns)]
