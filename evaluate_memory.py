@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_docs", type=int, default=None, help="evaluate only the first N documents")
     parser.add_argument("--max_other_keys", type=int, default=defaults.max_other_keys,
                         help="other_keys: at most this many other documents' keys per document")
-    parser.add_argument("--gen_batch_size", type=int, default=defaults.gen_batch_size, help="rows decoded together in recall (each leaves its batch when it has its tokens); rows per scoring batch in attribution")
+    parser.add_argument("--gen_batch_size", type=int, default=defaults.gen_batch_size,
+                        help="rows decoded together in recall (each leaves its batch when it has its tokens); "
+                             "held-out texts per scoring batch in attribution")
     parser.add_argument("--key_sets_per_pass", type=int, default=defaults.key_sets_per_pass,
                         help="CE: key sets batched into one pass over the upper blocks")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")

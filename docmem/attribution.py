@@ -195,19 +195,17 @@ def attribution_report(config: TrainConfig, documents: Sequence, score: Callable
     """Top-1 attribution of the training segments (`training`: each document's segments scored, table_scores)
     and the held-out continuations; score(texts, label) gives each held-out text's CE under every document's
     condition (a key, an adapter, the document in the prompt)."""
-    result: dict[str, Any] = {"documents": [d.title for d in documents],
-                              "rule": "top-1 = the document whose key gives the text the lowest mean token CE",
-                              "training_segments_scored": "as in training: each segment's tokens in its training "
-                                                          "batch (the CE matrix's rows)"}
-    for name, per_doc in (("training_segments", [list(d.segments) for d in documents]),
-                          ("held_out", load_held_out(config, documents))):
-        texts = [t for doc_texts in per_doc for t in doc_texts]
-        truth = [d for d, doc_texts in enumerate(per_doc) for _ in doc_texts]
-        if name == "training_segments":
-            scores = [s for doc_scores in training for s in doc_scores]
-            if len(scores) != len(texts):
-                raise ValueError(f"{len(scores)} training segment scores for {len(texts)} segments")
-        else:
-            scores = score(texts, f"attribution: {name}") if texts else []
-        result[name] = attribution_accuracy(texts, truth, scores)
-    return result
+    segments = [s for d in documents for s in d.segments]
+    segment_scores = [s for doc_scores in training for s in doc_scores]
+    if len(segment_scores) != len(segments):
+        raise ValueError(f"{len(segment_scores)} training segment scores for {len(segments)} segments")
+    held_out = load_held_out(config, documents)
+    held_texts = [t for doc_texts in held_out for t in doc_texts]
+    return {"documents": [d.title for d in documents],
+            "rule": "top-1 = the document whose key gives the text the lowest mean token CE",
+            "training_segments_scored": "as in training: each segment's tokens in its training batch "
+                                        "(the CE matrix's rows)",
+            "training_segments": attribution_accuracy(segments, [d for d, doc in enumerate(documents)
+                                                                 for _ in doc.segments], segment_scores),
+            "held_out": attribution_accuracy(held_texts, [d for d, doc_texts in enumerate(held_out) for _ in doc_texts],
+                                             score(held_texts, "attribution: held_out") if held_texts else [])}
