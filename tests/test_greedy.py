@@ -4,13 +4,24 @@ an end-of-text token that stops some rows early; the prompt pass that runs the b
 once per distinct prompt gives the model's own logits, cache and tokens."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from conftest import tiny_model
 from docmem.engines import NO_MEMORY
 from docmem.evaluation.generation import RowConditions, prompt_batch
-from docmem.greedy import DecodeHooks, _returned_cache, decode_greedy, prompt_pass_once_per_prompt
+from docmem.greedy import (
+    DecodeHooks,
+    RoomyLayer,
+    _returned_cache,
+    decode_greedy,
+    make_room,
+    prompt_pass_once_per_prompt,
+)
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import from_model
 from hook_lm import attach_memory
@@ -48,6 +59,45 @@ def test_the_same_tokens_as_generate(arch):
     assert narrowed and all(a > b for a, b in zip(map(len, narrowed), map(len, narrowed[1:])))  # rows only leave
     # without a stop token every row gets exactly its count
     assert decode_greedy(model, ids, mask, wanted, set()) == [row[:w] for row, w in zip(free, wanted)]
+
+
+def test_a_roomy_layer_holds_what_a_plain_layer_holds():
+    gen = torch.Generator().manual_seed(0)
+    k0, v0 = torch.randn(4, 2, 5, 3, generator=gen), torch.randn(4, 2, 5, 3, generator=gen)
+    plain, roomy = DynamicLayer(), RoomyLayer(k0, v0, room=2)
+    plain.update(k0, v0)
+    store = roomy.key_store
+    for step in range(4):  # two steps within the room, then two past it (it grows)
+        k, v = torch.randn(4, 2, 1, 3, generator=gen), torch.randn(4, 2, 1, 3, generator=gen)
+        want, got = plain.update(k, v), roomy.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(want, got))
+        assert roomy.get_seq_length() == plain.get_seq_length() == 6 + step
+        if step < 2:
+            assert roomy.key_store is store  # written in place, not a new tensor
+    keep = torch.tensor([3, 1])
+    plain.batch_select_indices(keep)
+    roomy.batch_select_indices(keep)
+    assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
+
+
+@torch.no_grad()
+def test_decoding_writes_the_cache_in_place():
+    model = tiny_model("llama", seed=3)
+    ids, mask = prompt_batch([[5, 6, 7], [8, 9]], PAD)
+    cache = _returned_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
+    make_room(cache, 3)
+    assert all(isinstance(layer, RoomyLayer) for layer in cache.layers)
+    seen: list[DynamicCache] = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # the same signature: decode_greedy names the cache argument from it
+    def spy(*args, **kwargs):
+        seen.extend(v for v in kwargs.values() if isinstance(v, DynamicCache))
+        return forward(*args, **kwargs)
+
+    model.forward = spy
+    decode_greedy(model, ids, mask, [4, 4], set())
+    assert seen and all(isinstance(layer, RoomyLayer) for c in seen for layer in c.layers)
 
 
 def test_bad_counts_are_refused():
