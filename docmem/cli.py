@@ -17,6 +17,7 @@ from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
+from docmem.allocator import keep_freed_memory
 from docmem.errors import DocmemError
 
 # The console entry points' prefix (pyproject.toml: docmem-train, docmem-evaluate, ...).
@@ -63,6 +64,7 @@ def fail(prog: str, message: str, code: int = 2) -> NoReturn:
 def run_command(prog: str, body: Callable[[], object]) -> int:
     """Run a command's body; returns its exit status (0, or the failure's exit code)."""
     setup_logging()
+    keep_freed_memory()  # docmem/allocator.py: tensors of a size reuse freed memory
     try:
         body()
     except DocmemError as err:

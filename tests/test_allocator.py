@@ -1,0 +1,47 @@
+"""docmem/allocator.py: after keep_freed_memory() glibc serves a 30 MiB request from its heap (kept for
+reuse) instead of a fresh mmap; without it, the same request in a fresh process is a fresh mmap."""
+from __future__ import annotations
+
+import ctypes.util
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from docmem.allocator import keep_freed_memory
+
+PROBE = """
+import ctypes, ctypes.util, sys
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+class Info(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields; hblkhd = bytes in mmapped blocks
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+libc.mallinfo2.restype = Info
+libc.malloc.restype = ctypes.c_void_p
+if sys.argv[1] == "keep":
+    from docmem.allocator import keep_freed_memory
+    assert keep_freed_memory()
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(30 << 20)
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
+                           or ctypes.util.find_library("c") is None, reason="glibc's malloc only")
+
+
+def _mmapped_bytes(mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+@glibc
+def test_a_large_request_comes_from_the_kept_heap():
+    assert _mmapped_bytes("default") >= 30 << 20  # glibc's default: a fresh mmap
+    assert _mmapped_bytes("keep") == 0
+
+
+@glibc
+def test_it_can_be_applied_twice():
+    assert keep_freed_memory() and keep_freed_memory()
