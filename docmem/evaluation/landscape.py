@@ -44,12 +44,14 @@ def grid_minimum(values: np.ndarray, axis: np.ndarray) -> dict[str, Any]:
             "value": float(values[yi, xi])}
 
 
-def compute_landscape(ce_of: Callable[[int, torch.Tensor], list[float]], keys: np.ndarray, grid: int
+def compute_landscape(ce_of: Callable[[int, torch.Tensor], list[float]], keys: np.ndarray, grid: int,
+                      on_document: Callable[[int, dict[str, Any], np.ndarray], None] | None = None
                       ) -> dict[str, Any]:
     """Perplexity of each document over a grid of 2-d keys.
 
     ce_of(doc, keys (K, 2)) -> K mean CEs of that document under each key. Returns axis,
-    perplexity[doc][y][x] and per document its minimum and its relation to the keys."""
+    perplexity[doc][y][x] and per document its minimum and its relation to the keys;
+    on_document(doc, entry, axis) is called with each document's entry as soon as it is complete."""
     keys = np.asarray(keys, dtype=float)
     if keys.ndim != 2 or keys.shape[1] != 2:
         raise ValueError(f"the landscape needs 2-d keys, got shape {keys.shape}")
@@ -67,6 +69,8 @@ def compute_landscape(ce_of: Callable[[int, torch.Tensor], list[float]], keys: n
             "nearest_key_to_minimum": int(np.argmin(distances)),
             "minimum_nearest_own_key": bool(np.argmin(distances) == doc),
         })
+        if on_document is not None:
+            on_document(doc, documents[-1], axis)
     return {"axis": axis.tolist(), "documents": documents}
 
 

@@ -24,6 +24,7 @@ from docmem.attribution import evaluate_attribution
 from docmem.config import TrainConfig, load_run_config
 from docmem.evaluation.baselines import evaluate_lora_run
 from docmem.evaluation.ce_table import CETable, evaluate_ce_matrix
+from docmem.evaluation.drawing import PictureThread
 from docmem.evaluation.generation import evaluate_recall
 from docmem.evaluation.landscape import compute_landscape, landscape_skipped, length_report, selection_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
-    """Every measurement of one run, written into run_dir/eval/; returns summary.json's content."""
+    """Every measurement of one run, written into run_dir/eval/; returns summary.json's content.
+    The pictures are drawn by a helper thread while the measuring goes on (drawing.py)."""
     options.validate()
     run.memory.eval()
     started = time.time()
@@ -49,47 +51,49 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     log.info(f"{run.run_dir}: {n} documents, {'keyed' if run.config.uses_keys else 'shared'} memory on block "
              f"{run.config.hook_memory_layer} of {run.foundation.name}")
 
-    # 1. recall in generation
-    recall = evaluate_recall(run, documents, options)
-    write_json(out / "recall.json", recall)
-    analysis_plots.plot_recall_bars(recall["mean"], out / "recall.png",
-                                    title=f"{run.run_dir.name}: ROUGE recall of greedy continuations "
-                                          f"({recall['segments_scored']} segments, {n} documents)")
+    with PictureThread() as pictures:
+        # 1. recall in generation
+        recall = evaluate_recall(run, documents, options)
+        write_json(out / "recall.json", recall)
+        pictures.draw(analysis_plots.plot_recall_bars, recall["mean"], out / "recall.png",
+                      title=f"{run.run_dir.name}: ROUGE recall of greedy continuations "
+                            f"({recall['segments_scored']} segments, {n} documents)")
 
-    # 2. CE matrix (token level, no generation)
-    t0 = time.time()
-    table = CETable(run, documents, options)
-    ce = evaluate_ce_matrix(table, run, documents)
-    write_json(out / "ce_matrix.json", ce)
-    if ce["matrix"] is not None:
-        analysis_plots.plot_ce_matrix(np.array(ce["matrix"]), titles, out / "ce_matrix.png")
-    log.info(f"CE matrix in {time.time() - t0:.1f}s")
-    attribution = None
-    if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
+        # 2. CE matrix (token level, no generation)
         t0 = time.time()
-        attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass, table)
-        write_json(out / "attribution.json", attribution)
-        attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
-        log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
+        table = CETable(run, documents, options)
+        ce = evaluate_ce_matrix(table, run, documents)
+        write_json(out / "ce_matrix.json", ce)
+        if ce["matrix"] is not None:
+            pictures.draw(analysis_plots.plot_ce_matrix, np.array(ce["matrix"]), titles, out / "ce_matrix.png")
+        log.info(f"CE matrix in {time.time() - t0:.1f}s")
+        attribution = None
+        if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
+            t0 = time.time()
+            attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass,
+                                               table)
+            write_json(out / "attribution.json", attribution)
+            attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
+            log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
 
-    # 3. selection statistics over training and of the final memory
-    history = read_metrics(run.run_dir)
-    selection, selections = selection_report(memory, history, options.l0_threshold)
-    write_json(out / "selection_stats.json", selection)
-    analysis_plots.plot_selection_stats({run.run_dir.name: history}, out / "selection_stats.png",
-                                        title=f"{run.run_dir.name}: memory-selection statistics (mean over documents)")
+        # 3. selection statistics over training and of the final memory
+        history = read_metrics(run.run_dir)
+        selection, selections = selection_report(memory, history, options.l0_threshold)
+        write_json(out / "selection_stats.json", selection)
+        pictures.draw(analysis_plots.plot_selection_stats, {run.run_dir.name: history}, out / "selection_stats.png",
+                      title=f"{run.run_dir.name}: memory-selection statistics (mean over documents)")
 
-    # 4. memory size against document length
-    lengths = [table.tokens(d) for d in range(n)]
-    length_json = length_report(selections, lengths, documents, options.l0_threshold)
-    write_json(out / "length_vs_l0.json", length_json)
-    r = length_json.get("pearson_r")
-    if selections is not None:
-        analysis_plots.plot_length_vs_l0(lengths, [d["l0"] for d in length_json["documents"]], titles,
-                                         out / "length_vs_l0.png", r, options.l0_threshold)
+        # 4. memory size against document length
+        lengths = [table.tokens(d) for d in range(n)]
+        length_json = length_report(selections, lengths, documents, options.l0_threshold)
+        write_json(out / "length_vs_l0.json", length_json)
+        r = length_json.get("pearson_r")
+        if selections is not None:
+            pictures.draw(analysis_plots.plot_length_vs_l0, lengths, [d["l0"] for d in length_json["documents"]],
+                          titles, out / "length_vs_l0.png", r, options.l0_threshold)
 
-    # 5. the DocRep landscape
-    landscape_summary = landscape(run, table, titles, options, out)
+        # 5. the DocRep landscape
+        landscape_summary = landscape(run, table, titles, options, out, pictures)
     measured = {"selection_final": selection["final"], "length_l0_pearson_r": r, "landscape": landscape_summary}
     summary = _summarise(run, options, recall, ce, measured, time.time() - started)
     summary["attribution_top1_accuracy"] = attribution
@@ -98,9 +102,10 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
     return summary
 
 
-def landscape(run: LoadedRun, table: CETable, titles: list[str], options: EvalOptions, out: Path
-              ) -> dict[str, Any] | None:
-    """landscape.json, landscape.png and landscape/doc_NN.png; returns the summary's part."""
+def landscape(run: LoadedRun, table: CETable, titles: list[str], options: EvalOptions, out: Path,
+              pictures: PictureThread) -> dict[str, Any] | None:
+    """landscape.json, landscape.png and landscape/doc_NN.png (each drawn as soon as its document is
+    measured); returns the summary's part."""
     skipped = landscape_skipped(run.memory, options.grid)
     if skipped:
         write_json(out / "landscape.json", {"skipped": True, "reason": skipped})
@@ -108,21 +113,24 @@ def landscape(run: LoadedRun, table: CETable, titles: list[str], options: EvalOp
     t0 = time.time()
     n = len(titles)
     keys = run.memory.doc_keys.detach()[:n].float().cpu().numpy()
+    own = [tuple(k) for k in keys.tolist()]
+
+    def draw_document(d: int, entry: dict[str, Any], axis: np.ndarray) -> None:
+        ppl = np.array(entry["perplexity"])
+        pictures.draw(analysis_plots.plot_landscape, ppl, axis, own[d], [k for j, k in enumerate(own) if j != d],
+                      tuple(entry["minimum"]["key"]), f"{d}: {titles[d]}\nperplexity over keys (min {ppl.min():.3g})",
+                      out / "landscape" / f"doc_{d:02d}.png")
+
     with tqdm(total=n * options.grid ** 2, desc="landscape", unit="key", dynamic_ncols=True) as bar:
-        land = compute_landscape(lambda doc, cands: table.ce(doc, list(cands), bar), keys, options.grid)
+        land = compute_landscape(lambda doc, cands: table.ce(doc, list(cands), bar), keys, options.grid,
+                                 on_document=draw_document)
     land.update({"grid": options.grid, "titles": titles, "perplexity_index": "[document][y][x]"})
     near = sum(d["minimum_nearest_own_key"] for d in land["documents"])
     land["minima_nearest_own_key"] = near
     write_json(out / "landscape.json", land)
-    axis = np.array(land["axis"])
-    ppls = [np.array(d["perplexity"]) for d in land["documents"]]
-    minima = [tuple(d["minimum"]["key"]) for d in land["documents"]]
-    own = [tuple(k) for k in keys.tolist()]
-    for d, (ppl, title) in enumerate(zip(ppls, titles)):
-        analysis_plots.plot_landscape(ppl, axis, own[d], [k for j, k in enumerate(own) if j != d], minima[d],
-                                      f"{d}: {title}\nperplexity over keys (min {ppl.min():.3g})",
-                                      out / "landscape" / f"doc_{d:02d}.png")
-    analysis_plots.plot_landscape_overview(ppls, axis, own, minima, titles, out / "landscape.png")
+    pictures.draw(analysis_plots.plot_landscape_overview, [np.array(d["perplexity"]) for d in land["documents"]],
+                  np.array(land["axis"]), own, [tuple(d["minimum"]["key"]) for d in land["documents"]], titles,
+                  out / "landscape.png")
     log.info(f"landscape ({options.grid}x{options.grid} keys) in {time.time() - t0:.1f}s")
     return {"minima_nearest_own_key": near, "documents": n,
             "mean_distance_minimum_to_own_key":
