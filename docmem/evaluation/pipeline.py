@@ -3,7 +3,7 @@
 evaluate_run(run_dir, options) loads a saved run (docmem/run_folder.py) and measures it;
 evaluate_trained(...) measures the objects training still holds (train_guidance.py
 --eval_at_end). Both end in evaluate_loaded, which runs, in order: recall in generation,
-the CE matrix, selection statistics, L0 against length, and the key landscape.
+the CE matrix, selection statistics, L0 against length, the key landscape and attribution.
 """
 from __future__ import annotations
 
@@ -67,14 +67,6 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
         if ce["matrix"] is not None:
             pictures.draw(analysis_plots.plot_ce_matrix, np.array(ce["matrix"]), titles, out / "ce_matrix.png")
         log.info(f"CE matrix in {time.time() - t0:.1f}s")
-        attribution = None
-        if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
-            t0 = time.time()
-            attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass,
-                                               table)
-            write_json(out / "attribution.json", attribution)
-            attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
-            log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
 
         # 3. selection statistics over training and of the final memory
         history = read_metrics(run.run_dir)
@@ -94,6 +86,16 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
 
         # 5. the DocRep landscape
         landscape_summary = landscape(run, table, titles, options, out, pictures)
+
+        # 6. attribution, last: the landscape's pictures are drawn meanwhile
+        attribution = None
+        if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
+            t0 = time.time()
+            attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass,
+                                               table)
+            write_json(out / "attribution.json", attribution)
+            attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
+            log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")
     measured = {"selection_final": selection["final"], "length_l0_pearson_r": r, "landscape": landscape_summary}
     summary = _summarise(run, options, recall, ce, measured, time.time() - started)
     summary["attribution_top1_accuracy"] = attribution
