@@ -26,6 +26,7 @@ from docmem.config import load_run_config
 from docmem.engines import NO_MEMORY, KeySet, LossEngine
 from docmem.errors import ConfigError
 from docmem.evaluation.ce_table import CETable, ce_matrix, shared_ce
+from docmem.evaluation.drawing import PictureThread
 from docmem.evaluation.generation import Prompt, RecallInputs, greedy_rows, plan_conditions, prompts_of, recall_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.lora_memory import LoraAdapters, LoraEngine, load_adapters
@@ -111,33 +112,34 @@ def evaluate_method(run: LoadedRun, method: Method, options: EvalOptions, out: P
     plans = plan_conditions(prompts, len(documents), method.kind, options.max_other_keys)
     everything = [(c, i, d) for c, rows in plans.items() for i, d in rows]
     inputs = [method.row_ids(c, prompts[i], d) for c, i, d in everything]
-    t0 = time.time()
-    continuations = greedy_rows(run.foundation, inputs, [len(prompts[i].reference_ids) for _, i, _ in everything],
-                                options.gen_batch_size,
-                                lambda rows, kw: method.generate_batch([(everything[r][0], everything[r][2])
-                                                                        for r in rows], kw))
-    log.info(f"{method.name}: {len(everything)} generations in {time.time() - t0:.1f}s")
-    recall = recall_report(RecallInputs(tokenizer, documents, prompts, skipped, options), plans, continuations)
-    write_json(out / "recall.json", recall)
-    analysis_plots.plot_recall_bars(recall["mean"], out / "recall.png",
-                                    title=f"{method.name}: ROUGE recall ({recall['segments_scored']} segments)")
-    table = CETable(run, documents, options, engine=method.engine)
-    attribution = None
-    if method.kind == "per_document":
-        ce = ce_matrix(table, titles, method.doc_columns[: len(documents)], {"no_memory": NO_MEMORY})
-        analysis_plots.plot_ce_matrix(np.array(ce["matrix"]), titles, out / "ce_matrix.png")
-        ce_part = {k: ce[k] for k in ("diagonal_mean", "off_diagonal_mean", "diagonal_lowest_rows",
-                                       "diagonal_lowest_every_row")}
-        ce_part["no_memory_mean"] = float(np.mean(ce["no_memory"]))
-        training = table_scores(table, documents, method.doc_columns[: len(documents)])
-        report = attribution_report(run.config, documents, _text_scorer(run, method, options, len(documents)),
-                                    training)
-        write_json(out / "attribution.json", report)
-        attribution = {k: report[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
-    else:
-        ce = shared_ce(table, titles, method.shared_column)
-        ce_part = {"memory_mean": float(np.mean(ce["memory"])), "no_memory_mean": float(np.mean(ce["no_memory"]))}
-    write_json(out / "ce_matrix.json", ce)
+    with PictureThread() as pictures:  # drawn while the measuring goes on
+        t0 = time.time()
+        continuations = greedy_rows(run.foundation, inputs, [len(prompts[i].reference_ids) for _, i, _ in everything],
+                                    options.gen_batch_size,
+                                    lambda rows, kw: method.generate_batch([(everything[r][0], everything[r][2])
+                                                                            for r in rows], kw))
+        log.info(f"{method.name}: {len(everything)} generations in {time.time() - t0:.1f}s")
+        recall = recall_report(RecallInputs(tokenizer, documents, prompts, skipped, options), plans, continuations)
+        write_json(out / "recall.json", recall)
+        pictures.draw(analysis_plots.plot_recall_bars, recall["mean"], out / "recall.png",
+                      title=f"{method.name}: ROUGE recall ({recall['segments_scored']} segments)")
+        table = CETable(run, documents, options, engine=method.engine)
+        attribution = None
+        if method.kind == "per_document":
+            ce = ce_matrix(table, titles, method.doc_columns[: len(documents)], {"no_memory": NO_MEMORY})
+            pictures.draw(analysis_plots.plot_ce_matrix, np.array(ce["matrix"]), titles, out / "ce_matrix.png")
+            ce_part = {k: ce[k] for k in ("diagonal_mean", "off_diagonal_mean", "diagonal_lowest_rows",
+                                           "diagonal_lowest_every_row")}
+            ce_part["no_memory_mean"] = float(np.mean(ce["no_memory"]))
+            training = table_scores(table, documents, method.doc_columns[: len(documents)])
+            report = attribution_report(run.config, documents, _text_scorer(run, method, options, len(documents)),
+                                        training)
+            write_json(out / "attribution.json", report)
+            attribution = {k: report[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
+        else:
+            ce = shared_ce(table, titles, method.shared_column)
+            ce_part = {"memory_mean": float(np.mean(ce["memory"])), "no_memory_mean": float(np.mean(ce["no_memory"]))}
+        write_json(out / "ce_matrix.json", ce)
     log.info(f"{method.name}: written to {out} in {time.time() - started:.0f}s")
     summary = {
         "run_dir": str(run.run_dir), "document_memory": method.name, "documents": len(documents),
