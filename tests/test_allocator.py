@@ -2,10 +2,12 @@
 reuse) instead of a fresh mmap; without it, the same request in a fresh process is a fresh mmap."""
 from __future__ import annotations
 
+import ctypes
 import ctypes.util
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -27,12 +29,20 @@ block = libc.malloc(30 << 20)
 print(libc.mallinfo2().hblkhd - before)
 """
 
-glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"
-                           or ctypes.util.find_library("c") is None, reason="glibc's malloc only")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _has_mallinfo2() -> bool:  # glibc 2.33 and later
+    name = ctypes.util.find_library("c")
+    return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
+
+
+glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not _has_mallinfo2(),
+                           reason="glibc's malloc only (2.33 or later, for mallinfo2)")
 
 
 def _mmapped_bytes(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True, cwd=ROOT)
     return int(out.stdout.strip())
 
 
