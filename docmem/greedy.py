@@ -1,6 +1,7 @@
 """Greedy decoding of a batch of token rows with a key/value cache, each row dropped from the batch
-as soon as it has its tokens (its own count, or an end-of-text token); and a prompt pass that runs the
-blocks below a memory once per distinct prompt when rows repeat prompts under different conditions.
+as soon as it has its tokens (its own count, or an end-of-text token); the cache's layers with room
+for the tokens to come (RoomyLayer: written in place, not concatenated); and a prompt pass that runs
+the blocks below a memory once per distinct prompt when rows repeat prompts under different conditions.
 
 transformers' generate() decodes every row of a batch until the longest is done; when the rows want
 different lengths (recall's continuations are as long as their references), a fifth of those steps
