@@ -11,7 +11,6 @@ memory does not grow: the same tensors are alive at once; only what is freed sta
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger(__name__)
@@ -29,13 +28,9 @@ def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse (requests up to 32 MiB from its heap, no trim
     below 4 GiB, 256 MiB of headroom per heap growth). Returns False, changing nothing, where the C
     library is not glibc (macOS, musl, Windows)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    try:  # the process's own symbols, libc's among them: no search for the library (find_library runs ldconfig)
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError, TypeError):  # no such symbol; Windows has no CDLL(None)
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     applied = all(mallopt(param, value) == 1 for param, value in (

@@ -3,7 +3,6 @@ reuse) instead of a fresh mmap; without it, the same request in a fresh process 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import platform
 import subprocess
 import sys
@@ -14,8 +13,8 @@ import pytest
 from docmem.allocator import keep_freed_memory
 
 PROBE = """
-import ctypes, ctypes.util, sys
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
+import ctypes, sys
+libc = ctypes.CDLL(None)
 class Info(ctypes.Structure):  # glibc's struct mallinfo2: ten size_t fields; hblkhd = bytes in mmapped blocks
     _fields_ = [(n, ctypes.c_size_t) for n in
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
@@ -33,8 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _has_mallinfo2() -> bool:  # glibc 2.33 and later
-    name = ctypes.util.find_library("c")
-    return name is not None and hasattr(ctypes.CDLL(name), "mallinfo2")
+    return hasattr(ctypes.CDLL(None), "mallinfo2")
 
 
 glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or not _has_mallinfo2(),
