@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 
 from tqdm.auto import tqdm
 
-from docmem.allocator import keep_freed_memory
+from docmem.allocator import freeze_imported_objects, keep_freed_memory
 from docmem.errors import DocmemError
 
 # The console entry points' prefix (pyproject.toml: docmem-train, docmem-evaluate, ...).
@@ -65,6 +65,7 @@ def run_command(prog: str, body: Callable[[], object]) -> int:
     """Run a command's body; returns its exit status (0, or the failure's exit code)."""
     setup_logging()
     keep_freed_memory()  # docmem/allocator.py: tensors of a size reuse freed memory
+    freeze_imported_objects()  # and the garbage collector no longer walks what the imports made
     try:
         body()
     except DocmemError as err:

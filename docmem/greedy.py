@@ -76,7 +76,12 @@ class RoomyLayer(DynamicLayer):
         return self.keys, self.values
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.key_store, self.value_store = self.key_store[indices], self.value_store[indices]
+        # keeping the first rows (recall's rows come longest-wanted first, so the last ones finish): a view
+        if is_leading(indices):
+            count = len(indices)
+            self.key_store, self.value_store = self.key_store[:count], self.value_store[:count]
+        else:
+            self.key_store, self.value_store = self.key_store[indices], self.value_store[indices]
         self.keys, self.values = self.key_store[..., :self.length, :], self.value_store[..., :self.length, :]
 
     def crop(self, tokens_to_remove: int) -> None:
@@ -84,6 +89,13 @@ class RoomyLayer(DynamicLayer):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a RoomyLayer is for greedy decoding, which never repeats rows")
+
+
+def is_leading(indices: torch.Tensor) -> bool:
+    """Whether row indices select the first len(indices) rows in order (0, 1, ..., k-1)."""
+    count = len(indices)
+    return bool(count == 0 or (int(indices[0]) == 0 and int(indices[-1]) == count - 1
+                               and bool((indices[1:] > indices[:-1]).all())))
 
 
 def make_room(cache: Any, room: int) -> None:
@@ -125,7 +137,9 @@ def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     make_room(cache, max(wanted) - 1)  # each later step writes its keys and values in place
     positions = positions[:, -1:]
     while True:
-        tokens = logits[:, -1, :].float().argmax(-1).cpu()
+        # the first largest logit, as argmax gives it (max(dim) takes half the time on a CPU; a bf16
+        # logit compares as its exact fp32 value would)
+        tokens = logits[:, -1, :].max(dim=-1).indices.cpu()
         for r, t in zip(alive.tolist(), tokens.tolist()):
             out[r].append(t)
         if hooks.on_tokens is not None:

@@ -53,3 +53,25 @@ def test_a_large_request_comes_from_the_kept_heap():
 @glibc
 def test_it_can_be_applied_twice():
     assert keep_freed_memory() and keep_freed_memory()
+
+
+
+FREEZE_PROBE = """
+import gc
+import torch  # what a command's imports make
+from docmem.allocator import freeze_imported_objects
+frozen = freeze_imported_objects()
+again = freeze_imported_objects()
+made_after = [[]]
+made_after[0].append(made_after)  # a cycle made after the freeze: garbage the collector still finds
+del made_after
+print(frozen, again, gc.get_freeze_count(), gc.collect())
+"""
+
+
+def test_the_imports_objects_are_frozen_once_and_later_garbage_is_still_collected():
+    out = subprocess.run([sys.executable, "-c", FREEZE_PROBE], capture_output=True, text=True, check=True, cwd=ROOT)
+    frozen, again, count, collected = (int(v) for v in out.stdout.split())
+    assert frozen > 100_000  # torch alone makes more objects than that
+    assert again == frozen == count  # the second call froze nothing more
+    assert collected >= 2  # the two lists of the cycle

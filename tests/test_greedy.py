@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from conftest import tiny_model
 from docmem.engines import NO_MEMORY
@@ -19,6 +20,7 @@ from docmem.greedy import (
     RoomyLayer,
     _returned_cache,
     decode_greedy,
+    is_leading,
     make_room,
     prompt_pass_once_per_prompt,
 )
@@ -78,6 +80,28 @@ def test_a_roomy_layer_holds_what_a_plain_layer_holds():
     plain.batch_select_indices(keep)
     roomy.batch_select_indices(keep)
     assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
+
+
+
+def test_keeping_the_first_rows_takes_a_view_and_the_same_values():
+    gen = torch.Generator().manual_seed(1)
+    k0, v0 = torch.randn(5, 2, 4, 3, generator=gen), torch.randn(5, 2, 4, 3, generator=gen)
+    plain, roomy = DynamicLayer(), RoomyLayer(k0, v0, room=3)
+    plain.update(k0, v0)
+    store = roomy.key_store
+    for keep in (torch.tensor([0, 1, 2]), torch.tensor([0, 2])):  # the first rows, then not
+        plain.batch_select_indices(keep)
+        roomy.batch_select_indices(keep)
+        assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
+        k, v = torch.randn(len(keep), 2, 1, 3, generator=gen), torch.randn(len(keep), 2, 1, 3, generator=gen)
+        assert all(torch.equal(a, b) for a, b in zip(plain.update(k, v), roomy.update(k, v)))
+        if len(keep) == 3:
+            assert roomy.key_store.data_ptr() == store.data_ptr()  # the first rows: a view, nothing copied
+        else:
+            assert roomy.key_store.data_ptr() != store.data_ptr()
+    assert is_leading(torch.tensor([0, 1, 2])) and is_leading(torch.tensor([], dtype=torch.long))
+    assert not is_leading(torch.tensor([1, 2])) and not is_leading(torch.tensor([0, 2]))
+    assert not is_leading(torch.tensor([0, 0, 2]))
 
 
 @torch.no_grad()
@@ -152,3 +176,22 @@ def test_the_prompt_pass_once_per_prompt_is_the_models_own(arch, layer):
         torch.testing.assert_close(cache.layers[i].values, own_cache.layers[i].values, rtol=0, atol=1e-5)
     assert not torch.allclose(logits[0], logits[1]) and not torch.allclose(logits[0], logits[4])  # conditions differ
     assert with_shared == without
+
+
+class _TiedLogits(torch.nn.Module):
+    """A stand-in LM whose every step's logits tie at words 3 and 5 (in the dtype given)."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache, logits_to_keep, past_key_values=None):
+        logits = torch.zeros(input_ids.shape[0], 1, 8, dtype=self.dtype)
+        logits[..., 3] = logits[..., 5] = 1.5
+        return CausalLMOutputWithPast(logits=logits, past_key_values=DynamicCache())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tie_goes_to_the_first_word_as_argmax_gives_it(dtype):
+    ids, mask = prompt_batch([[5, 6, 7], [8, 9]], PAD)
+    assert decode_greedy(_TiedLogits(dtype), ids, mask, [3, 2], set()) == [[3, 3, 3], [3, 3]]
