@@ -21,10 +21,9 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -36,6 +35,9 @@ from docmem.errors import ConfigError, MemoryFileError
 from docmem.run_folder import LORA_CONFIG_NAME, memory_config_for
 from document_memories import DocumentMemory, file_sha256
 from foundations import Foundation
+
+if TYPE_CHECKING:  # peft itself is imported where an adapter is made, saved or loaded: importing it
+    from peft import LoraConfig, PeftModel  # takes 0.32 s, which a run without LoRA never needs
 
 ADAPTERS_DIR = "adapters"
 SHARED_ADAPTER = "shared"
@@ -155,6 +157,7 @@ class LoraAdapters:
 
 def lora_config(plan: LoraPlan) -> LoraConfig:
     """peft's config: B starts at zero (the LM unchanged), alpha = rank (scale 1), no dropout, no bias."""
+    from peft import LoraConfig
     return LoraConfig(r=plan.rank, lora_alpha=plan.rank, lora_dropout=0.0, bias="none",
                       target_modules="|".join(re.escape(t) for t in plan.targets))
 
@@ -170,6 +173,7 @@ def adapter_seeds(seed: int, documents: Sequence[wikitext.Document], kind: str) 
 def attach_lora(foundation: Foundation, plan: LoraPlan, seeds: Sequence[int]) -> LoraAdapters:
     """Add the plan's adapters to the LM (in place, as peft does); adapter k's A matrices are drawn
     from seeds[k] (B starts at zero)."""
+    from peft import get_peft_model
     config = lora_config(plan)
     with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question
@@ -231,6 +235,7 @@ class LoraEngine:
 def save_adapters(adapters: LoraAdapters, directory: Path, extra: dict[str, Any]) -> Path:
     """One safetensors file per adapter (its tensors, fp32) and lora_config.json listing them with
     their checksums; `extra` (provenance, titles) goes into the JSON."""
+    from peft import get_peft_model_state_dict
     folder = directory / ADAPTERS_DIR
     folder.mkdir(parents=True, exist_ok=True)
     entries = []
@@ -264,6 +269,7 @@ def read_plan(directory: Path) -> tuple[LoraPlan, dict[str, Any]]:
 def load_adapters(foundation: Foundation, directory: Path) -> LoraAdapters:
     """The LM with the adapters of memory/ (checksums checked); an adapter whose file was deleted
     (a forgotten document) is left out."""
+    from peft import set_peft_model_state_dict
     plan, data = read_plan(directory)
     present = [e for e in data["adapter_files"] if (directory / e["file"]).is_file()]
     if not present:
