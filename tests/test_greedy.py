@@ -63,14 +63,24 @@ def test_the_same_tokens_as_generate(arch):
     assert decode_greedy(model, ids, mask, wanted, set()) == [row[:w] for row, w in zip(free, wanted)]
 
 
+def _keys_values(gen: torch.Generator, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(rows, 2, length, 3, generator=gen), torch.randn(rows, 2, length, 3, generator=gen)
+
+
+def _plain_and_roomy(gen: torch.Generator, rows: int, length: int, room: int) -> tuple[DynamicLayer, RoomyLayer]:
+    """A transformers layer and a RoomyLayer holding the same first keys and values."""
+    k0, v0 = _keys_values(gen, rows, length)
+    plain = DynamicLayer()
+    plain.update(k0, v0)
+    return plain, RoomyLayer(k0, v0, room)
+
+
 def test_a_roomy_layer_holds_what_a_plain_layer_holds():
     gen = torch.Generator().manual_seed(0)
-    k0, v0 = torch.randn(4, 2, 5, 3, generator=gen), torch.randn(4, 2, 5, 3, generator=gen)
-    plain, roomy = DynamicLayer(), RoomyLayer(k0, v0, room=2)
-    plain.update(k0, v0)
+    plain, roomy = _plain_and_roomy(gen, rows=4, length=5, room=2)
     store = roomy.key_store
     for step in range(4):  # two steps within the room, then two past it (it grows)
-        k, v = torch.randn(4, 2, 1, 3, generator=gen), torch.randn(4, 2, 1, 3, generator=gen)
+        k, v = _keys_values(gen, 4, 1)
         want, got = plain.update(k, v), roomy.update(k, v)
         assert all(torch.equal(a, b) for a, b in zip(want, got))
         assert roomy.get_seq_length() == plain.get_seq_length() == 6 + step
@@ -82,18 +92,15 @@ def test_a_roomy_layer_holds_what_a_plain_layer_holds():
     assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
 
 
-
 def test_keeping_the_first_rows_takes_a_view_and_the_same_values():
     gen = torch.Generator().manual_seed(1)
-    k0, v0 = torch.randn(5, 2, 4, 3, generator=gen), torch.randn(5, 2, 4, 3, generator=gen)
-    plain, roomy = DynamicLayer(), RoomyLayer(k0, v0, room=3)
-    plain.update(k0, v0)
+    plain, roomy = _plain_and_roomy(gen, rows=5, length=4, room=3)
     store = roomy.key_store
     for keep in (torch.tensor([0, 1, 2]), torch.tensor([0, 2])):  # the first rows, then not
         plain.batch_select_indices(keep)
         roomy.batch_select_indices(keep)
         assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
-        k, v = torch.randn(len(keep), 2, 1, 3, generator=gen), torch.randn(len(keep), 2, 1, 3, generator=gen)
+        k, v = _keys_values(gen, len(keep), 1)
         assert all(torch.equal(a, b) for a, b in zip(plain.update(k, v), roomy.update(k, v)))
         if len(keep) == 3:
             assert roomy.key_store.data_ptr() == store.data_ptr()  # the first rows: a view, nothing copied
