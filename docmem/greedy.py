@@ -93,9 +93,8 @@ class RoomyLayer(DynamicLayer):
 
 def is_leading(indices: torch.Tensor) -> bool:
     """Whether row indices select the first len(indices) rows in order (0, 1, ..., k-1)."""
-    count = len(indices)
-    return bool(count == 0 or (int(indices[0]) == 0 and int(indices[-1]) == count - 1
-                               and bool((indices[1:] > indices[:-1]).all())))
+    indices = indices.cpu()
+    return torch.equal(indices, torch.arange(len(indices), dtype=indices.dtype))
 
 
 def make_room(cache: Any, room: int) -> None:
