@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.activations import ACT2FN
 
+from docmem.atomic import whole_folder
 from docmem.errors import MemoryFileError
 
 MODULE_TYPES = ("linear", "nonlinear")
@@ -226,14 +227,14 @@ class DocumentMemory(nn.Module):
     def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
         """Weights + JSON config (+ provenance and the weights' checksum)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", torch.float32).contiguous() for name, t in self.state_dict().items()}
-        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-        data = self.config.to_dict()
-        if provenance is not None:
-            data[PROVENANCE_FIELD] = provenance
-        data[CHECKSUM_FIELD] = file_sha256(directory / WEIGHTS_NAME)
-        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        with whole_folder(directory) as tmp:  # the folder appears complete, or stays as it was
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            data = self.config.to_dict()
+            if provenance is not None:
+                data[PROVENANCE_FIELD] = provenance
+            data[CHECKSUM_FIELD] = file_sha256(tmp / WEIGHTS_NAME)
+            (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return directory
 
 

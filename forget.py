@@ -23,7 +23,7 @@ from pathlib import Path
 from docmem.cli import new_parser, run_and_print
 from docmem.errors import UsageError
 from docmem.forgetting import FORGET_METHODS, forget, forgotten_provenance
-from docmem.shard_runs import forget_by_retraining
+from docmem.shard_runs import forget_by_retraining, unfinished_retrain
 from docmem.sharding import load_any_memory
 from docmem.trained_memory import (
     MemoryRunError,
@@ -61,7 +61,9 @@ def forget_command(args) -> dict:
     doc = document_index(documents, args.doc)
     base = run_dir if args.method == "retrain_shard" and run_dir is not None else memory_dir
     out = Path(args.out) if args.out else base.parent / f"{base.name}_forget_{doc}_{args.method}"
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    position = _draw_position(run_dir, documents, doc) if args.method == "retrain_shard" and run_dir else None
+    continuing = position is not None and unfinished_retrain(out, run_dir, position)  # after a kill: go on
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not continuing:
         raise MemoryRunError(f"--out {out}: exists and is not an empty folder (choose another)")
     started = time.time()
     result = {"out": str(out), "forgotten": {"index": doc, "title": documents[doc]["title"]}, "method": args.method,
@@ -69,13 +71,10 @@ def forget_command(args) -> dict:
     if args.method == "retrain_shard":
         if run_dir is None:
             raise UsageError("--method retrain_shard needs the run folder (its config.yaml and shards/)")
-        position = (read_run_yaml(run_dir).get("documents") or [{}] * len(documents))[doc].get("draw_position")
         if position is None:
             raise UsageError(f"--method retrain_shard: {run_dir} has one shard (--memory_shards 1); use --method "
                              "unlearn, or train again with --exclude_docs")
-        if out.exists():
-            out.rmdir()
-        _, summary = forget_by_retraining(run_dir, int(position), out, train_and_finish)
+        _, summary = forget_by_retraining(run_dir, position, out, train_and_finish)
         result["full_training_seconds"] = _training_seconds(run_dir)
         result["retrained_seconds"] = summary["wall_seconds"] if summary else None
     elif args.method == "unlearn":
@@ -88,6 +87,12 @@ def forget_command(args) -> dict:
         forget(memory, doc, args.method).save(out, provenance=forgotten_provenance(provenance, doc, args.method))
     result["seconds"] = time.time() - started
     return result
+
+
+def _draw_position(run_dir: Path, documents: list, doc: int) -> int | None:
+    """The document's draw position in a sharded run (None: the run has one shard)."""
+    position = (read_run_yaml(run_dir).get("documents") or [{}] * len(documents))[doc].get("draw_position")
+    return None if position is None else int(position)
 
 
 def _training_seconds(run_dir: Path) -> float | None:

@@ -175,9 +175,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     if not isinstance(state.get("history"), list) or len(state["history"]) != state["epoch"]:
         raise ckpt.error(f"metrics of {len(state.get('history') or [])} epochs for a checkpoint at "
                          f"epoch {state['epoch']}")
-    for key in ("sums", "initial"):
+    # the initial evaluation has no negative CE where there are no negatives (a shared memory): None
+    for key, optional in (("sums", False), ("initial", True)):
         entry = state.get(key)
-        if not isinstance(entry, dict) or not all(isinstance(v, (int, float)) for v in entry.values()):
+        if not isinstance(entry, dict) or not all(isinstance(v, (int, float)) or (optional and v is None)
+                                                  for v in entry.values()):
             raise ckpt.error(f"state entry {key!r} is missing or not a mapping of numbers")
     if not isinstance(state.get("wall_seconds", 0.0), (int, float)):
         raise ckpt.error("state entry 'wall_seconds' is not a number")

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from docmem.atomic import write_atomic
 from docmem.cli import OneLineParser
 from docmem.errors import ConfigError
 from document_memories import BUILTIN_KEY_ACTIVATIONS, MEMORY_INITS, MODULE_TYPES, activation_names
@@ -165,7 +166,7 @@ class TrainConfig:
         return yaml.safe_dump({**self.to_dict(), **(extra or {})}, sort_keys=False, allow_unicode=True)
 
     def save_yaml(self, path: Path, extra: dict[str, Any] | None = None) -> None:
-        path.write_text(self.to_yaml(extra))
+        write_atomic(path, self.to_yaml(extra))
 
     @property
     def uses_keys(self) -> bool:

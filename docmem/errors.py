@@ -6,6 +6,7 @@ A command-line entry point turns any DocmemError into one stderr line and its ex
     1  a model or data set cannot be loaded here (offline, gated, missing package)
     2  a bad flag, a bad or mismatched file, an impossible evaluation
     3  a non-finite loss or gradient (the last good checkpoint is kept)
+    4  the disk is full (the file being written keeps its previous version)
     128 + N  stopped by signal N after writing a checkpoint (130 SIGINT, 143 SIGTERM)
 
 The subclasses keep the built-in base they always had (ValueError, RuntimeError), so code that
@@ -71,6 +72,12 @@ class NonFiniteLoss(DocmemError, RuntimeError):
     """The loss (or its gradient) became NaN or infinite; nothing of that step was saved."""
 
     exit_code = 3
+
+
+class DiskFullError(DocmemError, OSError):
+    """No space left while writing a file (ENOSPC, EDQUOT); the message names it. Nothing half-written stays."""
+
+    exit_code = 4
 
 
 class Interrupted(DocmemError):

@@ -12,10 +12,11 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from docmem.atomic import write_atomic
 from docmem.engines import NO_MEMORY
 from docmem.errors import EvalError
 from docmem.evaluation.ce_table import CETable
-from docmem.evaluation.generation import segment_prompts
+from docmem.evaluation.generation import Prompt, no_prompt_reason, segment_prompts
 from docmem.evaluation.landscape import grid_keys, landscape_axis
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.forgetting import _recalls
@@ -45,12 +46,22 @@ def _memory_row(run: LoadedRun, memory: Any, titles: list[str], doc: int, option
                attack_ce_at_old_key_start=found.start_ce[0])
     prompts, _ = segment_prompts(run.foundation.tokenizer, documents, options.prompt_tokens, options.new_tokens,
                                  run.config.max_length)
-    first = next(p for p in prompts if p.doc == doc)
-    out["attack_verbatim_tokens"] = verbatim_tokens(run.foundation, memory, run.config.hook_memory_layer, first.ids,
-                                                    first.reference_ids, found.best_key)
+    out.update(_verbatim(run, memory, prompts, doc, options, found.best_key, "attack_verbatim_tokens"))
     plan = [(d.title, j, keys[rows[d.title]]) for j, d in enumerate(documents) if j != doc and d.title in rows]
-    out["others_right_key_recall"] = _recalls(run, memory, prompts, plan, options)
+    recall = _recalls(run, memory, prompts, plan, options)  # None: a document without a prompt
+    out["others_right_key_recall"] = {title: recall.get(title) for title, _, _ in plan}
     return out
+
+
+def _verbatim(run: LoadedRun, memory: Any, prompts: list[Prompt], doc: int, options: EvalOptions, key: Any,
+              name: str) -> dict[str, Any]:
+    """{name: the verbatim tokens of the document's first prompt under `key`}; None and the reason where the
+    document has no prompt."""
+    first = next((p for p in prompts if p.doc == doc), None)
+    if first is None:
+        return {name: None, f"{name}_missing": no_prompt_reason(options.prompt_tokens, run.config.max_length)}
+    return {name: verbatim_tokens(run.foundation, memory, run.config.hook_memory_layer, first.ids, first.reference_ids,
+                                  key)}
 
 
 def _reference_row(report: dict[str, Any], run: LoadedRun, reference: str | None, which: tuple[list[str], int],
@@ -78,10 +89,8 @@ def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: s
     table = CETable(run, run.documents, options)
     prompts, _ = segment_prompts(run.foundation.tokenizer, run.documents, options.prompt_tokens, options.new_tokens,
                                  run.config.max_length)
-    first = next(p for p in prompts if p.doc == doc)
     report["plain_lm"] = {"ce": table.ce(doc, [NO_MEMORY])[0],
-                          "verbatim_tokens": verbatim_tokens(run.foundation, run.memory, run.config.hook_memory_layer,
-                                                             first.ids, first.reference_ids, NO_MEMORY)}
+                          **_verbatim(run, run.memory, prompts, doc, options, NO_MEMORY, "verbatim_tokens")}
     folder = run.run_dir / EVAL_DIR
     folder.mkdir(exist_ok=True)
     out = folder / f"forget_attack_doc_{doc:02d}.json"
@@ -102,7 +111,7 @@ def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: s
     if not forgotten:
         _reference_row(report, run, reference, (titles, doc), (options, settings))
     write_json(out, report)
-    (folder / f"forget_attack_doc_{doc:02d}.md").write_text(attack_table(report) + "\n")
+    write_atomic(folder / f"forget_attack_doc_{doc:02d}.md", attack_table(report) + "\n")
     return report
 
 
@@ -120,10 +129,10 @@ def attack_table(report: dict[str, Any]) -> str:
              "reference verbatim | plain LM | plain verbatim | others' right-key recall (mean) |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in report["rows"].items():
-        recalls = list(row["others_right_key_recall"].values())
+        recalls = [r for r in row["others_right_key_recall"].values() if r is not None]
         lines.append(f"| {name} | {_f(row['old_key_ce'])} | {_f(row['other_keys_ce_min'])} | {_f(row.get('grid_ce_min'))} "
-                     f"| {_f(row['attack_ce'])} | {row['attack_verbatim_tokens']} | {_f(ref.get('attack_ce'))} | "
-                     f"{_f(ref.get('attack_verbatim_tokens'))} | {_f(plain['ce'])} | {plain['verbatim_tokens']} | "
+                     f"| {_f(row['attack_ce'])} | {_f(row['attack_verbatim_tokens'])} | {_f(ref.get('attack_ce'))} | "
+                     f"{_f(ref.get('attack_verbatim_tokens'))} | {_f(plain['ce'])} | {_f(plain['verbatim_tokens'])} | "
                      f"{_f(sum(recalls) / len(recalls) if recalls else None)} |")
     return "\n".join(lines)
 

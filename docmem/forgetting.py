@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from docmem.atomic import write_atomic
 from docmem.engines import NO_MEMORY
 from docmem.errors import UnknownDocumentError, UsageError
 from docmem.evaluation.ce_table import CETable
-from docmem.evaluation.generation import generate_greedy, rouge_scores, segment_prompts
+from docmem.evaluation.generation import generate_greedy, no_prompt_reason, rouge_scores, segment_prompts
 from docmem.evaluation.landscape import grid_keys, landscape_axis
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
@@ -168,17 +169,34 @@ def _state(probe: _Probe, memory: DocumentMemory, remaining: dict[int, torch.Ten
     recall = _recalls(run, memory, prompts, plan, options)
     doc_ce = table.ce(doc, [old_key, best, *remaining.values()])
     titles = [d.title for d in documents]
+
+    def entry(label: str, of_doc: int, ce: float, **extra: Any) -> dict[str, Any]:
+        return {**extra, **recall_entry(recall, label, of_doc, prompts, options, run.config.max_length), "ce": ce}
+
     return {
         "document": {
-            "old_key": {"rougeL_recall": recall["old_key"], "ce": doc_ce[0]},
-            "best_key": {"key": best.tolist(), "rougeL_recall": recall["best_key"], "ce": doc_ce[1],
-                         "grid_ce_min": float(grid_ce.min())},
-            "remaining_keys": {titles[j]: {"rougeL_recall": recall[f"key_of_{j}"], "ce": c}
-                               for j, c in zip(remaining, doc_ce[2:])},
+            "old_key": entry("old_key", doc, doc_ce[0]),
+            "best_key": {**entry("best_key", doc, doc_ce[1], key=best.tolist()), "grid_ce_min": float(grid_ce.min())},
+            "remaining_keys": {titles[j]: entry(f"key_of_{j}", doc, c) for j, c in zip(remaining, doc_ce[2:])},
         },
-        "others_right_key": {titles[j]: {"rougeL_recall": recall[f"right_key_{j}"], "ce": table.ce(j, [k])[0]}
-                             for j, k in remaining.items()},
+        "others_right_key": {titles[j]: entry(f"right_key_{j}", j, table.ce(j, [k])[0]) for j, k in remaining.items()},
     }
+
+
+def recall_entry(recall: dict[str, float], label: str, doc: int, prompts: Sequence, options: EvalOptions,
+                 max_length: int) -> dict[str, Any]:
+    """{"rougeL_recall": value}; None and the reason where the document has no prompt to recall from."""
+    if label in recall:
+        return {"rougeL_recall": recall[label]}
+    assert not any(p.doc == doc for p in prompts), f"{label}: document {doc} has prompts but no recall"
+    return {"rougeL_recall": None, "rougeL_recall_missing": no_prompt_reason(options.prompt_tokens, max_length)}
+
+
+def _largest_change(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> float | None:
+    """The largest change of right-key recall over the documents recalled both times (None: none was)."""
+    changes = [abs(after[t]["rougeL_recall"] - v["rougeL_recall"]) for t, v in before.items()
+               if v["rougeL_recall"] is not None and after[t]["rougeL_recall"] is not None]
+    return max(changes) if changes else None
 
 
 def measure_forgetting(run: LoadedRun, doc: int, options: EvalOptions, methods: Sequence[str] = FORGET_METHODS
@@ -197,14 +215,15 @@ def measure_forgetting(run: LoadedRun, doc: int, options: EvalOptions, methods: 
     old_key = keys[doc]
     before_remaining = {j: keys[j] for j in range(len(documents)) if j != doc}
     probe = _Probe(run, doc, old_key, axis, prompts, options)
-    plain = _recalls(run, memory, prompts, [("plain", doc, NO_MEMORY)], options)["plain"]
+    plain = recall_entry(_recalls(run, memory, prompts, [("plain", doc, NO_MEMORY)], options), "plain", doc, prompts,
+                         options, run.config.max_length)
     plain_ce = CETable(run, documents, options).ce(doc, [NO_MEMORY])[0]
     report: dict[str, Any] = {
         "document": {"index": doc, "title": documents[doc].title, "old_key": old_key.tolist(),
                      # how much of its selection lies outside the span of the others' (what `edit` removes)
                      "selection_unique_fraction": unique_part(memory, doc)[1]},
         "grid": grid, "axis": [float(axis[0]), float(axis[-1])],
-        "plain_lm": {"rougeL_recall": plain, "ce": plain_ce},
+        "plain_lm": {**plain, "ce": plain_ce},
         "before": _state(probe, memory, before_remaining),
         "after": {}, "others_recall_change_max": {}, "others_within_tolerance": {},
         "tolerance": RECALL_TOLERANCE,
@@ -215,10 +234,9 @@ def measure_forgetting(run: LoadedRun, doc: int, options: EvalOptions, methods: 
         remaining = {j: new_keys[j if j < doc else j - 1] for j in before_remaining}
         after = _state(probe, edited, remaining)
         report["after"][method] = after
-        change = max(abs(after["others_right_key"][t]["rougeL_recall"] - v["rougeL_recall"])
-                     for t, v in report["before"]["others_right_key"].items())
+        change = _largest_change(report["before"]["others_right_key"], after["others_right_key"])
         report["others_recall_change_max"][method] = change
-        report["others_within_tolerance"][method] = change <= RECALL_TOLERANCE
+        report["others_within_tolerance"][method] = None if change is None else change <= RECALL_TOLERANCE
     return report
 
 
@@ -229,7 +247,8 @@ def forgetting_table(report: dict[str, Any]) -> str:
     lines = [header, "|" + "---|" * (len(states) + 1)]
 
     def cell(entry: dict[str, Any]) -> str:
-        return f"{entry['rougeL_recall']:.3f} (CE {entry['ce']:.2f})"
+        recall = entry["rougeL_recall"]
+        return f"{'–' if recall is None else f'{recall:.3f}'} (CE {entry['ce']:.2f})"
 
     lines.append("| old key | " + " | ".join(cell(s["document"]["old_key"]) for _, s in states) + " |")
     for title in report["before"]["document"]["remaining_keys"]:
@@ -241,7 +260,10 @@ def forgetting_table(report: dict[str, Any]) -> str:
     plain = report["plain_lm"]
     lines.append("| plain LM | " + " | ".join(cell(plain) for _ in states) + " |")
     lines.append("| others' right key, max change of recall | – | " + " | ".join(
-        f"{report['others_recall_change_max'][m]:.3f}" for m in report["after"]) + " |")
+        "–" if (c := report["others_recall_change_max"][m]) is None else f"{c:.3f}" for m in report["after"]) + " |")
+    missing = report["before"]["document"]["old_key"].get("rougeL_recall_missing")
+    if missing:
+        lines.append(f"\nRecall –: {missing}.")
     return "\n".join(lines)
 
 
@@ -256,7 +278,7 @@ def evaluate_forgetting(run_dir: str | Path, doc: str, options: EvalOptions) -> 
     out = run.run_dir / EVAL_DIR
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"forget_doc_{index:02d}.json", report)
-    (out / f"forget_doc_{index:02d}.md").write_text(
+    write_atomic(out / f"forget_doc_{index:02d}.md",
         f"Forgetting document {index} ({report['document']['title']}): its ROUGE-L recall (and CE) before and "
         f"after each way\n\n{forgetting_table(report)}\n")
     return report

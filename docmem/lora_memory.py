@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import wikitext
+from docmem.atomic import whole_folder
 from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import NO_MEMORY, FastEngine, KeySet
@@ -236,19 +237,20 @@ def save_adapters(adapters: LoraAdapters, directory: Path, extra: dict[str, Any]
     """One safetensors file per adapter (its tensors, fp32) and lora_config.json listing them with
     their checksums; `extra` (provenance, titles) goes into the JSON."""
     from peft import get_peft_model_state_dict
-    folder = directory / ADAPTERS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    entries = []
-    for d, name in enumerate(adapters.plan.adapters):
-        state = get_peft_model_state_dict(adapters.model, adapter_name=name, save_embedding_layers=False)
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
-        path = folder / f"{name}.safetensors"
-        save_file(tensors, str(path), metadata={"format": "pt"})
-        entries.append({"adapter": name, "document": None if name == SHARED_ADAPTER else d,
-                        "file": f"{ADAPTERS_DIR}/{path.name}", "sha256": file_sha256(path),
-                        "parameters": sum(t.numel() for t in tensors.values()), "bytes": path.stat().st_size})
-    data = {**adapters.plan.record(), "alpha": adapters.plan.rank, "adapter_files": entries, **extra}
-    (directory / LORA_CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    with whole_folder(directory) as tmp:  # the folder appears complete, or stays as it was
+        folder = tmp / ADAPTERS_DIR
+        folder.mkdir()
+        entries = []
+        for d, name in enumerate(adapters.plan.adapters):
+            state = get_peft_model_state_dict(adapters.model, adapter_name=name, save_embedding_layers=False)
+            tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+            path = folder / f"{name}.safetensors"
+            save_file(tensors, str(path), metadata={"format": "pt"})
+            entries.append({"adapter": name, "document": None if name == SHARED_ADAPTER else d,
+                            "file": f"{ADAPTERS_DIR}/{path.name}", "sha256": file_sha256(path),
+                            "parameters": sum(t.numel() for t in tensors.values()), "bytes": path.stat().st_size})
+        data = {**adapters.plan.record(), "alpha": adapters.plan.rank, "adapter_files": entries, **extra}
+        (tmp / LORA_CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
     return directory
 
 

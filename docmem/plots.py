@@ -13,6 +13,7 @@ its changing artists only, and comes out pixel for pixel as a new figure would.
 from __future__ import annotations
 
 import math
+import os
 import textwrap
 from pathlib import Path
 
@@ -25,6 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
+
+from docmem.atomic import disk_full_as_error, temporary_name
 
 DPI = 100
 TOKEN_FONT = "DejaVu Sans Mono"  # ships with matplotlib; monospace lines tokens up
@@ -53,7 +56,13 @@ def save_figure(fig: Figure, path: Path, keep: bool = False) -> Path:
     image = Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert("RGB")
     info = PngInfo()
     info.add_text("Software", f"Matplotlib version{matplotlib.__version__}, https://matplotlib.org/")
-    image.save(path, format="PNG", dpi=(DPI, DPI), pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+    tmp = temporary_name(path)  # a killed process leaves no half picture under the real name
+    try:
+        with disk_full_as_error(path):
+            image.save(tmp, format="PNG", dpi=(DPI, DPI), pnginfo=info, compress_level=PNG_COMPRESS_LEVEL)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     if not keep:
         fig.clear()  # drop the artists now rather than at garbage collection
     return path

@@ -4,7 +4,7 @@ Training writes a run folder and evaluation reads it; both go through this modul
 script imports the other. What a run folder holds, file by file: docs/run_folder.md.
 
 - creating: new_run_dir (run_N, the first free N), RunLock (one process per run),
-  write_atomic (every file replaced whole, fsync'd), write_run_config (config.yaml).
+  write_atomic (docmem/atomic.py: every file replaced whole, fsync'd), write_run_config (config.yaml).
 - the run's inputs: load_documents, new_memory (the device, the precision and the LM come from
   foundations/placement.py).
 - a saved run: resolve_run_dir, load_run -> LoadedRun (its config, LM, memory and documents,
@@ -28,6 +28,7 @@ import yaml
 
 import foundations
 import wikitext
+from docmem.atomic import remove_leftovers, write_atomic
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.errors import ConfigError
 from docmem.provenance import provenance_from_saved
@@ -88,35 +89,6 @@ class RunLock:
             self.fd = None
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: str | bytes) -> Path:
-    """Replace `path` whole: written to a hidden temporary beside it, fsync'd, renamed over it.
-    A crash leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    return path
-
-
 def document_entries(documents: list[wikitext.Document]) -> list[dict[str, Any]]:
     """config.yaml's `documents`: what identifies each trained document, in key order."""
     return [{"title": d.title, "article_index": d.article_index, "segments": len(d.segments),
@@ -146,11 +118,7 @@ def rewind_run_dir(run_dir: Path, history: list[dict], frames: dict[str, list[Pa
     exactly its epochs, later summaries are removed, and the GIF frame lists (SummaryWriter.frames:
     GIF name -> its frames) are rebuilt from the summaries kept."""
     epoch = len(history)
-    for tmp in run_dir.glob(".*.tmp"):  # half-written files of a process killed while writing
-        if tmp.is_dir():
-            shutil.rmtree(tmp)
-        else:
-            tmp.unlink()
+    remove_leftovers(run_dir)  # half-written files of a process killed while writing
     write_atomic(run_dir / METRICS_NAME, "".join(json.dumps(r) + "\n" for r in history))
     (run_dir / SUMMARY_NAME).unlink(missing_ok=True)
     for folder in sorted((run_dir / "summaries").glob("epoch_*")):
@@ -165,11 +133,7 @@ def rewind_run_dir(run_dir: Path, history: list[dict], frames: dict[str, list[Pa
 def save_memory(memory: DocumentMemory | ShardedMemory, run_dir: Path) -> None:
     """run_dir/memory/ (memory.safetensors + memory_config.json with the run's provenance, from its
     config.yaml), replaced as a whole."""
-    final, tmp = run_dir / MEMORY_DIR, run_dir / f".{MEMORY_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    memory.save(tmp, provenance=provenance_from_saved(load_run_config(run_dir, flag="run_dir")[1]))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    memory.save(run_dir / MEMORY_DIR, provenance=provenance_from_saved(load_run_config(run_dir, flag="run_dir")[1]))
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -203,8 +167,15 @@ def load_documents(config: TrainConfig) -> list[wikitext.Document]:
     if config.memory_shards > len(drawn):
         raise ConfigError("memory_shards", config.memory_shards, f"more shards than the {len(drawn)} documents drawn")
     # a document keeps its draw position (Document.index): its shard and key row never move
-    return [drawn[p] for p in run_positions(len(drawn), config.max_labels, config.memory_shards,
+    kept = [drawn[p] for p in run_positions(len(drawn), config.max_labels, config.memory_shards,
                                             config.excluded_positions(), config.shard_index)]
+    if not kept:
+        raise ConfigError("exclude_docs", config.exclude_docs, f"leaves none of the {len(drawn)} documents drawn")
+    if (config.shard_index < 0 and config.memory_shards == 1 and len(kept) < 2 and config.guidance_active
+            and config.negative_key_type == "other"):
+        raise ConfigError("exclude_docs", config.exclude_docs, "leaves one document, and --negative_key_type other "
+                          "needs at least 2: use --negative_key_type random (as a one-document shard does)")
+    return kept
 
 
 def is_subset_run(config: TrainConfig) -> bool:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import replace
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from docmem import run_folder
+from docmem.atomic import whole_folder
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config
 from docmem.distributed import DistContext
 from docmem.errors import Interrupted, UsageError
@@ -77,6 +77,9 @@ def train_sharded(config: TrainConfig, dist_ctx: DistContext, train_one: TrainOn
             continue  # every document of this shard is excluded: nothing to train
         sub = shard_config(config, run_dir, shard, len(mine))
         existing = _finished(shard_dir(run_dir, shard))
+        if existing is not None and not (existing / RUN_CONFIG_NAME).is_file():  # killed before it wrote anything
+            shutil.rmtree(existing)
+            existing = None
         if existing is not None and (existing / run_folder.MEMORY_DIR).is_dir():
             sub_runs[shard] = existing
             continue
@@ -111,11 +114,7 @@ def finish_sharded(run_dir: Path, sub_runs: dict[int, Path]) -> dict[str, Any]:
     saved["resolved"] = {**first.get("resolved", {}), **saved.get("resolved", {})}
     run_folder.write_atomic(run_dir / RUN_CONFIG_NAME, load_run_config(run_dir, flag="run_dir")[0].to_yaml(
         {k: saved[k] for k in ("resolved", "documents")}))
-    final, tmp = run_dir / run_folder.MEMORY_DIR, run_dir / f".{run_folder.MEMORY_DIR}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    memory.save(tmp, provenance=provenance_from_saved(saved))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    memory.save(run_dir / run_folder.MEMORY_DIR, provenance=provenance_from_saved(saved))
     shards = {str(k): json.loads((sub_runs[k] / run_folder.SUMMARY_NAME).read_text()) for k in ids}
     counts = {str(k): sum(1 for s in shard_of if s == k) for k in ids}
 
@@ -147,8 +146,24 @@ def forget_by_retraining(run_dir: Path, position: int, out: Path, train_one: Tra
     new = replace(config, exclude_docs=",".join(str(p) for p in sorted([*excluded, position])),
                   save_dir=str(out.parent), resume=None)
     shard = shard_assignment(config.max_labels, config.memory_shards)[position]
-    out.mkdir(parents=True)
-    for k in range(config.memory_shards):
-        if k != shard and shard_dir(run_dir, k).is_dir():
-            shutil.copytree(shard_dir(run_dir, k), shard_dir(out, k))
+    out.mkdir(parents=True, exist_ok=True)
+    for k in range(config.memory_shards):  # each copy appears whole; one already there was made by a killed retrain
+        if k != shard and shard_dir(run_dir, k).is_dir() and not shard_dir(out, k).exists():
+            with whole_folder(shard_dir(out, k)) as tmp:
+                shutil.copytree(shard_dir(run_dir, k), tmp, dirs_exist_ok=True)
     return train_sharded(new, DistContext(), train_one, run_dir=out)
+
+
+def unfinished_retrain(out: Path, run_dir: Path, position: int) -> bool:
+    """Whether `out` holds what a killed forget_by_retraining of draw `position` left: its shard copies, at
+    most its config.yaml (excluding that position) and memory/, no summary.json. Running it again continues it."""
+    if not out.is_dir() or (out / run_folder.SUMMARY_NAME).exists():
+        return False
+    if any(p.name not in ("shards", RUN_CONFIG_NAME, run_folder.MEMORY_DIR) and not p.name.startswith(".")
+           for p in out.iterdir()):
+        return False
+    if not (out / RUN_CONFIG_NAME).is_file():
+        return True
+    config, _ = load_run_config(out, flag="out")
+    wanted = sorted({*load_run_config(run_dir, flag="run_dir")[0].excluded_positions(), position})
+    return config.excluded_positions() == wanted

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from docmem.atomic import whole_folder
 from docmem.errors import MemoryFileError
 from document_memories import (
     CONFIG_NAME,
@@ -141,13 +142,13 @@ class ShardedMemory(nn.Module):
     def save(self, directory: str | Path, provenance: dict | None = None) -> Path:
         """One memory folder per shard (shard_K/) and memory_config.json with the `shards` block."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for shard, folder in zip(self.shards, self.shards_block()["folders"]):
-            shard.save(directory / folder)
-        data = {**self.config.to_dict(), SHARDS_FIELD: self.shards_block()}
-        if provenance is not None:
-            data[PROVENANCE_FIELD] = provenance
-        (directory / CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+        with whole_folder(directory) as tmp:  # the folder appears complete, or stays as it was
+            for shard, folder in zip(self.shards, self.shards_block()["folders"]):
+                shard.save(tmp / folder)
+            data = {**self.config.to_dict(), SHARDS_FIELD: self.shards_block()}
+            if provenance is not None:
+                data[PROVENANCE_FIELD] = provenance
+            (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return directory
 
 

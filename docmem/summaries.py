@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from docmem import analysis_plots, plots
+from docmem.atomic import write_atomic
 from docmem.config import TrainConfig
 from docmem.summary_drawing import DrawingProcess, Frame, FrameDrawer
 from document_memories import DocumentMemory
@@ -50,14 +51,14 @@ class SummaryWriter:
         selections = None
         if keys is not None:
             selections = self.memory.selection(keys).float().cpu()
-            (folder / "selection.json").write_text(json.dumps(
+            write_atomic(folder / "selection.json", json.dumps(
                 {"epoch": epoch, "titles": self.titles, "selections": selections.tolist()}) + "\n")
         readouts = self.memory.readout(keys)
         decoder = self.foundation.decoder()
         top = logit_lens(readouts, final_norm(decoder), self.foundation.model.get_output_embeddings(),
                          self.foundation.tokenizer, top_k=self.config.top_k_tokens)
         names = self.titles if keys is not None else ["shared memory"]
-        (folder / "logit_lens.json").write_text(json.dumps(
+        write_atomic(folder / "logit_lens.json", json.dumps(
             {"epoch": epoch, "documents": [{"title": t, "top_tokens": [{"token": tok, "logit": v} for tok, v in row]}
                                            for t, row in zip(names, top)]}, ensure_ascii=False, indent=1) + "\n")
         frame = Frame(str(folder), epoch, list(history), target,

@@ -119,7 +119,8 @@ def evaluate_method(run: LoadedRun, method: Method, options: EvalOptions, out: P
                                     lambda rows, kw: method.generate_batch([(everything[r][0], everything[r][2])
                                                                             for r in rows], kw))
         log.info(f"{method.name}: {len(everything)} generations in {time.time() - t0:.1f}s")
-        recall = recall_report(RecallInputs(tokenizer, documents, prompts, skipped, options), plans, continuations)
+        recall = recall_report(RecallInputs(tokenizer, documents, prompts, skipped, options, run.config.max_length), plans,
+                               continuations)
         write_json(out / "recall.json", recall)
         pictures.draw(analysis_plots.plot_recall_bars, recall["mean"], out / "recall.png",
                       title=f"{method.name}: ROUGE recall ({recall['segments_scored']} segments)")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from docmem import analysis_plots
+from docmem.atomic import write_atomic
 from docmem.config import TrainConfig, load_run_config
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.evaluation.pipeline import evaluate_run
@@ -128,7 +129,7 @@ def compare(run_paths: Sequence[str | Path], out: str | Path, options: EvalOptio
         "",
         *[f"- {row['label']}: `{row['run_dir']}`" for row in rows],
     ]
-    (out / "compare.md").write_text("\n".join(lines + notes) + "\n")
+    write_atomic(out / "compare.md", "\n".join(lines + notes) + "\n")
     report = {"runs": rows, "conditions": conditions, "differing_fields": varying}
     write_json(out / "compare.json", report)
     analysis_plots.plot_compare_recall(labels, {c: [row["rougeL_recall"][c] for row in rows] for c in conditions},

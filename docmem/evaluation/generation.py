@@ -89,6 +89,12 @@ def segment_prompts(tokenizer, documents: Sequence, prompt_tokens: int, new_toke
     return prompts, skipped
 
 
+def no_prompt_reason(prompt_tokens: int, max_length: int) -> str:
+    """Why a document has no recall: none of its segments is long enough to be split into a prompt and a reference."""
+    return (f"no segment of the document has more than --prompt_tokens {prompt_tokens} tokens (after truncation to "
+            f"--max_length {max_length}): nothing to recall")
+
+
 def prompt_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask) of token rows, padded on the left so every row's last token is real."""
     width = max(len(r) for r in rows)
@@ -276,7 +282,8 @@ def evaluate_recall(run: LoadedRun, documents: Sequence[wikitext.Document], opti
                                     [len(prompts[i].reference_ids) for _, i, _ in everything], options.gen_batch_size)
     log.info(f"recall: {len(everything)} generations ({', '.join(f'{c} {len(r)}' for c, r in plans.items())}) "
              f"in {time.time() - started:.1f}s")
-    return recall_report(RecallInputs(foundation.tokenizer, documents, prompts, skipped, options), plans, continuations)
+    return recall_report(RecallInputs(foundation.tokenizer, documents, prompts, skipped, options, config.max_length), plans,
+                         continuations)
 
 
 @dataclass
@@ -286,6 +293,7 @@ class RecallInputs:
     prompts: list[Prompt]
     skipped: int
     options: EvalOptions
+    max_length: int  # the run's --max_length (segments were truncated to it)
 
 
 def recall_report(inputs: RecallInputs, plans: Plans, continuations: list[list[int]]) -> dict[str, Any]:
@@ -297,6 +305,9 @@ def recall_report(inputs: RecallInputs, plans: Plans, continuations: list[list[i
         for doc in documents]
     for p in prompts:
         per_document[p.doc]["scored_segments"] += 1
+    for doc in per_document:  # its conditions stay None
+        if not doc["scored_segments"]:
+            doc["recall_missing"] = no_prompt_reason(options.prompt_tokens, inputs.max_length)
     examples: dict[int, dict[str, Any]] = {}
     decoded_all = iter([tokenizer.decode(c, skip_special_tokens=True) for c in continuations])
     for condition, rows in plans.items():

@@ -22,6 +22,7 @@ import yaml
 from safetensors import safe_open
 
 from docmem import analysis_plots
+from docmem.atomic import write_atomic
 from docmem.cli import OneLineParser, run_command
 from docmem.errors import EvalError
 from docmem.evaluation.baselines import evaluate_prompt
@@ -227,7 +228,7 @@ def build_report(methods: dict[str, list[str]], prompt_from: str | None, out: Pa
                                                 "off-diagonal": [r["ce_off_diagonal"] for r in rows],
                                                 "plain LM": [r["ce_plain_lm"] for r in rows]}, out / "ce.png",
                                        ylabel="CE (nats/token)", top=1.18 * max(ces, default=1.0))
-    (out / "methods.md").write_text(markdown(rows, sweeps))
+    write_atomic(out / "methods.md", markdown(rows, sweeps))
     report = {"rule": RULE, "methods": rows,
               "sweeps": {k: [{**r, "summary": None, "recall_right": right_condition(r["summary"])[0],
                               "ce_right": right_condition(r["summary"])[1]} for r in v] for k, v in sweeps.items()}}

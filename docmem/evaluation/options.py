@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from docmem.atomic import write_atomic
 from docmem.errors import EvalError
 
 EVAL_DIR = "eval"  # run_N/eval/: every file a run's evaluation writes
@@ -44,5 +45,4 @@ class EvalOptions:
 
 def write_json(path: Path, data: Any) -> Path:
     """Pretty JSON, non-ASCII kept, NaN/inf refused (they are not JSON)."""
-    path.write_text(json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
-    return path
+    return write_atomic(path, json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n")
