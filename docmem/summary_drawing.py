@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -135,5 +137,23 @@ def serve(vmax: float | None, frames: IO[str], answers: IO[str]) -> None:
         answers.flush()
 
 
+def exit_with_parent(parent: int, poll_seconds: float = 0.2) -> threading.Thread:
+    """A watchdog thread: the helper ends at once when its parent is gone (killed, even by SIGKILL, mid-draw),
+    rather than finishing a frame nobody will read. It runs in its own session, so no signal to the parent's
+    process group reaches it."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_seconds)
+        os._exit(0)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 if __name__ == "__main__":
-    serve(json.loads(sys.argv[1]), sys.stdin, sys.stdout)
+    exit_with_parent(os.getppid())
+    try:
+        serve(json.loads(sys.argv[1]), sys.stdin, sys.stdout)
+    except BrokenPipeError:  # the training process is gone: nobody to answer
+        os._exit(0)
