@@ -21,6 +21,7 @@ class DistContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where a collective's tensors must live: NCCL takes CUDA tensors only, gloo CPU ones
 
     @property
     def enabled(self) -> bool:
@@ -38,9 +39,9 @@ class DistContext:
         """The mean over processes of each value (for metrics)."""
         if not self.enabled:
             return values
-        t = torch.tensor(values, dtype=torch.float64)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+        return (t / self.world_size).cpu().tolist()
 
     def broadcast_object(self, obj: object) -> object:
         if not self.enabled:
@@ -60,7 +61,8 @@ def init_distributed(use_cuda: bool) -> DistContext:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
-    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank)
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank,
+                       device=f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
 def wrap_memory(memory: nn.Module, ctx: DistContext) -> nn.Module:

@@ -79,6 +79,12 @@ def tiny_argv(lm_dir: Path, save_dir: Path, *extra: str, num_epochs: int = 6, sa
             "--save_dir", str(save_dir), *extra]
 
 
+# torchrun on one machine, its rendezvous and its processes bound to the loopback address, not to
+# "localhost" or the host name (--standalone's), which an odd machine may not resolve to itself
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-id", "docmem-test", "--local-addr", "127.0.0.1"]
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1",

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -24,7 +23,7 @@ from conftest import ROOT, needs_cuda, tiny_model
 from docmem.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from docmem.engines import FastEngine, ReferenceEngine
 from document_memories import DocumentMemory, MemoryConfig
-from fixtures_tiny import load_tensors, run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
+from fixtures_tiny import TORCHRUN, load_tensors, run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
 from foundations import from_model
 from hook_lm import attach_memory
 from utils import guidance_term, negative_keys
@@ -234,7 +233,7 @@ dist.destroy_process_group()
 
 
 def _torchrun(args: list[str], tmp_path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+    return subprocess.run([*TORCHRUN, "--nproc_per_node", "1",
                            *args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
                           check=False)
 

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import torch
 
 from conftest import ROOT
-from fixtures_tiny import load_tensors, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
+from fixtures_tiny import TORCHRUN, load_tensors, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
 
 
 def test_docs_per_step_gives_each_row_its_own_key(tiny_lm_dir):
@@ -65,7 +66,7 @@ def _single_and_ddp(common: list[str], placeholder: Path, root: Path) -> tuple[P
     single, ddp = root / "single", root / "ddp"
     _run([sys.executable, str(ROOT / "train_guidance.py"),
           *[str(single) if a == str(placeholder) else a for a in common], "--docs_per_step", "2"])
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    _run([*TORCHRUN, "--nproc_per_node", "2",
           str(ROOT / "train_guidance.py"), *[str(ddp) if a == str(placeholder) else a for a in common]])
     assert not (ddp / "run_1").exists()  # rank 0 alone wrote
     return single, ddp
@@ -104,3 +105,49 @@ def test_torchrun_sharded_run_equals_one_process(tiny_lm_dir, tmp_path):
 
     sharded = load_any_memory(tmp_path / "ddp" / "run_0" / "memory")  # the whole sharded memory loads
     assert sharded.config.num_docs == 3
+
+
+NCCL_RULE_SCRIPT = """
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+from nccl_rules import imitate_nccl
+from docmem.distributed import init_distributed, shutdown
+
+with imitate_nccl():
+    ctx = init_distributed(use_cuda=True)
+    got = ctx.mean([float(ctx.rank + 1), 10.0])  # the epoch metrics' reduction (train_guidance, key_ce)
+    assert got == [1.5, 10.0], got
+    assert ctx.broadcast_object({{"rank": ctx.rank}}) == {{"rank": 0}}
+    ctx.barrier()
+    shutdown(ctx)
+# one file per process: two processes printing at once interleave their lines
+with open(os.path.join({out!r}, f"rank_{{ctx.rank}}.txt"), "w") as f:
+    f.write(f"{{ctx.device}} {{os.environ['MASTER_ADDR']}}")
+"""
+
+
+def test_the_collectives_obey_nccls_device_rule(tmp_path):
+    """Two processes on a gloo group that refuses host tensors as NCCL does (tests/nccl_rules.py): the
+    metrics' mean over processes must send its tensor from the GPU, and come back as plain floats."""
+    script = tmp_path / "nccl_rule.py"
+    script.write_text(textwrap.dedent(NCCL_RULE_SCRIPT.format(root=str(ROOT), tests=str(ROOT / "tests"), out=str(tmp_path))))
+    done = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", str(script)], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    reports = [(tmp_path / f"rank_{r}.txt").read_text() for r in (0, 1)]
+    assert reports == ["cuda:0 127.0.0.1", "cuda:1 127.0.0.1"]  # each its own GPU; bound to the loopback address
+
+
+def test_the_imitated_nccl_refuses_a_host_tensor():
+    """The rule the test above relies on: a CPU tensor handed to a collective is refused before any group."""
+    import pytest
+    import torch.distributed as dist
+    from nccl_rules import imitate_nccl, on_imitated_gpu
+
+    original = dist.all_reduce
+    with imitate_nccl():
+        with pytest.raises(RuntimeError, match="imitated NCCL: all_reduce got a tensor on cpu"):
+            dist.all_reduce(torch.zeros(2, dtype=torch.float64))
+        on_gpu = torch.ones(2, device="cuda:0") * 3
+        assert on_imitated_gpu(on_gpu) and not on_imitated_gpu(on_gpu.cpu())
+    assert dist.all_reduce is original  # restored on exit
