@@ -41,7 +41,7 @@ class DistContext:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(t)
-        return (t / self.world_size).cpu().tolist()
+        return (t / self.world_size).tolist()  # tolist copies to the host itself
 
     def broadcast_object(self, obj: object) -> object:
         if not self.enabled:
