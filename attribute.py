@@ -12,9 +12,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from docmem.attribution import Scorer, score_texts
 from docmem.cli import new_parser, run_and_print
 from docmem.errors import UsageError
+from docmem.evaluation.attribution import Scorer, score_texts
 from docmem.trained_memory import load_memory_run
 
 PROG = "attribute.py"

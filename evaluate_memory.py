@@ -2,7 +2,7 @@
 
     python evaluate_memory.py --run_dir outputs/demo/run_0 [--prompt_tokens 32 --new_tokens 64 --grid 10]
     python evaluate_memory.py --compare RUN_A RUN_B [...] --out DIR
-    python evaluate_memory.py --run_dir RUN --forget DOC      (docmem/forgetting.py: eval/forget_doc_NN.*)
+    python evaluate_memory.py --run_dir RUN --forget DOC      (docmem/forgetting/edits.py: eval/forget_doc_NN.*)
     python evaluate_memory.py --run_dir RUN --method prompt [--out DIR]   the document-in-the-prompt baseline
 
 One run: rebuilds the run's frozen LM and documents from its config.yaml, loads its memory/,
@@ -22,7 +22,7 @@ and writes into RUN/eval/:
     landscape.json, landscape.png,     key_dim == 2: perplexity of each document over a grid of keys,
     landscape/doc_NN.png               one heatmap per document, where each minimum lies
     attribution.json                   keyed run: top-1 accuracy of attributing each training segment and
-                                       each held-out continuation to its document (docmem/attribution.py)
+                                       each held-out continuation to its document (docmem/evaluation/attribution.py)
     selection_stats.json, .png         L0, L2, pairwise and normalised distance over epochs
                                        (metrics.jsonl) and of the final memory
     summary.json                       the headline numbers (what --compare reads)
@@ -52,8 +52,8 @@ from docmem.evaluation.baselines import evaluate_prompt
 from docmem.evaluation.compare import compare
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_run
-from docmem.forget_attack import attack_report, attack_table
-from docmem.forgetting import evaluate_forgetting, forgetting_table
+from docmem.forgetting.attack_report import attack_report, attack_table
+from docmem.forgetting.edits import evaluate_forgetting, forgetting_table
 from docmem.run_folder import resolve_run_dir
 
 PROG = "evaluate_memory.py"
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "title) both ways (drop_key, edit), before and after; writes eval/forget_doc_NN.json and .md")
     defaults = EvalOptions()
     parser.add_argument("--reference", metavar="RUN", help="with --forget: a run trained without the document "
-                        "(train_guidance.py --exclude_docs); adds the key-search attack table (docmem/forget_attack.py)")
+                        "(train_guidance.py --exclude_docs); adds the key-search attack table (docmem/forgetting/attack_report.py)")
     parser.add_argument("--forgotten", nargs="*", default=[], metavar="MEMORY", help="with --forget: memories written "
                         "by forget.py, one row each in the attack table")
     parser.add_argument("--prompt_tokens", type=int, default=defaults.prompt_tokens, help="segment tokens given as the prompt")

@@ -7,7 +7,7 @@
 its remaining documents, and copies every other shard: the new run folder equals a fresh run with
 --exclude_docs (bitwise on CPU). Needs the run's LM and data; a shard left empty is dropped.
 --method unlearn (approximate, any memory): a short fine-tuning that makes the document as unlikely
-under every key as under a memory never trained on it, keeping the others' recall (docmem/unlearning.py).
+under every key as under a memory never trained on it, keeping the others' recall (docmem/forgetting/unlearning.py).
 --method drop_key removes the document's key (its content stays in the weights, one key away);
 --method edit also projects the selection direction only this document used out of the memory. Neither
 removes the content from the weights (README, "Forgetting one document").
@@ -22,8 +22,8 @@ from pathlib import Path
 
 from docmem.cli import new_parser, run_and_print
 from docmem.errors import UsageError
-from docmem.forgetting import FORGET_METHODS, forget, forgotten_provenance
-from docmem.shard_runs import forget_by_retraining, unfinished_retrain
+from docmem.forgetting.edits import FORGET_METHODS, forget, forgotten_provenance
+from docmem.forgetting.unlearning import UNLEARN_DEFAULTS, unlearn_run
 from docmem.sharding import load_any_memory
 from docmem.trained_memory import (
     MemoryRunError,
@@ -32,7 +32,7 @@ from docmem.trained_memory import (
     read_provenance,
     read_run_yaml,
 )
-from docmem.unlearning import UNLEARN_DEFAULTS, unlearn_run
+from docmem.training.shard_runs import forget_by_retraining, unfinished_retrain
 from train_guidance import train_and_finish
 
 PROG = "forget.py"

@@ -10,7 +10,7 @@ Per batch of document i's segments (the method: README, "The method"):
 Only the memory trains. Writes save_dir/run_N/ (docs/run_folder.md lists every file).
 
 This file holds the command line, the loss of one step and the epoch loop. How a run starts
-(new or resumed) and ends is docmem/run_state.py; the run folder is docmem/run_folder.py.
+(new or resumed) and ends is docmem/training/run_state.py; the run folder is docmem/run_folder.py.
 
 Interrupting and resuming: a checkpoint is written at the start, every --save_freq epochs, at
 the end, and on SIGINT/SIGTERM (after the current optimizer step); `--resume save_dir/run_N`
@@ -34,20 +34,20 @@ import torch
 from tqdm.auto import tqdm
 
 from docmem.batching import Batch
-from docmem.checkpoint import checkpoint_path, read_checkpoint
 from docmem.cli import run_command
 from docmem.config import TrainConfig, parse_args
 from docmem.distributed import DistContext, init_distributed, shutdown
 from docmem.engines import LossEngine
 from docmem.errors import NonFiniteLoss
-from docmem.evaluation.key_ce import ce_under_keys
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_trained
-from docmem.lora_training import train_lora
 from docmem.run_folder import METRICS_NAME, RunLock
-from docmem.run_state import LOSS_PARTS, RunState, finish_run, start_run
-from docmem.shard_runs import train_sharded
-from docmem.signals import StopOnSignal
+from docmem.training.checkpoint import checkpoint_path, read_checkpoint
+from docmem.training.key_ce import ce_under_keys
+from docmem.training.lora_runs import train_lora
+from docmem.training.run_state import LOSS_PARTS, RunState, finish_run, start_run
+from docmem.training.shard_runs import train_sharded
+from docmem.training.signals import StopOnSignal
 from document_memories import DocumentMemory
 from foundations.placement import resolve_device
 from utils import guidance_term, negative_keys, selection_stats
@@ -202,7 +202,7 @@ def train(state: RunState) -> None:
 def run(config: TrainConfig) -> Path:
     """Train and write everything into a new save_dir/run_N, or continue config.resume in place;
     returns the run folder. The LoRA baselines (--document_memory lora, lora_shared) train in
-    docmem/lora_training.py: same documents, batches, epochs and run folder, the LM loss only."""
+    docmem/training/lora_runs.py: same documents, batches, epochs and run folder, the LM loss only."""
     if config.uses_lora:
         run_dir, summary = train_lora(config)
         log.info(f"run written to {run_dir}: CE own adapter {summary['initial_ce_positive']:.3f} -> "

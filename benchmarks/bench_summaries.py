@@ -4,7 +4,7 @@ logit lens; one block, random weights: the summary never runs the blocks).
 
     python -m benchmarks.bench_summaries [--summaries 50] [--save_freq 10] [--docs 10] [--old]
 
-Each summary is docmem.summaries.SummaryWriter.write as training calls it (loss curves over the history so
+Each summary is docmem.training.summaries.SummaryWriter.write as training calls it (loss curves over the history so
 far, the selection heatmap, the logit lens over the whole vocabulary, their JSON), on a memory nudged
 between summaries so every frame differs; then SummaryWriter.write_run_pictures once (selection_stats.png
 and the three GIFs), as at the end of training. Prints each summary's seconds, first / last / ratio, and
@@ -29,10 +29,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from benchmarks.bench_train_step import model_config
-from docmem import analysis_plots, plots
 from docmem.config import TrainConfig
+from docmem.pictures import evaluation_plots as analysis_plots
+from docmem.pictures import plots
 from docmem.run_folder import new_memory
-from docmem.summaries import SummaryWriter
+from docmem.training.summaries import SummaryWriter
 from foundations.common import from_model
 from utils import selection_stats
 

@@ -36,15 +36,15 @@ GUIDANCE_LOSSES = ("clamped_mse", "abs")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16", "bf16_head")
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 DOCUMENT_MEMORIES = ("keyed", "shared", "lora", "lora_shared")
-LORA_MEMORIES = ("lora", "lora_shared")  # the baselines trained by peft (docmem/lora_memory.py)
+LORA_MEMORIES = ("lora", "lora_shared")  # the baselines trained by peft (docmem/baselines/lora_memory.py)
 MEMORY_MODULES = ("linear",)
 # Flags that may differ from the saved config on --resume: they change neither the numbers nor
 # the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
 # and debugging only).
 RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end", "report_to",
                      "summary_process")
-REPORT_TO = ("none", "tensorboard")  # --report_to: docmem/tensorboard_log.py
-SUMMARY_PROCESSES = ("auto", "on", "off")  # --summary_process: docmem/summary_drawing.py
+REPORT_TO = ("none", "tensorboard")  # --report_to: docmem/training/tensorboard_log.py
+SUMMARY_PROCESSES = ("auto", "on", "off")  # --summary_process: docmem/pictures/summary_drawing.py
 RUN_CONFIG_NAME = "config.yaml"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 

@@ -40,7 +40,7 @@ from foundations.placement import open_foundation, resolve_device, resolve_preci
 log = logging.getLogger(__name__)
 
 MEMORY_DIR = "memory"
-LORA_CONFIG_NAME = "lora_config.json"  # memory/ of a LoRA baseline run (docmem/lora_memory.py) holds it
+LORA_CONFIG_NAME = "lora_config.json"  # memory/ of a LoRA baseline run (docmem/baselines/lora_memory.py) holds it
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
 # the picture of each summaries/epoch_NNNN/ folder that goes into each GIF (SummaryWriter.frames)

@@ -3,12 +3,12 @@ its own DocumentMemory; the assignment of documents to shards, routing keys to s
 
 Assignment: a document's shard is fixed by its position in the run's draw (contiguous blocks of
 --max_labels positions, the first blocks one longer: 5 over 2 -> 0 0 0 1 1), so removing a
-document moves no other. Each shard is trained as its own sub-run (docmem/shard_runs.py): its
+document moves no other. Each shard is trained as its own sub-run (docmem/training/shard_runs.py): its
 own entries, key rows, AdamW state, gradient clipping and random generators, stepping only on its
 own documents' batches, so no parameter of a shard depends on another shard's documents.
 
 Routing: a key reads the memory of the shard whose document key is nearest to it (Euclidean);
-every document's own key reads its own shard. A search over keys (docmem/key_attack.py) thus
+every document's own key reads its own shard. A search over keys (docmem/forgetting/key_attack.py) thus
 reaches every shard. With no key, the memory is the mean of the shards' unkeyed outputs.
 
 Saved as memory/ with memory_config.json (the shards' common MemoryConfig, num_docs = all

@@ -13,7 +13,7 @@ from conftest import ROOT
 # by module name (a name allows its submodules too): TensorBoard (optional, --report_to tensorboard)
 # gguf (read only for a .gguf --lm_path; a GPU machine may lack it) and datasets (read only for Hub or
 # parquet WikiText; importing it costs every script about 0.7 s at start-up), peft (only for LoRA
-# adapters, docmem/lora_memory.py; importing it after torch and transformers costs 0.32 s). foundations/
+# adapters, docmem/baselines/lora_memory.py; importing it after torch and transformers costs 0.32 s). foundations/
 # load.py finds optional HTTP libraries with importlib.
 LAZY_IMPORTS_ALLOWED: set[str] = {"torch.utils.tensorboard", "gguf", "datasets", "peft"}
 
@@ -87,6 +87,59 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [])
     assert "train_guidance" not in graph["evaluate_memory"] and "evaluate_memory" not in graph["train_guidance"]
+
+
+# The rooms of the house, each on a floor: a module imports only from its own room or a lower floor,
+# so no capability reaches up, and two rooms on one floor never import each other. The core floor
+# is the user's flat modules (foundations/, utils.py, wikitext.py, document_memories.py, hook_lm.py)
+# and docmem's top-level modules; the scripts and the benchmarks sit on top.
+CAPABILITIES = ("training", "forgetting", "baselines", "pictures", "evaluation")
+FLOORS = {"core": 0, "docmem.pictures": 1, "docmem.baselines": 1, "docmem.evaluation": 2, "docmem.training": 2,
+          "docmem.forgetting": 3, "scripts": 4, "benchmarks": 5}
+CORE_ROOT_MODULES = {"foundations", "utils", "wikitext", "document_memories", "hook_lm"}
+
+
+def room(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "docmem":
+        return f"docmem.{parts[1]}" if len(parts) > 2 and parts[1] in CAPABILITIES else "core"
+    if parts[0] in CORE_ROOT_MODULES:
+        return "core"
+    return "benchmarks" if parts[0] == "benchmarks" else "scripts"
+
+
+def arrows_up() -> list[str]:
+    modules = project_files()
+    wrong = []
+    for name, tree in parsed().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in imported_modules(node, name, modules):
+                    here, there = room(name), room(target)
+                    if here != there and FLOORS[there] >= FLOORS[here]:
+                        wrong.append(f"{name} ({here}, floor {FLOORS[here]}) imports {target} ({there}, floor "
+                                     f"{FLOORS[there]})")
+    return wrong
+
+
+def test_every_capability_is_a_room():
+    for capability in CAPABILITIES:
+        assert (ROOT / "docmem" / capability / "__init__.py").is_file(), capability
+    loose = {p.stem for p in (ROOT / "docmem").glob("*.py")} & set(CAPABILITIES)
+    assert not loose, f"a module named like a room: {loose}"
+
+
+def test_no_arrow_runs_up_or_sideways():
+    wrong = arrows_up()
+    assert not wrong, "imports from a higher floor or a sibling room:\n" + "\n".join(wrong)
+
+
+def test_a_room_check_would_see_an_arrow_up():
+    """The floors order the rooms (guards the test itself)."""
+    assert room("docmem.training.run_state") == "docmem.training" and room("docmem.engines") == "core"
+    assert room("utils") == "core" and room("forget") == "scripts"
+    assert FLOORS[room("docmem.forgetting.edits")] > FLOORS[room("docmem.evaluation.ce_table")]
+    assert FLOORS[room("docmem.training.key_ce")] == FLOORS[room("docmem.evaluation.ce_table")]
 
 
 def test_imports_at_module_level_only():

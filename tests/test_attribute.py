@@ -1,4 +1,4 @@
-"""attribute.py and docmem/attribution.py on a tiny run: a text scores the same alone or batched,
+"""attribute.py and docmem/evaluation/attribution.py on a tiny run: a text scores the same alone or batched,
 training segments are read from the CE table of evaluate_memory.py, the ranking is by CE, the
 evaluation's accounting, and one-line errors."""
 from __future__ import annotations
@@ -10,7 +10,9 @@ import pytest
 import torch
 
 import attribute
-from docmem.attribution import (
+from docmem.batching import make_batches
+from docmem.engines import NO_MEMORY, FastEngine
+from docmem.evaluation.attribution import (
     Scorer,
     TextScores,
     attribution_accuracy,
@@ -19,8 +21,6 @@ from docmem.attribution import (
     score_texts,
     table_scores,
 )
-from docmem.batching import make_batches
-from docmem.engines import NO_MEMORY, FastEngine
 from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.options import EvalOptions
 from docmem.run_folder import load_run

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from conftest import ROOT
+from docmem.baselines.prompt import PromptEngine, context_ids, training_text
 from docmem.batching import make_batches
 from docmem.config import parse_args
 from docmem.engines import NO_MEMORY
 from docmem.evaluation import methods_report
-from docmem.prompt_baseline import PromptEngine, context_ids, training_text
 from docmem.run_folder import load_documents
 from fixtures_memory import tiny_run  # noqa: F401  (fixture)
 from fixtures_tiny import run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)

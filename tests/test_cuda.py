@@ -20,8 +20,8 @@ from test_engines import _Tok, make_batches
 # project internals, in one block (their module paths may move)
 import train_guidance
 from conftest import ROOT, needs_cuda, tiny_model
-from docmem.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from docmem.engines import FastEngine, ReferenceEngine
+from docmem.training.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from document_memories import DocumentMemory, MemoryConfig
 from fixtures_tiny import TORCHRUN, load_tensors, run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401
 from foundations import from_model

@@ -21,8 +21,8 @@ import wikitext
 from conftest import SHARED_DATA, needs_shared, tiny_model
 from docmem.batching import Batch, make_batches
 from docmem.config import TrainConfig, parse_args
-from docmem.run_state import Progress
-from docmem.signals import StopOnSignal
+from docmem.training.run_state import Progress
+from docmem.training.signals import StopOnSignal
 from document_memories import DocumentMemory, MemoryConfig, SwiGLU
 from fixtures_tiny import build_tokenizer, finish, start_training, tiny_lm_dir  # noqa: F401
 from foundations import prepare_tokenizer

@@ -9,7 +9,7 @@ import torch
 
 import evaluate_memory as em
 import forget as forget_cli
-from docmem.forgetting import (
+from docmem.forgetting.edits import (
     FORGET_METHODS,
     forget,
     forget_direction,

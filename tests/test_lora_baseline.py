@@ -11,8 +11,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from docmem.baselines.lora_memory import LORA_CONFIG_NAME, keyed_parameter_count, load_adapters, remove_document
 from docmem.config import parse_args
-from docmem.lora_memory import LORA_CONFIG_NAME, keyed_parameter_count, load_adapters, remove_document
 from docmem.run_folder import load_documents
 from fixtures_tiny import run_training, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 from foundations.placement import open_foundation
@@ -93,9 +93,9 @@ def test_shared_lora_has_one_adapter(tiny_lm_dir, tmp_path):  # noqa: F811
 
 
 def test_engine_and_mixed_generation_match_the_adapted_lm(lora_run, tiny_lm_dir, tmp_path):  # noqa: F811
+    from docmem.baselines.lora_memory import LoraEngine
     from docmem.batching import make_batches
     from docmem.engines import NO_MEMORY
-    from docmem.lora_memory import LoraEngine
 
     config = parse_args(tiny_argv(tiny_lm_dir, tmp_path))
     foundation = open_foundation(config, "cpu", torch.float32)

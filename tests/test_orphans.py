@@ -21,7 +21,7 @@ def helpers(mark: str) -> list[int]:
         if not proc.name.isdigit():
             continue
         try:
-            if b"docmem.summary_drawing" in (proc / "cmdline").read_bytes() and mark.encode() in (
+            if b"docmem.pictures.summary_drawing" in (proc / "cmdline").read_bytes() and mark.encode() in (
                     proc / "environ").read_bytes():
                 found.append(int(proc.name))
         except OSError:  # ended meanwhile, or not ours to read

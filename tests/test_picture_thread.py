@@ -1,4 +1,4 @@
-"""docmem/evaluation/drawing.py: pictures are drawn by one helper thread, in order; leaving the block
+"""docmem/pictures/picture_thread.py: pictures are drawn by one helper thread, in order; leaving the block
 waits for all of them; a failed picture raises there (after the others), unless the block is already
 raising."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from docmem.evaluation.drawing import PictureThread
+from docmem.pictures.picture_thread import PictureThread
 
 
 def test_pictures_are_drawn_in_order_by_one_other_thread():

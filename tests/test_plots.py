@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageChops
 
-from docmem import plots
+from docmem.pictures import plots
 
 AWKWARD_TOKENS = [" the", "\n", "\n\n", "$", " $", "$x^2$", "  ", "", "é", "中文", "€", "\t", "\r\n",
                   "\\", "\x00", "<|endoftext|>", " Ω", "a_b^c", "averyveryverylongtokenindeed", "{}%#"]

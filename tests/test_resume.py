@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 import train_guidance
-from docmem.checkpoint import CHECKPOINT_NAME, read_checkpoint
+from docmem.training.checkpoint import CHECKPOINT_NAME, read_checkpoint
 from fixtures_tiny import (  # noqa: F401  (fixtures)
     assert_same_run,
     finish,

@@ -16,9 +16,15 @@ from safetensors.torch import load_file, save_file
 import foundations
 import train_guidance
 from conftest import ROOT
-from docmem.checkpoint import CHECKPOINT_NAME, CheckpointError, read_checkpoint, restore_checkpoint, save_checkpoint
 from docmem.config import parse_args
 from docmem.run_folder import new_run_dir
+from docmem.training.checkpoint import (
+    CHECKPOINT_NAME,
+    CheckpointError,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from document_memories import DocumentMemory, MemoryConfig, MemoryFileError, load_memory
 from fixtures_tiny import load_tensors, reference_runs, tiny_argv, tiny_lm_dir  # noqa: F401  (fixtures)
 
@@ -50,7 +56,7 @@ def checkpoint_file(tmp_path) -> Path:
 def resign(path: Path, tensors: dict, meta: dict) -> None:
     """Write a well-formed checkpoint with these contents (a valid checksum), as a buggy or
     foreign writer might."""
-    from docmem.checkpoint import _META_KEY, _SHA_KEY, _digest
+    from docmem.training.checkpoint import _META_KEY, _SHA_KEY, _digest
 
     meta_json = json.dumps(meta)
     save_file(tensors, str(path), metadata={_META_KEY: meta_json, _SHA_KEY: _digest(tensors, meta_json)})

@@ -15,7 +15,7 @@ import generate as generate_cli
 import train_guidance
 from docmem import run_folder
 from docmem.config import TrainConfig, parse_args
-from docmem.forgetting import forget
+from docmem.forgetting.edits import forget
 from docmem.run_folder import load_documents, new_memory
 from docmem.sharding import ShardedMemory, load_any_memory, shard_assignment
 from docmem.trained_memory import load_memory_run

@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageChops
 
 import train_guidance
-from docmem import plots
+from docmem.pictures import plots
 from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 from utils import logit_lens
 

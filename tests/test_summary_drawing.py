@@ -1,4 +1,4 @@
-"""--summary_process: a summary's pictures drawn by a helper process (docmem/summary_drawing.py) are the
+"""--summary_process: a summary's pictures drawn by a helper process (docmem/pictures/summary_drawing.py) are the
 same files as those drawn in the training process; the helper's failures reach the training as one
 clear error; auto draws in the background on a GPU only; bad values are refused."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import train_guidance
 from docmem.config import TrainConfig
 from docmem.errors import ConfigError
-from docmem.summary_drawing import DrawingProcess, Frame, SummaryDrawingError, draws_in_background, serve
+from docmem.pictures.summary_drawing import DrawingProcess, Frame, SummaryDrawingError, draws_in_background, serve
 from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 
 PICTURES = ("losses.png", "selection.png", "logit_lens.png")

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import train_guidance
-from docmem import run_state
 from docmem.config import ConfigError, TrainConfig
-from docmem.tensorboard_log import TensorBoardLog, heatmap_image, open_tensorboard
+from docmem.training import run_state
+from docmem.training.tensorboard_log import TensorBoardLog, heatmap_image, open_tensorboard
 from document_memories import DocumentMemory, MemoryConfig
 from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401
 

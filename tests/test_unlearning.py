@@ -15,9 +15,9 @@ from docmem.batching import make_batches
 from docmem.engines import FastEngine
 from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.options import EvalOptions
-from docmem.key_attack import AttackSettings, attack, attack_starts
+from docmem.forgetting.key_attack import AttackSettings, attack, attack_starts
+from docmem.forgetting.unlearning import unlearn_batch
 from docmem.run_folder import load_run
-from docmem.unlearning import unlearn_batch
 from fixtures_memory import copy_run, exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 from fixtures_tiny import run_training, tiny_argv
 

@@ -20,17 +20,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from docmem import analysis_plots
-from docmem.attribution import Scorer, TextScores, attribution_report, score_columns, table_scores
+from docmem.baselines.lora_memory import LoraAdapters, LoraEngine, load_adapters
+from docmem.baselines.prompt import PromptEngine, context_ids, training_text
 from docmem.config import load_run_config
 from docmem.engines import NO_MEMORY, KeySet, LossEngine
 from docmem.errors import ConfigError
+from docmem.evaluation.attribution import Scorer, TextScores, attribution_report, score_columns, table_scores
 from docmem.evaluation.ce_table import CETable, ce_matrix, shared_ce
-from docmem.evaluation.drawing import PictureThread
 from docmem.evaluation.generation import Prompt, RecallInputs, greedy_rows, plan_conditions, prompts_of, recall_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
-from docmem.lora_memory import LoraAdapters, LoraEngine, load_adapters
-from docmem.prompt_baseline import PromptEngine, context_ids, training_text
+from docmem.pictures import evaluation_plots as analysis_plots
+from docmem.pictures.picture_thread import PictureThread
 from docmem.run_folder import (
     MEMORY_DIR,
     LoadedRun,

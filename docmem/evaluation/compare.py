@@ -10,11 +10,11 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from docmem import analysis_plots
 from docmem.atomic import write_atomic
 from docmem.config import TrainConfig, load_run_config
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.evaluation.pipeline import evaluate_run
+from docmem.pictures import evaluation_plots as analysis_plots
 from docmem.run_folder import FoundationCache, read_metrics, resolve_run_dir
 
 log = logging.getLogger(__name__)

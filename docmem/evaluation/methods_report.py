@@ -21,13 +21,13 @@ from typing import Any
 import yaml
 from safetensors import safe_open
 
-from docmem import analysis_plots
 from docmem.atomic import write_atomic
 from docmem.cli import OneLineParser, run_command
 from docmem.errors import EvalError
 from docmem.evaluation.baselines import evaluate_prompt
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.evaluation.pipeline import evaluate_run
+from docmem.pictures import evaluation_plots as analysis_plots
 from docmem.run_folder import LORA_CONFIG_NAME, MEMORY_DIR, resolve_run_dir
 
 log = logging.getLogger(__name__)

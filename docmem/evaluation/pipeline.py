@@ -19,15 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 import wikitext
-from docmem import analysis_plots
-from docmem.attribution import evaluate_attribution
 from docmem.config import TrainConfig, load_run_config
+from docmem.evaluation.attribution import evaluate_attribution
 from docmem.evaluation.baselines import evaluate_lora_run
 from docmem.evaluation.ce_table import CETable, evaluate_ce_matrix
-from docmem.evaluation.drawing import PictureThread
 from docmem.evaluation.generation import evaluate_recall
 from docmem.evaluation.landscape import compute_landscape, landscape_skipped, length_report, selection_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
+from docmem.pictures import evaluation_plots as analysis_plots
+from docmem.pictures.picture_thread import PictureThread
 from docmem.run_folder import FoundationCache, LoadedRun, load_run, read_metrics, resolve_run_dir
 from document_memories import DocumentMemory
 from foundations import Foundation

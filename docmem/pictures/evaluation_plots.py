@@ -16,7 +16,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.patches import Rectangle
 
-from docmem.plots import new_figure, save_figure
+from docmem.pictures.plots import new_figure, save_figure
 
 STAT_SERIES = (("l0", "L0 (entries in use)"), ("l2", "L2 norm"),
                ("pairwise_distance", "mean pairwise distance"), ("normalized_distance", "distance / L2"))

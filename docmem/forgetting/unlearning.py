@@ -35,7 +35,7 @@ import torch
 from docmem.batching import Batch, one_batch
 from docmem.engines import NO_MEMORY, FastEngine, KeySet
 from docmem.evaluation.options import EvalOptions
-from docmem.forgetting import forget, forgotten_provenance
+from docmem.forgetting.edits import forget, forgotten_provenance
 from docmem.run_folder import LoadedRun, load_run
 from docmem.trained_memory import read_provenance
 

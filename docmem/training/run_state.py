@@ -20,16 +20,16 @@ import torch
 import wikitext
 from docmem import run_folder
 from docmem.batching import Batch, make_batches
-from docmem.checkpoint import checkpoint_to_resume, restore_checkpoint, save_checkpoint
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config, resume_config
 from docmem.distributed import DistContext, wrap_memory
 from docmem.engines import FastEngine, LossEngine, ReferenceEngine
 from docmem.errors import ConfigError, NonFiniteLoss
-from docmem.evaluation.key_ce import ce_under_keys
-from docmem.signals import StopOnSignal
-from docmem.summaries import SummaryWriter
-from docmem.summary_drawing import draws_in_background
-from docmem.tensorboard_log import TensorBoardLog, open_tensorboard
+from docmem.pictures.summary_drawing import draws_in_background
+from docmem.training.checkpoint import checkpoint_to_resume, restore_checkpoint, save_checkpoint
+from docmem.training.key_ce import ce_under_keys
+from docmem.training.signals import StopOnSignal
+from docmem.training.summaries import SummaryWriter
+from docmem.training.tensorboard_log import TensorBoardLog, open_tensorboard
 from document_memories import DocumentMemory
 from foundations import Foundation, placement
 from utils import seed_everything

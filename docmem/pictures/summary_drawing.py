@@ -4,7 +4,7 @@ training process or in a helper process beside it.
 A summary's pictures cost about a second of matplotlib on the CPU. On a GPU that is more than the
 training between two summaries: on an H200, the paper's run spent 57 s drawing its 50 summaries
 against 48 s of training steps. The training process computes what a summary shows (the selection,
-the logit lens) and hands it over as one JSON line; `python -m docmem.summary_drawing` draws the
+the logit lens) and hands it over as one JSON line; `python -m docmem.pictures.summary_drawing` draws the
 frames in order, with the figures kept from one frame to the next as in the training process, so
 the files are the same bytes. The training waits only when two summaries are already waiting to be
 drawn, and before the GIFs, which need every frame.
@@ -23,7 +23,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from docmem import plots
+from docmem.pictures import plots
 
 MAX_WAITING = 2  # summaries handed over and not yet drawn before the training waits for one
 
@@ -83,7 +83,7 @@ class DrawingProcess:
         root = str(Path(__file__).resolve().parents[1])  # the folder that holds docmem/, wherever the run started
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
                "PYTHONIOENCODING": "utf-8", "OMP_NUM_THREADS": "1"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "docmem.summary_drawing", json.dumps(vmax)],
+        self.proc = subprocess.Popen([sys.executable, "-m", "docmem.pictures.summary_drawing", json.dumps(vmax)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, encoding="utf-8",
                                      errors="replace", bufsize=1, env=env,
                                      start_new_session=True)  # Ctrl-C and a job's SIGTERM reach the training only

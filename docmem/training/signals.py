@@ -12,8 +12,8 @@ import threading
 from pathlib import Path
 from types import FrameType
 
-from docmem.checkpoint import checkpoint_path
 from docmem.errors import Interrupted
+from docmem.training.checkpoint import checkpoint_path
 
 
 class StopOnSignal:

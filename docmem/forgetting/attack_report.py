@@ -1,6 +1,6 @@
 """The forgetting table an attacker cannot easily beat (evaluate_memory.py --forget DOC --reference RUN
 --forgotten MEM ...): the document's CE under its old key, the other keys, the best grid key, the
-key-search attack (docmem/key_attack.py) and the reference's attack (a memory trained with the same
+key-search attack (docmem/forgetting/key_attack.py) and the reference's attack (a memory trained with the same
 settings and seed without the document: what "never trained on it" looks like), next to the plain LM;
 the verbatim tokens greedy generation reproduces under the attack's best key; every other document's
 right-key ROUGE-L recall. One row per memory: before, and each forgotten memory given.
@@ -19,8 +19,8 @@ from docmem.evaluation.ce_table import CETable
 from docmem.evaluation.generation import Prompt, no_prompt_reason, segment_prompts
 from docmem.evaluation.landscape import grid_keys, landscape_axis
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
-from docmem.forgetting import _recalls
-from docmem.key_attack import AttackSettings, attack, attack_starts, verbatim_tokens
+from docmem.forgetting.edits import _recalls
+from docmem.forgetting.key_attack import AttackSettings, attack, attack_starts, verbatim_tokens
 from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
 from docmem.sharding import load_any_memory
 from docmem.trained_memory import document_index, locate_memory, read_provenance

@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from docmem import run_folder
+from docmem.baselines.lora_memory import LoraAdapters, LoraEngine, adapter_seeds, attach_lora, plan_lora, save_adapters
 from docmem.batching import Batch, make_batches
 from docmem.config import TrainConfig
 from docmem.errors import NonFiniteLoss
-from docmem.lora_memory import LoraAdapters, LoraEngine, adapter_seeds, attach_lora, plan_lora, save_adapters
 from docmem.provenance import provenance_from_saved
-from docmem.run_state import LOSS_PARTS, make_scheduler
-from docmem.signals import StopOnSignal
+from docmem.training.run_state import LOSS_PARTS, make_scheduler
+from docmem.training.signals import StopOnSignal
 from foundations import placement
 from utils import seed_everything
 

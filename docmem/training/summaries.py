@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from docmem import analysis_plots, plots
 from docmem.atomic import write_atomic
 from docmem.config import TrainConfig
-from docmem.summary_drawing import DrawingProcess, Frame, FrameDrawer
+from docmem.pictures import evaluation_plots as analysis_plots
+from docmem.pictures import plots
+from docmem.pictures.summary_drawing import DrawingProcess, Frame, FrameDrawer
 from document_memories import DocumentMemory
 from foundations import Foundation
 from utils import final_norm, logit_lens
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 class SummaryWriter:
     def __init__(self, run_dir: Path, foundation: Foundation, memory: DocumentMemory, titles: list[str],
                  config: TrainConfig, background: bool = False) -> None:
-        """background: draw the pictures in a helper process (docmem/summary_drawing.py), started at the
+        """background: draw the pictures in a helper process (docmem/pictures/summary_drawing.py), started at the
         first summary, while training goes on."""
         self.run_dir, self.foundation, self.memory, self.titles, self.config = run_dir, foundation, memory, titles, config
         self.frames: dict[str, list[Path]] = {"losses": [], "docreps": [], "logits": []}

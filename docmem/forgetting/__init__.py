@@ -1,0 +1,1 @@
+"""Forgetting one document: edits of the memory, unlearning, the key attack and its report."""

@@ -1,0 +1,1 @@
+"""Every picture: figure conventions, evaluation plots, a summary's frames, the drawing thread."""
