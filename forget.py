@@ -10,7 +10,7 @@ its remaining documents, and copies every other shard: the new run folder equals
 under every key as under a memory never trained on it, keeping the others' recall (docmem/forgetting/unlearning.py).
 --method drop_key removes the document's key (its content stays in the weights, one key away);
 --method edit also projects the selection direction only this document used out of the memory. Neither
-removes the content from the weights (README, "Forgetting one document").
+removes the content from the weights (docs/forgetting.md).
 Measure with `python evaluate_memory.py --run_dir RUN --forget DOC`.
 """
 from __future__ import annotations

@@ -208,7 +208,7 @@ def segment_article(article: str, segment_length: int, max_segments: int) -> lis
     segment_length // 2, at least 1) while the window fits, at most max_segments of them; the last
     up to stride - 1 words are then in no segment (a trailing partial window would repeat most of
     the one before). The last full window is kept: the released `range` stopped one window early,
-    so an article of exactly segment_length words had no segment (README, fixes).
+    so an article of exactly segment_length words had no segment (docs/fidelity.md).
     """
     if segment_length < 1:
         raise ValueError(f"--segment_length must be >= 1, got {segment_length}")
@@ -252,7 +252,7 @@ def select_documents(articles: list[str], max_labels: int, seed: int,
     without a segment are dropped, so a run may have fewer than max_labels documents.
 
     Each drawn row is its own document (the released code looked articles up by title, so two
-    drawn articles with one title became one; README, fixes).
+    drawn articles with one title became one; docs/fidelity.md).
     """
     documents = []
     for row in draw_articles(len(articles), max_labels, seed):

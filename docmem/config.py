@@ -469,7 +469,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 
 
 def flags_markdown() -> str:
-    """The README's table of flags, made from the config itself (a test keeps them in step)."""
+    """docs/usage.md's table of flags, made from the config itself (a test keeps them in step)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
     for f in fields(TrainConfig):
         name = f"`--{f.name}`" + (" (`--max_segements`)" if f.name == "max_segments" else "")

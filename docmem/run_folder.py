@@ -157,7 +157,7 @@ def load_documents(config: TrainConfig) -> list[wikitext.Document]:
         raise ConfigError(flag, value, str(err).removeprefix(f"--{flag} {value} ")) from err
     if config.max_labels > len(articles):
         raise ConfigError("max_labels", config.max_labels, f"only {len(articles)} articles are available")
-    try:  # the released draw (README, fixes): NumPy's seeded choice, in draw order
+    try:  # the released draw (docs/fidelity.md): NumPy's seeded choice, in draw order
         drawn = wikitext.select_documents(articles, config.max_labels, config.seed, config.segment_length,
                                           config.max_segments)
     except ValueError as err:

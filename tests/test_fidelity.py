@@ -2,7 +2,7 @@
 
 Where the project follows the released code, a test computes the released behaviour from its
 description (written here, never imported) and compares. Where the project keeps a fix, the
-test shows the project's behaviour next to the released one it replaces (README, "What this
+test shows the project's behaviour next to the released one it replaces (docs/fidelity.md, "What this
 fixes in the released code").
 """
 from __future__ import annotations

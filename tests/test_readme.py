@@ -14,10 +14,12 @@ from docmem.config import build_parser, flags_markdown
 from fixtures_tiny import run_training, tiny_argv, tiny_lm_dir  # noqa: F401
 
 README = (ROOT / "README.md").read_text()
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+USAGE = DOCS["usage.md"]
 
 
 def test_flag_table_is_current():
-    assert flags_markdown() in README, "regenerate the README's flag table with config.flags_markdown()"
+    assert flags_markdown() in USAGE, "regenerate docs/usage.md's flag table with config.flags_markdown()"
 
 
 def test_generation_snippet_works(tiny_lm_dir, tmp_path):
@@ -41,16 +43,16 @@ def test_readme_lists_every_entry_point():
     assert scripts and all(f"`{name}`" in README for name in scripts), "list every [project.scripts] name"
 
 
-def readme_commands() -> list[list[str]]:
-    """Every shell command the README shows: the lines of its bash and plain code blocks, the `$ ` lines of
+def readme_commands(text: str = README) -> list[list[str]]:
+    """Every shell command a page shows: the lines of its bash and plain code blocks, the `$ ` lines of
     its text blocks, and inline code that starts with python, bash run.sh or torchrun; split at && and ;."""
     lines = []
-    for lang, body in re.findall(r"```(\w*)\n(.*?)```", README, re.S):
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", text, re.S):
         if lang in ("bash", "", "text"):
             body = body.replace("\\\n", " ")
             lines += [line[2:] for line in body.splitlines() if line.startswith("$ ")] if lang == "text" else \
                 body.splitlines()
-    lines += re.findall(r"`((?:python3? |bash run\.sh|torchrun )[^`]*)`", README)
+    lines += re.findall(r"`((?:python3? |bash run\.sh|torchrun )[^`]*)`", text)
     commands = []
     for line in lines:
         command: list[str] = []
@@ -75,11 +77,11 @@ def option_strings(script: str) -> set[str]:
 
 
 def test_readme_commands_name_real_scripts_presets_and_flags():
-    """The README check: each `python X.py`, `python -m benchmarks.X` and `bash run.sh PRESET` the README
-    shows names a script or preset that exists, with flags its parser accepts."""
+    """The README and docs/ check: each `python X.py`, `python -m benchmarks.X` and `bash run.sh PRESET` they
+    show names a script or preset that exists, with flags its parser accepts."""
     presets = set(re.findall(r"^  (\w+)\)$", (ROOT / "run.sh").read_text(), re.M))
     checked = set()
-    for command in readme_commands():
+    for command in [c for text in (README, *DOCS.values()) for c in readme_commands(text)]:
         while command and re.fullmatch(r"[A-Z_]+=.*", command[0]):
             command = command[1:]  # VAR=value before the command
         script, rest = None, []
@@ -107,3 +109,32 @@ def test_readme_commands_name_real_scripts_presets_and_flags():
         checked.add(script)
     assert {"train_guidance.py", "evaluate_memory.py", "generate.py", "attribute.py", "forget.py"} <= checked
     assert "python -m pytest -q -rs tests" in README
+
+
+def test_readme_reads_in_one_sitting():
+    lines = len(README.splitlines())
+    assert lines <= 250, f"README.md has {lines} lines (at most 250): move the detail into docs/"
+
+
+def test_links_between_the_pages_resolve():
+    """Every relative link of README.md and docs/*.md names a file that exists (anchors aside)."""
+    pages = {ROOT / "README.md": README, **{ROOT / "docs" / name: text for name, text in DOCS.items()}}
+    broken = []
+    for page, text in pages.items():
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if "://" not in target and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, "links to missing files:\n" + "\n".join(broken)
+
+
+def test_the_file_table_names_every_module():
+    """docs/design.md holds the only file table: every docmem/ module is in it, under its room."""
+    design = DOCS["design.md"]
+    missing = []
+    for path in sorted((ROOT / "docmem").rglob("*.py")):
+        rel = path.relative_to(ROOT)
+        if path.name == "__init__.py":
+            continue
+        if f"`{rel.as_posix()}`" not in design:
+            missing.append(rel.as_posix())
+    assert not missing, "add to docs/design.md's file table: " + ", ".join(missing)
