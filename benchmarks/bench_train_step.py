@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
+from benchmarks.cuda_rules import imitate_cuda_autocast
 from docmem.batching import Batch
 from docmem.config import TrainConfig
-from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import FastEngine, ReferenceEngine
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import Foundation, block_device, from_model

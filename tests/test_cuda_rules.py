@@ -1,4 +1,4 @@
-"""Mixed precision under CUDA autocast's dtype rules, without a GPU: docmem.cuda_rules makes CPU
+"""Mixed precision under CUDA autocast's dtype rules, without a GPU: benchmarks.cuda_rules makes CPU
 autocast run layer_norm, softmax, log_softmax and the losses in fp32 as CUDA does, and the
 project's paths (fast path, reference loop, training, evaluation, generation) must still run
 and agree, for tiny GPT-NeoX (LayerNorm) and Llama (RMSNorm) models in bf16 and fp16. Also the
@@ -16,10 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import evaluate_memory
 import train_guidance
+from benchmarks.cuda_rules import imitate_cuda_autocast
 from conftest import tiny_model
 from docmem.chunked_ce import linear_cross_entropy
 from docmem.config import TrainConfig
-from docmem.cuda_rules import imitate_cuda_autocast
 from docmem.engines import NO_MEMORY, FastEngine, ReferenceEngine
 from docmem.trained_memory import load_memory_run
 from document_memories import DocumentMemory, MemoryConfig
