@@ -2,6 +2,8 @@
 keys: what training reports before its first epoch and after its last (summary.json)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from docmem.batching import Batch
@@ -11,19 +13,39 @@ from docmem.engines import LossEngine
 from document_memories import DocumentMemory
 from utils import negative_keys
 
-MAX_EVAL_OTHER_KEYS = 8  # past this many documents, `other` negatives are evaluated on a sample
+MAX_EVAL_OTHER_KEYS = 8  # up to this many other documents, `other` negatives are every other key
+EVAL_OTHER_SAMPLES = 512  # past it, about this many (document, other key) pairs in all
+
+
+def other_keys_per_document(num_docs: int) -> int:
+    """How many other documents' keys each document is measured under, past MAX_EVAL_OTHER_KEYS
+    documents: enough that the run's mean rests on about EVAL_OTHER_SAMPLES pairs, at most
+    MAX_EVAL_OTHER_KEYS, at least one."""
+    return max(1, min(MAX_EVAL_OTHER_KEYS, math.ceil(EVAL_OTHER_SAMPLES / num_docs)))
+
+
+def drawn_other_documents(num_docs: int, per_document: int, seed: int = 12345) -> torch.Tensor:
+    """(num_docs, per_document) other documents' ids, drawn uniformly for each document from a
+    fixed generator: the same table in every process and for every batching."""
+    generator = torch.Generator().manual_seed(seed)
+    draw = torch.randint(0, num_docs - 1, (num_docs, per_document), generator=generator)
+    return draw + (draw >= torch.arange(num_docs).unsqueeze(1)).long()  # skip the document itself
 
 
 @torch.no_grad()
 def ce_under_keys(engine: LossEngine, memory: DocumentMemory, batches: list[Batch], config: TrainConfig,
                   dist_ctx: DistContext | None = None) -> dict[str, float | None]:
     """Token-weighted mean CE under each document's own key, and under negative keys: for
-    `other`, every other document's key (the expectation of the training draw; a fixed sample of
-    MAX_EVAL_OTHER_KEYS of them when there are more); for the other types, one draw from a fixed
-    generator. Under torchrun every process evaluates its batches and the sums are combined."""
+    `other`, every other document's key when there are at most MAX_EVAL_OTHER_KEYS others (the
+    expectation of the training draw), else `other_keys_per_document` other keys drawn for each
+    document (`drawn_other_documents`), so the pass stays linear in the documents; for the other
+    types, one draw from a fixed generator. Under torchrun every process evaluates its batches and
+    the sums are combined."""
     n_docs = memory.config.num_docs
     sums = [0.0, 0.0, 0.0, 0.0]  # positive CE x tokens, tokens, negative CE x tokens, tokens
     generator = torch.Generator().manual_seed(12345)
+    sampled = config.negative_key_type == "other" and n_docs - 1 > MAX_EVAL_OTHER_KEYS
+    drawn_others = drawn_other_documents(n_docs, other_keys_per_document(n_docs)) if sampled else None
     for batch in batches:
         doc_of_group = torch.unique_consecutive(batch.group_ids, return_inverse=True)[1]
         first_rows = torch.cat([torch.ones(1, dtype=torch.bool), batch.group_ids[1:] != batch.group_ids[:-1]])
@@ -36,10 +58,13 @@ def ce_under_keys(engine: LossEngine, memory: DocumentMemory, batches: list[Batc
             sums[1] += float(tokens.sum())
             continue
         own = engine.losses(batch, [memory.keys_for(batch.doc_ids)], per_document=True)[0].cpu()
-        if config.negative_key_type == "other" and n_docs > 1:
+        if drawn_others is not None:
+            columns = drawn_others[batch.doc_ids.cpu()]  # (rows, k): row r's j-th other document
+            per_key = torch.stack(engine.losses(batch, [memory.keys_for(columns[:, j].to(batch.doc_ids.device))
+                                                        for j in range(columns.shape[1])], per_document=True))
+            neg = per_key.cpu().mean(0)
+        elif config.negative_key_type == "other" and n_docs > 1:
             others = range(n_docs)
-            if n_docs - 1 > MAX_EVAL_OTHER_KEYS:
-                others = torch.randperm(n_docs, generator=generator)[:MAX_EVAL_OTHER_KEYS + 1].tolist()
             per_key = torch.stack(engine.losses(batch, [memory.keys_for(torch.full_like(batch.doc_ids, j))
                                                         for j in others], per_document=True)).cpu()  # (keys, G)
             is_own = torch.tensor(list(others)).unsqueeze(1) == group_docs.unsqueeze(0)
