@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from benchmarks.results import MEASURED
+
 ROOT = Path(__file__).resolve().parents[1]
-PROVENANCE = ("source", "machine", "commit", "date", "command")
-MEASURED = "measured"
 
 
 def machine() -> str:

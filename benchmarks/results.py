@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.record import MEASURED, PROVENANCE
-
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = "docs/results"
 RESULTS_MD = "docs/results.md"
@@ -31,6 +29,8 @@ MARKED_FILES = ("README.md", "docs/*.md")  # where marked blocks may sit (docs/r
 BLOCK = re.compile(r"(<!-- results: ([\w-]+) -->\n)(.*?)(<!-- /results -->)", re.DOTALL)
 RERUN = "rerun `python -m benchmarks.results` (it renders docs/results.md and the marked blocks from docs/results/*.json)"
 MAX_DIFF_LINES = 40
+PROVENANCE = ("source", "machine", "commit", "date", "command")  # every result file has these
+MEASURED = "measured"
 TRANSCRIBED = "transcribed from"
 # the quick start's commands, in the order a newcomer runs them; the `quickstart` block shows these rows
 QUICKSTART = ("bash run.sh demo", "python evaluate_memory.py --run_dir outputs/demo/run_0",
@@ -133,10 +133,16 @@ SECTIONS: tuple[Section, ...] = (
     Section("quickstart", "What a newcomer sees",
             "The wall time of each command of the set-up and the quick start, on a CPU, once SmolLM2's weights "
             "are in the cache. Remake a row by running its command.", newcomer),
+    Section("lm_load", "Loading SmolLM2",
+            "The first command that loads SmolLM2 dequantizes its packaged GGUF file and caches the result; every "
+            "later command loads the cache."),
     Section("evaluation_cost", "What the evaluation costs",
             "`bash run.sh demo`, then `evaluate_memory.py` on its run with the default settings, then the same "
             "with `--forget 0`, each timed by wall clock as a user sees it (the LM's loading included), with the "
             "stages the evaluation logs.", or_cells(evaluation_cost)),
+    Section("evaluation_detail", "Where the evaluation's time goes",
+            "The pictures drawn beside the measuring, the garbage collector's frozen objects, and recall's greedy "
+            "decoding, each timed on the demo."),
     Section("unlearn_cost", "What unlearning costs",
             "`bash run.sh demo`, then `forget.py --method unlearn` on its run: the fine-tuning against the "
             "training inside its process, and the whole command against the whole demo command.", or_cells(unlearn_cost)),
@@ -146,6 +152,9 @@ SECTIONS: tuple[Section, ...] = (
             or_cells(summary_process)),
     Section("demo_recall", "The demo, measured: recall",
             "ROUGE-L recall of greedy continuations of the fp32 demo's segments under each condition."),
+    Section("demo_ce", "The demo, measured: training and the CE matrix",
+            "The fp32 demo's training CE, its CE matrix and landscape, and the pairs of documents whose keys lie "
+            "near each other."),
     Section("demo_attribution", "The demo, measured: attribution",
             "Attributing each training segment and each held-out continuation of the fp32 demo to its document."),
     Section("forgetting", "Forgetting, measured",
@@ -155,6 +164,9 @@ SECTIONS: tuple[Section, ...] = (
             "Mean token CE of the forgotten document (nats; lower = better recalled) under the old key, other keys, "
             "the grid and the attack's best key; verbatim = tokens greedy generation reproduces before the first "
             "wrong one."),
+    Section("retrain_shard", "Exact forgetting: retraining one shard",
+            "`forget.py --method retrain_shard` on the demo trained with shards, against the training it forgets "
+            "from."),
     Section("shard_cost", "What sharding costs",
             "Recall, CE matrix and attribution of the demo trained with one memory and with several shards, in fp32."),
     Section("precision", "Precision: the demo in fp32 and with `--precision auto`",
@@ -165,6 +177,11 @@ SECTIONS: tuple[Section, ...] = (
     Section("capacity", "How many documents one memory holds",
             "Right-key and other-key recall and CE as documents are added: fictional documents of one segment each, "
             "one run per cell, with the settings of the command below."),
+    Section("demo_fast_path", "The demo, fast path against the reference loop",
+            "Seconds per epoch of the demo's training with the prefix cache (the fast path) and with two full hooked "
+            "passes per step (`--reference_loop`)."),
+    Section("sweep_times", "What the comparison and the capacity sweep take",
+            "Wall time of the two sweeps above, and what adding one document costs each kind of method."),
     Section("scaling", "Time per epoch against the number of documents",
             "The training loop (fast path, `other` negatives, AdamW) of a tiny GPT-NeoX, one torch thread; the "
             "growth exponent is the slope of log(time per epoch) against log(segments): one means linear.", or_cells(scaling)),
@@ -173,6 +190,8 @@ SECTIONS: tuple[Section, ...] = (
             "seconds of the timed steps, fp32, hook at the last block."),
     Section("summaries", "What the periodic summaries cost",
             "The summaries of a paper-sized run (its documents, a Pythia-1B-wide vocabulary), drawn one after another."),
+    Section("gpu_smoke", "The GPU check's smoke run",
+            "Every stage of the GPU check at tiny sizes on a CPU, through the kit code on a kit it builds itself."),
     Section("gpu", "On a GPU",
             "The GPU check (`benchmarks/gpu_check.py`) on the paper's shapes and runs."),
     Section("gpu_check_stages", "The GPU check, stage by stage",

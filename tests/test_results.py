@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_evaluate, results
-from benchmarks.record import PROVENANCE, write_record
+from benchmarks.record import write_record
+from benchmarks.results import PROVENANCE
 
 ROOT = Path(__file__).resolve().parents[1]
 
