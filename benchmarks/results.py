@@ -237,14 +237,20 @@ def markdown_table(table: Table) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
 
 
-def render_table(root: Path, name: str, table: Callable[[dict[str, Any]], Table]) -> str:
-    """One result file's table and the line that says where it came from."""
+def block_line(name: str, record: dict[str, Any]) -> str:
+    """A marked block's short provenance: the file, and docs/results.md for the rest."""
+    return (f"From `{RESULTS_DIR}/{name}.json` ({record['source']}, commit `{record['commit']}`, {record['date']}; "
+            f"machine and command in `{RESULTS_MD}`).")
+
+
+def render_table(root: Path, name: str, table: Callable[[dict[str, Any]], Table], block: bool = False) -> str:
+    """One result file's table and the line that says where it came from (short in a marked block)."""
     record = load(root, name)
     try:
         body = markdown_table(table(record["figures"]))
     except (KeyError, TypeError, ValueError) as err:
         raise ResultError(f"{RESULTS_DIR}/{name}.json: its figures lack what the table needs ({err!r})") from err
-    return f"{body}\n\n{provenance_line(record)}"
+    return f"{body}\n\n{block_line(name, record) if block else provenance_line(record)}"
 
 
 def render_results(root: Path) -> str:
@@ -263,16 +269,17 @@ def render_results(root: Path) -> str:
     return "\n".join(parts)
 
 
-def render_blocks(root: Path, text: str) -> str:
-    """`text` with every marked block rendered from its result file."""
+def render_blocks(root: Path, path: Path, text: str) -> str:
+    """`text`, the contents of `path`, with every marked block rendered from its result file."""
     sections = {s.name: s.table for s in SECTIONS}
 
     def one(match: re.Match[str]) -> str:
         name = match.group(2)
         table = BLOCK_TABLES.get(name) or sections.get(name)
         if table is None:
-            raise ResultError(f"<!-- results: {name} -->: no table of that name in benchmarks/results.py")
-        return f"{match.group(1)}{render_table(root, name, table)}\n{match.group(4)}"
+            raise ResultError(f"{path.relative_to(root)}: <!-- results: {name} --> names no table of "
+                              "benchmarks/results.py")
+        return f"{match.group(1)}{render_table(root, name, table, block=True)}\n{match.group(4)}"
 
     return BLOCK.sub(one, text)
 
@@ -288,7 +295,7 @@ def expected(root: Path) -> dict[Path, str]:
     for path in marked_files(root):
         text = path.read_text()
         if BLOCK.search(text):
-            out[path] = render_blocks(root, text)
+            out[path] = render_blocks(root, path, text)
     return out
 
 

@@ -68,6 +68,7 @@ def test_a_marked_block_is_rendered_then_checked(tmp_path, capsys):
     text = page.read_text()
     assert text.startswith("# A page\n\nBefore.\n\n<!-- results: quickstart -->\n| command | wall time |")
     assert text.endswith("<!-- /results -->\n\nAfter.\n") and "stale text" not in text
+    assert "From `docs/results/quickstart.json` (transcribed from README.md, commit `" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(results.QUICKSTART)
     assert results.main(["--check", "--root", str(root)]) == 0
@@ -80,7 +81,7 @@ def test_an_unknown_block_name_is_refused(tmp_path, capsys):
     (root / "docs" / "page.md").write_text("<!-- results: nosuch -->\n<!-- /results -->\n")
     assert results.main(["--check", "--root", str(root)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "nosuch" in err
+    assert err.count("\n") == 0 and "docs/page.md" in err and "nosuch" in err
 
 
 @pytest.mark.parametrize("field", [*PROVENANCE, "figures"])
