@@ -28,6 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from benchmarks.record import write_record
+
 ROOT = Path(__file__).resolve().parents[1]
 # what evaluate_memory.py logs at the end of each stage: "<stage> ... in 12.3s"
 STAGES = {
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="train into this folder (kept) instead of a temporary one")
     parser.add_argument("--repeats", type=int, default=1,
                         help="side-by-side pairs (demo, then its evaluation), each printed, then their median ratio")
+    parser.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
+                    "(docs/results/NAME.json; `python -m benchmarks.results` renders it)")
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1")
@@ -96,10 +100,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--repeats needs the demo's training: leave out --run_dir")
     results = [one_pair(args, f"{args.keep}/pair_{i}" if args.keep and args.repeats > 1 else args.keep)
                for i in range(args.repeats)]
+    report: dict[str, object] = results[0]
     if args.repeats > 1:
         ratios = [r["ratio"] for r in results]
         print(f"ratios: {', '.join(f'{r:.2f}' for r in ratios)}; median {statistics.median(ratios):.2f}")
-        print(json.dumps({"pairs": results, "ratios": ratios, "median_ratio": statistics.median(ratios)}))
+        report = {"pairs": results, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+        print(json.dumps(report))
+    if args.record:
+        write_record(args.record, report, "benchmarks.bench_evaluate", argv)
     return 0
 
 

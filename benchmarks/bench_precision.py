@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from benchmarks.record import write_record
 from foundations.placement import cpu_native_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def evaluate(run: Path, threads: int) -> dict:
             "ce_matrix": matrix.round(4).tolist()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--num_epochs", type=int, default=40, help="the demo's 40")
     p.add_argument("--rounds", type=int, default=1, help="trainings per precision (alternating order)")
@@ -94,7 +95,9 @@ def main() -> None:
                    help="run the two trainings of a round at the same time (a busy shared machine: both see its "
                         "load; the one left running gets the CPU to itself at the end, which only narrows the ratio)")
     p.add_argument("--work_dir", default=None, help="where the runs go (default: a temporary folder, removed)")
-    args = p.parse_args()
+    p.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
+                    "(docs/results/NAME.json; `python -m benchmarks.results` renders it)")
+    args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         walls: dict[str, list[float]] = {k: [] for k in PRECISIONS}
@@ -131,6 +134,8 @@ def main() -> None:
         print(f"auto / fp32: {result['speedup_auto_vs_fp32']:.2f}x faster end to end, final CE "
               f"{result['final_ce_diff']:+.4f}")
         print(json.dumps(result))
+        if args.record:
+            write_record(args.record, result, "benchmarks.bench_precision", argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
+from benchmarks.record import write_record
 from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import FastEngine
@@ -96,6 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=3)
     p.add_argument("--epochs", type=int, default=2, help="timed epochs (after the cache-filling one)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier on a shared machine)")
+    p.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
+                    "(docs/results/NAME.json; `python -m benchmarks.results` renders it)")
     args = p.parse_args(argv)
     if len(args.docs) < 2 or min(args.docs) < 2:
         p.error("--docs: give at least two numbers, each >= 2 (other negatives need two documents)")
@@ -114,6 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
               "model": {"vocab": args.vocab, "hidden": args.hidden, "layers": args.layers},
               "segments_per_doc": args.segments, "seq": args.seq, "torch_version": torch.__version__}
     print(json.dumps(result))
+    if args.record:
+        write_record(args.record, result, "benchmarks.bench_scaling", argv)
     return result
 
 

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench_evaluate import timed, work_folder
+from benchmarks.record import write_record
 
 MODES = ("off", "on")
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the trainings")
     parser.add_argument("--demo_args", default="", help="extra flags for run.sh demo, one string")
     parser.add_argument("--keep", help="train into this folder (kept) instead of a temporary one")
+    parser.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
+                    "(docs/results/NAME.json; `python -m benchmarks.results` renders it)")
     args = parser.parse_args(argv)
     if args.num_epochs < 1 or args.save_freq < 1 or args.threads < 1:
         parser.error("--num_epochs, --save_freq and --threads must be >= 1")
@@ -62,9 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     ratio = result["on"]["wall_seconds"] / result["off"]["wall_seconds"]
     print(f"on / off (wall_seconds): {ratio:.2f}; {len(files['off'])} files, "
           f"{'the same bytes' if same else 'DIFFERENT'} in both runs")
-    print(json.dumps({"runs": result, "ratio_wall_on_over_off": ratio, "files": len(files["off"]), "same_files": same,
-                      "threads": args.threads, "num_epochs": args.num_epochs, "save_freq": args.save_freq,
-                      "load_average_1m": [load_start, os.getloadavg()[0]]}))
+    report = {"runs": result, "ratio_wall_on_over_off": ratio, "files": len(files["off"]), "same_files": same,
+              "threads": args.threads, "num_epochs": args.num_epochs, "save_freq": args.save_freq,
+              "load_average_1m": [load_start, os.getloadavg()[0]]}
+    print(json.dumps(report))
+    if args.record:
+        write_record(args.record, report, "benchmarks.bench_summary_process", argv)
     return 0 if same else 1
 
 

@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from benchmarks.bench_evaluate import timed, train_demo, work_folder
+from benchmarks.record import write_record
 
 
 def training_seconds(run_dir: Path) -> float | None:
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="forget.py runs (medians reported)")
     parser.add_argument("--demo_args", default="", help="extra flags for run.sh demo, one string")
     parser.add_argument("--keep", help="work in this folder (kept) instead of a temporary one")
+    parser.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
+                    "(docs/results/NAME.json; `python -m benchmarks.results` renders it)")
     args = parser.parse_args(argv)
 
     with work_folder(args.keep, "bench_unlearn_") as work:
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['command_over_command']:.3f}")
         result["load_average_1m_end"] = os.getloadavg()[0]
         print(json.dumps(result))
+    if args.record:
+        write_record(args.record, result, "benchmarks.bench_unlearn", argv)
     return 0
 
 
