@@ -10,8 +10,9 @@ what is computed from host tensors alone stays on the host and is not counted.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import TracebackType
+from typing import Any
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -43,7 +44,8 @@ class _Reads(TorchFunctionMode):
         super().__init__()
         self.counter = counter
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func: Callable[..., Any], types: tuple[type, ...], args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         name = getattr(func, "__name__", "")
         if name in READS and not self.counter.on_host(_tensors(args, kwargs)):
             self.counter.counts[f"Tensor.{name}"] += 1
@@ -76,7 +78,8 @@ class HostSyncCounter(TorchDispatchMode):
         super().__exit__(kind, err, tb)
         self.reads.__exit__(kind, err, tb)
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_dispatch__(self, func: torch._ops.OpOverload, types: tuple[type, ...], args: tuple = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
         kwargs = kwargs or {}
         inputs = _tensors(args, kwargs)
         host = self.on_host(inputs) or (not inputs and isinstance(kwargs.get("generator"), torch.Generator)
