@@ -27,6 +27,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from docmem.errors import NonFiniteLoss
 from docmem.evaluation.options import EvalOptions
 from docmem.evaluation.pipeline import evaluate_trained
 from docmem.run_folder import METRICS_NAME, RunLock
+from docmem.step_values import read_on_host
 from docmem.training.checkpoint import checkpoint_path, read_checkpoint
 from docmem.training.key_ce import ce_under_keys
 from docmem.training.lora_runs import train_lora
@@ -60,10 +62,12 @@ EXIT_NON_FINITE = NonFiniteLoss.exit_code
 
 @dataclass
 class StepResult:
-    loss: float
-    ce_positive: float
-    ce_negative: float | None
-    guidance_term: float | None
+    """The parts of a batch's loss as 0-dim tensors, left on the device until the optimizer step
+    reads them (a float where a caller put one); None: not part of this run's loss."""
+    loss: torch.Tensor | float
+    ce_positive: torch.Tensor | float
+    ce_negative: torch.Tensor | float | None
+    guidance_term: torch.Tensor | float | None
 
 
 def train_step_losses(engine: LossEngine, memory: DocumentMemory, batch: Batch, config: TrainConfig,
@@ -76,12 +80,12 @@ def train_step_losses(engine: LossEngine, memory: DocumentMemory, batch: Batch, 
     if not config.uses_keys:
         (ce_pos,) = engine.losses(batch, [None], per_document=True)
         loss = ce_pos.mean()
-        return loss, StepResult(loss.item(), loss.item(), None, None)
+        return loss, StepResult(loss.detach(), loss.detach(), None, None)
     pos = memory.keys_for(batch.doc_ids)
     if not config.guidance_active:
         (ce_pos,) = engine.losses(batch, [pos], per_document=True)
         loss = ce_pos.mean()
-        return loss, StepResult(loss.item(), loss.item(), None, None)
+        return loss, StepResult(loss.detach(), loss.detach(), None, None)
     if batch.chunk_doc_ids is not None:  # one draw per chunk of the global batch, every process alike
         drawn = negative_keys(config.negative_key_type, batch.chunk_doc_ids, memory.doc_keys, generator, config.delta)
         neg = drawn[batch.chunk_of_row.to(drawn.device)]
@@ -90,21 +94,35 @@ def train_step_losses(engine: LossEngine, memory: DocumentMemory, batch: Batch, 
     ce_pos, ce_neg = engine.losses(batch, [pos, neg], per_document=True)
     term = guidance_term(ce_pos, ce_neg, config.target_negative_ce, config.guidance_loss)
     loss = (ce_pos + config.guidance * term).mean()
-    return loss, StepResult(loss.item(), ce_pos.mean().item(), ce_neg.mean().item(), term.mean().item())
+    return loss, StepResult(loss.detach(), ce_pos.mean().detach(), ce_neg.mean().detach(), term.mean().detach())
 
 
-def optimizer_step(state: RunState, where: str) -> None:
-    """Clip, step, zero: refuses a non-finite gradient, so the weights never take a NaN."""
+def refuse_non_finite_loss(parts: dict[str, float | None], where: str) -> None:
+    bad = [f"{k} = {v}" for k, v in parts.items() if v is not None and not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) {where}")
+
+
+def optimizer_step(state: RunState, where: str, pending: Sequence[tuple[str, StepResult]] = ()
+                   ) -> list[dict[str, float | None]]:
+    """Clip, check, step, zero. `pending`: the step's batches (where, loss parts). Their parts and the
+    gradient norm are read on the host together, once; a non-finite one is refused before the
+    weights take it. Returns each batch's parts as floats."""
     params = state.memory.trainable_parameters()
     if state.config.grad_clip_coeff > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, state.config.grad_clip_coeff)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    if not torch.isfinite(norm):
-        raise NonFiniteLoss(f"non-finite gradient norm ({norm.item()}) {where}")
+    *values, norm_value = read_on_host([getattr(p, k) for _, p in pending for k in LOSS_PARTS] + [norm])
+    parts = [dict(zip(LOSS_PARTS, values[j * len(LOSS_PARTS):])) for j in range(len(pending))]
+    for (at, _), batch_parts in zip(pending, parts):
+        refuse_non_finite_loss(batch_parts, at)
+    if not math.isfinite(norm_value):
+        raise NonFiniteLoss(f"non-finite gradient norm ({norm_value}) {where}")
     state.optimizer.step()
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
+    return parts
 
 
 # ---- the epoch loop ----------------------------------------------------------------------------
@@ -115,25 +133,25 @@ def train_epoch(state: RunState) -> None:
     config, progress, batches = state.config, state.progress, state.batches
     epoch, acc = progress.epoch + 1, config.num_accumulation_steps
     state.memory.train()
+    pending: list[tuple[str, StepResult]] = []  # this step's batches, their loss parts not yet read
     for i in range(progress.batch, len(batches)):
         where = f"at epoch {epoch}, step {progress.step + 1} (batch {i + 1} of {len(batches)})"
         loss, parts = train_step_losses(state.engine, state.memory, batches[i], config, state.generator)
-        bad = [f"{k} = {getattr(parts, k)}" for k in LOSS_PARTS
-               if getattr(parts, k) is not None and not math.isfinite(getattr(parts, k))]
-        if bad:
-            raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) {where}")
+        pending.append((where, parts))
+        if config.detect_anomaly:  # read now: anomaly mode would stop in the backward of a non-finite loss
+            refuse_non_finite_loss(dict(zip(LOSS_PARTS, read_on_host([getattr(parts, k) for k in LOSS_PARTS]))), where)
         try:
             (loss / acc).backward()
         except RuntimeError as err:  # --detect_anomaly: a backward that produced NaN
             if not config.detect_anomaly:
                 raise
             raise NonFiniteLoss(f"non-finite gradient {where} ({str(err).splitlines()[0]})") from err
-        for key in LOSS_PARTS:
-            value = getattr(parts, key)
-            progress.sums[key] += value if value is not None else float("nan")
         progress.batch = i + 1
         if (i + 1) % acc == 0 or i + 1 == len(batches):
-            optimizer_step(state, where)
+            for read in optimizer_step(state, where, pending):
+                for key, value in read.items():
+                    progress.sums[key] += value if value is not None else float("nan")
+            pending = []
             progress.step += 1
             if state.stop.signum and progress.batch < len(batches):
                 state.save_checkpoint()

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_train_step --shape pythia-70m --batch 4 --seq 128
     python -m benchmarks.bench_train_step --shape pythia-1b --layer 15 --device cuda --precision bf16
+    python -m benchmarks.bench_train_step --count_syncs
 
 Paths (same training step for all, only the engine differs):
   released         two full forward+backward passes of the hooked LM (ReferenceEngine) with the
@@ -16,6 +17,10 @@ clamped_mse guidance (tau 4.5), backward, grad-norm clip 5, AdamW. Random weight
 token batches (some rows left padded). By default the paths run interleaved on CPU (one step of
 each in turn, so a shared machine's drifting load hits all alike) and one after another on CUDA
 (--order). Human-readable lines first, ONE JSON object last.
+
+--count_syncs: instead, count on the CPU the operations that would make the host wait for the GPU
+(benchmarks/host_syncs.py) in one fast training step of train_guidance.py's loop after a warm-up
+step, per operation; the last line is `host syncs per step: N`.
 """
 from __future__ import annotations
 
@@ -32,17 +37,21 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM, GPTNeoXConfig, LlamaConfig
 
 from benchmarks.cuda_rules import imitate_cuda_autocast
+from benchmarks.host_syncs import HostSyncCounter
 from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import FastEngine, ReferenceEngine
+from docmem.step_values import read_on_host
+from docmem.training.run_state import Progress, make_scheduler
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import Foundation, block_device, from_model
-from train_guidance import train_step_losses
+from train_guidance import train_epoch, train_step_losses
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("released", "frozen_two_pass", "fast")
@@ -243,7 +252,7 @@ class PathRunner:
             model.zero_grad(set_to_none=True)
         if record:
             self.times.append(elapsed)
-            self.losses.append((parts.loss, parts.ce_positive, parts.ce_negative))
+            self.losses.append(tuple(read_on_host([parts.loss, parts.ce_positive, parts.ce_negative])))
 
     def finish(self, batch: Batch, meter: PeakMemory | None) -> dict:
         """Snapshot the memory's parameters, then measure peak memory over one more (untimed) step
@@ -255,7 +264,7 @@ class PathRunner:
             start = meter.start()
             self.step(batch, record=False)
             peak = meter.peak()
-        self.engine.forget()
+        self.engine.clear_cache()
         return {"times": self.times, "losses": self.losses, "state": state, "peak": peak, "start_mem": start}
 
 
@@ -320,7 +329,7 @@ def fp32_check(shape: str, args, config: TrainConfig, steps: int) -> tuple[float
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="pythia-70m", choices=sorted(SHAPES))
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: pythia-70m (tiny with --count_syncs)")
     p.add_argument("--layer", type=int, default=None, help="0-based hooked block (default: the last)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
@@ -342,6 +351,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--tf32", action="store_true", help="let CUDA fp32 matmuls use TF32 "
                    "(torch.backends.cuda.matmul.allow_tf32; off by default, as in PyTorch)")
+    p.add_argument("--count_syncs", action="store_true", help="count the operations of one fast step that would "
+                   "wait for the GPU (on the CPU; benchmarks/host_syncs.py), instead of timing")
     p.add_argument("--imitate_cuda_autocast", action="store_true", help="on the CPU, run autocast with CUDA's "
                    "fp32 op list (gpu_check.py --smoke: a CPU run meets what a GPU run would)")
     args = p.parse_args(argv)
@@ -349,6 +360,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad = [x for x in args.paths if x not in PATHS]
     if bad or not args.paths:
         p.error(f"--paths: unknown {bad}; allowed: {', '.join(PATHS)} (or a, b, c)")
+    args.shape = args.shape or ("tiny" if args.count_syncs else "pythia-70m")
+    if args.count_syncs:  # the counter imitates a GPU on the CPU
+        args.device = "cpu"
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -378,16 +392,61 @@ def main(argv: list[str] | None = None) -> dict:
     # process-wide switches of this benchmark process alone, recorded in the report
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.tf32
     with autocast_rules(args.imitate_cuda_autocast):
-        return measure(args)
+        return count_syncs(args) if args.count_syncs else measure(args)
+
+
+def train_config(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(negative_key_type="other", guidance=0.1, target_negative_ce=4.5,
+                       guidance_loss="clamped_mse", grad_clip_coeff=5.0, lr=1e-3,
+                       key_dim=args.key_dim, hook_memory_dim=args.memory_dim)
+
+
+def fast_run_state(args: argparse.Namespace) -> SimpleNamespace:
+    """What train_guidance.train_epoch reads, for the fast path on --shape with one batch per epoch."""
+    config = train_config(args)
+    foundation = build_foundation(args.shape, args.device, DTYPES[args.precision], args.seed)
+    layer = foundation.num_blocks - 1 if args.layer is None else args.layer
+    memory = new_memory(foundation, argparse.Namespace(**{**vars(args), "layer": layer}), args.seed + 1)
+    batches = make_batches(args.num_batches, args.batch, args.seq, foundation.model.config.vocab_size,
+                           args.num_docs, args.device, args.seed + 2)
+    optimizer = torch.optim.AdamW(memory.trainable_parameters(), lr=config.lr)
+    return SimpleNamespace(config=config, progress=Progress(), batches=batches, memory=memory,
+                           engine=FastEngine(foundation, memory, layer, DTYPES[args.precision],
+                                             chunk_size=args.fast_chunk_size),
+                           optimizer=optimizer, scheduler=make_scheduler(optimizer, config, 1 << 20),
+                           generator=torch.Generator().manual_seed(args.seed + 3), stop=SimpleNamespace(signum=0))
+
+
+def host_tensors(state: SimpleNamespace) -> list[torch.Tensor]:
+    """What stays on the host in a CUDA run: the batches' document ids and Adam's step counts."""
+    ids = [t for b in state.batches for t in (b.doc_ids, b.chunk_doc_ids, b.chunk_of_row) if t is not None]
+    steps = [s["step"] for s in state.optimizer.state.values() if isinstance(s.get("step"), torch.Tensor)]
+    return ids + steps
+
+
+def count_syncs(args: argparse.Namespace) -> dict:
+    """One epoch of train_guidance.train_epoch over the batches after a warm-up epoch (which fills
+    the prefix cache and the optimizer's state), counted per step."""
+    state = fast_run_state(args)
+    steps = len(state.batches)
+    train_epoch(state)
+    state.progress.batch = 0
+    with HostSyncCounter(host_tensors(state)) as counter:
+        train_epoch(state)
+    per_step = counter.total / steps
+    print(f"{args.shape}, hook at block {state.engine.layer} of {state.engine.foundation.num_blocks}, batch "
+          f"{args.batch} x {args.seq}, {steps} step(s) counted; operations that would wait for the GPU:")
+    for name, n in sorted(counter.counts.items()):
+        print(f"  {name}: {n / steps:g} per step")
+    print(f"host syncs per step: {per_step:g}", flush=True)
+    return {"host_syncs_per_step": per_step, "counts": dict(counter.counts), "steps": steps}
 
 
 def measure(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.precision]
     # the fast path fills its cache once per batch: warm up at least one pass over the batches
     warmup = max(args.warmup, args.num_batches)
-    config = TrainConfig(negative_key_type="other", guidance=0.1, target_negative_ce=4.5,
-                         guidance_loss="clamped_mse", grad_clip_coeff=5.0, lr=1e-3,
-                         key_dim=args.key_dim, hook_memory_dim=args.memory_dim)
+    config = train_config(args)
 
     t0 = time.perf_counter()
     foundation = build_foundation(args.shape, args.device, dtype, args.seed)

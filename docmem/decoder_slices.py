@@ -4,6 +4,10 @@ The decoder's own forward runs the slice, its block list swapped for the slice (
 an identity when the slice stops below the top), so attention masks, positions and rotary embeddings stay
 the library's. The loss engine's prefix cache and greedy decoding's shared prompt pass both use it. Also
 here: the distinct rows of a batch, since a row repeated in a batch has the same prefix.
+
+When no block is left above the hooked one, `top` runs the final norm alone: for these architectures
+that is all the decoder would do, and it skips building the attention mask, which reads the mask
+on the host (a wait for the GPU in every step).
 """
 from __future__ import annotations
 
@@ -15,6 +19,10 @@ from torch import nn
 
 from foundations import Foundation
 from utils import final_norm
+
+# decoders whose forward on inputs_embeds with no blocks is the final norm alone (dropout aside, an
+# identity in eval mode); others (GPT-2 adds position embeddings) run the decoder all the same
+NORM_ONLY_TOPS = frozenset({"gpt_neox", "llama"})
 
 
 def _child_name(parent: nn.Module, child: nn.Module) -> str:
@@ -32,8 +40,19 @@ class DecoderSlices:
         self.foundation = foundation
         self.decoder = foundation.decoder()
         self.blocks_name = _child_name(self.decoder, foundation.blocks)
-        norm = final_norm(self.decoder)
-        self.norm_name = _child_name(self.decoder, norm) if not isinstance(norm, nn.Identity) else None
+        self.norm = final_norm(self.decoder)
+        self.norm_name = _child_name(self.decoder, self.norm) if not isinstance(self.norm, nn.Identity) else None
+        model_type = getattr(getattr(foundation.model, "config", None), "model_type", None)
+        self.norm_only_top = model_type in NORM_ONLY_TOPS
+
+    def top(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The decoder's last hidden state for `hidden` (B, T, d) entering block `start`: the blocks from
+        there to the last, then the final norm."""
+        stop = self.foundation.num_blocks
+        if start >= stop and self.norm_only_top and not self.decoder.training:
+            return self.norm(hidden)
+        with self.blocks(start, stop, final_norm=True) as decoder:
+            return decoder(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
 
     @contextmanager
     def blocks(self, start: int, stop: int, final_norm: bool) -> Iterator[nn.Module]:

@@ -9,12 +9,14 @@ that prefix once per batch (no grad; a row repeated in the batch only once) and 
 output (the prefix cache); each step then runs only the memory, the blocks above it, the final
 norm and a chunked linear+CE, on the rows of every key set concatenated into one batch. The
 decoder's own forward runs both parts (its block list swapped for a slice), so attention masks
-and rotary positions stay the library's.
+and rotary positions stay the library's. Where the scored tokens are is found once per batch
+too (ScoredTokens): finding them from the labels makes the host wait for the GPU.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -40,7 +42,7 @@ class LossEngine(Protocol):
         """One loss per key set: a scalar token mean, or with per_document one per chunk (G,)."""
         ...
 
-    def forget(self) -> None:
+    def clear_cache(self) -> None:
         """Drop whatever the engine caches between steps."""
         ...
 
@@ -51,22 +53,40 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def _reduce(per_token: torch.Tensor, row_of_token: torch.Tensor, doc_ids: torch.Tensor, num_sets: int,
-            per_document: bool) -> list[torch.Tensor]:
-    """Per-token losses of num_sets stacked copies of a batch -> per key set, the token mean over
-    the batch (a scalar) or, with per_document, over each run of rows with the same id ((G,) in
-    row order; the ids are the batch's chunks where it has them, else its documents)."""
+@dataclass
+class Buckets:
+    """Which mean each scored token's loss goes into: (key set, group) for num_sets stacked copies of a
+    batch, the groups being each run of rows with the same id (the batch's chunks where it has them,
+    else its documents), or the whole batch."""
+    index: torch.Tensor  # (N,) bucket of every scored token
+    counts: torch.Tensor  # (num_sets * groups,) scored tokens per bucket
+    num_sets: int
+    groups: int
+    per_document: bool
+
+    def means(self, per_token: torch.Tensor) -> list[torch.Tensor]:
+        """Per key set: the token mean over the batch (a scalar) or, per_document, over each group ((G,))."""
+        sums = torch.zeros(self.num_sets * self.groups, device=per_token.device).index_add(0, self.index, per_token)
+        means = (sums / self.counts).view(self.num_sets, self.groups)
+        return [m if self.per_document else m[0] for m in means]
+
+
+def _buckets(row_of_token: torch.Tensor, doc_ids: torch.Tensor, num_sets: int, per_document: bool) -> Buckets:
     rows = doc_ids.shape[0]
-    device = per_token.device
+    device = row_of_token.device
     _, group_of_row = torch.unique_consecutive(doc_ids.cpu(), return_inverse=True)
     groups = int(group_of_row.max()) + 1 if per_document else 1
     group_of_row = group_of_row.to(device) if per_document else torch.zeros(rows, dtype=torch.long, device=device)
     set_of_token = torch.div(row_of_token, rows, rounding_mode="floor")
-    bucket = set_of_token * groups + group_of_row[row_of_token % rows]
-    sums = torch.zeros(num_sets * groups, device=device).index_add(0, bucket, per_token)
-    counts = torch.zeros(num_sets * groups, device=device).index_add(0, bucket, torch.ones_like(per_token))
-    means = (sums / counts).view(num_sets, groups)
-    return [m if per_document else m[0] for m in means]
+    index = set_of_token * groups + group_of_row[row_of_token % rows]
+    counts = torch.zeros(num_sets * groups, device=device).index_add(0, index, torch.ones(index.shape, device=device))
+    return Buckets(index, counts, num_sets, groups, per_document)
+
+
+def _reduce(per_token: torch.Tensor, row_of_token: torch.Tensor, doc_ids: torch.Tensor, num_sets: int,
+            per_document: bool) -> list[torch.Tensor]:
+    """Per-token losses of num_sets stacked copies of a batch -> per key set, Buckets.means."""
+    return _buckets(row_of_token.to(per_token.device), doc_ids, num_sets, per_document).means(per_token)
 
 
 def _targets(labels: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -75,6 +95,27 @@ def _targets(labels: torch.Tensor, num_sets: int) -> tuple[torch.Tensor, torch.T
     valid = targets != -100
     row_of_token = torch.arange(targets.shape[0], device=labels.device).unsqueeze(1).expand_as(targets)[valid]
     return targets, valid, row_of_token
+
+
+@dataclass
+class ScoredTokens:
+    """Everything of a batch's loss that is not the hidden states, for num_sets stacked copies of it:
+    found once per batch, since finding the scored tokens (labels != -100) waits for the GPU."""
+    batch: Batch  # what it was computed for (the cache holds it, so its id is never reused)
+    mask: torch.Tensor  # (num_sets x B, T) attention mask, on the block device
+    rows: torch.Tensor  # (N,) the scored tokens' rows and columns in the (num_sets x B, T) stack,
+    cols: torch.Tensor  # on the block device
+    targets: torch.Tensor  # (N,) on the head's device
+    buckets: Buckets  # on the head's device
+
+
+def scored_tokens(batch: Batch, num_sets: int, per_document: bool, device: torch.device,
+                  head_device: torch.device) -> ScoredTokens:
+    targets = batch.labels.to(device)[:, 1:].repeat(num_sets, 1)
+    rows, cols = (targets != -100).nonzero(as_tuple=True)  # row after row, as a boolean mask orders them
+    buckets = _buckets(rows.to(head_device), batch.group_ids, num_sets, per_document)
+    return ScoredTokens(batch, batch.attention_mask.to(device).repeat(num_sets, 1), rows, cols,
+                        targets[rows, cols].to(head_device), buckets)
 
 
 class ReferenceEngine:
@@ -101,7 +142,7 @@ class ReferenceEngine:
         targets, valid, row_of_token = _targets(batch.labels.to(device), len(key_sets))
         return _reduce(torch.cat(per_token), row_of_token, batch.group_ids, len(key_sets), per_document)
 
-    def forget(self) -> None:
+    def clear_cache(self) -> None:
         pass
 
 
@@ -124,6 +165,7 @@ class FastEngine:
         self.cache_budget_bytes = cache_budget_bytes
         self.cache: dict[int, torch.Tensor] = {}
         self.cached_bytes = 0
+        self.scored: dict[tuple[int, int, bool], ScoredTokens] = {}  # per (batch index, key sets, per_document)
         self.block_device = block_device(foundation, layer)
 
     @torch.no_grad()
@@ -154,15 +196,23 @@ class FastEngine:
             self.cached_bytes += size
         # else: it fits nowhere; recompute the prefix next time
 
-    def forget(self) -> None:
+    def clear_cache(self) -> None:
         self.cache.clear()
         self.cached_bytes = 0
+        self.scored.clear()
+
+    def _scored(self, batch: Batch, num_sets: int, per_document: bool, device: torch.device) -> ScoredTokens:
+        key = (batch.index, num_sets, per_document)
+        found = self.scored.get(key)
+        if found is None or found.batch is not batch or found.mask.device != device:
+            found = self.scored[key] = scored_tokens(batch, num_sets, per_document, device, self.head.weight.device)
+        return found
 
     def losses(self, batch: Batch, key_sets: Sequence[KeySet], per_document: bool = False) -> list[torch.Tensor]:
         hidden = self.prefix(batch)
         device = hidden.device
-        mask = batch.attention_mask.to(device)
         n = len(key_sets)
+        scored = self._scored(batch, n, per_document, device)
         with _autocast(device, self.dtype):
             if all(isinstance(keys, torch.Tensor) for keys in key_sets):
                 # one memory call for every key set (one forward for DistributedDataParallel)
@@ -171,13 +221,8 @@ class FastEngine:
                 mixed = torch.cat([hidden if isinstance(keys, str) and keys == NO_MEMORY
                                    else self.memory(hidden, keys if isinstance(keys, torch.Tensor) else None)
                                    for keys in key_sets])
-            with self.slices.blocks(self.layer + 1, self.foundation.num_blocks, final_norm=True) as decoder:
-                final = decoder(inputs_embeds=mixed, attention_mask=mask.repeat(n, 1), use_cache=False).last_hidden_state
-        head_device = self.head.weight.device
-        targets, valid, row_of_token = _targets(batch.labels.to(device), n)
-        per_token = linear_cross_entropy(final[:, :-1][valid].to(head_device), self.head_weight,
-                                         targets[valid].to(head_device), bias=self.head_bias,
-                                         chunk_size=self.chunk_size, workspace=self.head_workspace)
-        return _reduce(per_token, row_of_token.to(head_device), batch.group_ids, n, per_document)
-
-
+            final = self.slices.top(self.layer + 1, mixed, scored.mask)
+        per_token = linear_cross_entropy(final[scored.rows, scored.cols].to(self.head.weight.device), self.head_weight,
+                                         scored.targets, bias=self.head_bias, chunk_size=self.chunk_size,
+                                         workspace=self.head_workspace)
+        return scored.buckets.means(per_token)

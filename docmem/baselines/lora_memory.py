@@ -213,7 +213,7 @@ class LoraEngine:
 
     def losses(self, batch: Batch, key_sets: Sequence[KeySet], per_document: bool = False) -> list[torch.Tensor]:
         if self.one_batch and batch is not self._last:
-            self.inner.forget()
+            self.inner.clear_cache()
             self._last = batch
         out: list[torch.Tensor] = []
         for name in key_sets:
@@ -227,8 +227,8 @@ class LoraEngine:
             out += self.inner.losses(batch, [None], per_document)
         return out
 
-    def forget(self) -> None:
-        self.inner.forget()
+    def clear_cache(self) -> None:
+        self.inner.clear_cache()
 
 
 # ---- memory/ on disk: lora_config.json + adapters/<name>.safetensors -------------------------------

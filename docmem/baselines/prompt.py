@@ -80,5 +80,5 @@ class PromptEngine:
         return (torch.zeros(groups).index_add(0, group, sums) / torch.zeros(groups).index_add(0, group, counts)
                 .clamp(min=1))
 
-    def forget(self) -> None:
+    def clear_cache(self) -> None:
         pass
