@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from docmem import optimizer_step as optimizer_steps
 from docmem.batching import Batch
 from docmem.cli import run_command
 from docmem.config import TrainConfig, parse_args
@@ -108,21 +109,14 @@ def optimizer_step(state: RunState, where: str, pending: Sequence[tuple[str, Ste
     """Clip, check, step, zero. `pending`: the step's batches (where, loss parts). Their parts and the
     gradient norm are read on the host together, once; a non-finite one is refused before the
     weights take it. Returns each batch's parts as floats."""
-    params = state.memory.trainable_parameters()
-    if state.config.grad_clip_coeff > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, state.config.grad_clip_coeff)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
-    *values, norm_value = read_on_host([getattr(p, k) for _, p in pending for k in LOSS_PARTS] + [norm])
-    parts = [dict(zip(LOSS_PARTS, values[j * len(LOSS_PARTS):])) for j in range(len(pending))]
-    for (at, _), batch_parts in zip(pending, parts):
-        refuse_non_finite_loss(batch_parts, at)
-    if not math.isfinite(norm_value):
-        raise NonFiniteLoss(f"non-finite gradient norm ({norm_value}) {where}")
-    state.optimizer.step()
-    state.scheduler.step()
-    state.optimizer.zero_grad(set_to_none=True)
-    return parts
+    def check(values: list[float | None]) -> None:
+        for (at, _), j in zip(pending, range(len(pending))):
+            refuse_non_finite_loss(dict(zip(LOSS_PARTS, values[j * len(LOSS_PARTS):])), at)
+
+    values = optimizer_steps.step(state.optimizer, state.scheduler, [("", state.memory.trainable_parameters())],
+                                  state.config.grad_clip_coeff, where,
+                                  [getattr(p, k) for _, p in pending for k in LOSS_PARTS], check)
+    return [dict(zip(LOSS_PARTS, values[j * len(LOSS_PARTS):])) for j in range(len(pending))]
 
 
 # ---- the epoch loop ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_evaluate
+from benchmarks import bench_evaluate, bench_quickstart, results
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("released_s_per_step", "frozen_two_pass_s_per_step", "fast_s_per_step", "fast_first_step_s",
@@ -54,3 +54,16 @@ def test_bench_evaluate_repeats_report_each_ratio_and_their_median(monkeypatch, 
         with pytest.raises(SystemExit) as exit_info:
             bench_evaluate.main(argv)
         assert exit_info.value.code == 2 and "--repeats" in capsys.readouterr().err
+
+
+def test_the_quickstart_benchmark_runs_the_readmes_commands_on_its_own_demo(tmp_path):
+    """bench_quickstart times exactly the README's quick-start commands, on a demo it trains itself."""
+    readme = (ROOT / "README.md").read_text()
+    assert all(command in readme for command, _ in bench_quickstart.COMMANDS)
+    assert [c for c, _ in bench_quickstart.COMMANDS] + [bench_quickstart.TESTS[0]] == list(results.QUICKSTART)
+    demo = bench_quickstart.as_run("bash run.sh demo", tmp_path / "demo", tmp_path / "out")
+    assert demo == ["bash", "run.sh", "demo", "--save_dir", str(tmp_path / "demo")]
+    forget = bench_quickstart.as_run("python forget.py --run_dir outputs/demo/run_0 --doc 0 --method unlearn",
+                                     tmp_path / "demo", tmp_path / "out")
+    assert forget[1:] == ["forget.py", "--run_dir", str(tmp_path / "demo" / "run_0"), "--doc", "0", "--method",
+                          "unlearn", "--out", str(tmp_path / "out")]

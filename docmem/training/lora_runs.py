@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from docmem import optimizer_step as optimizer_steps
 from docmem import run_folder
 from docmem.baselines.lora_memory import LoraAdapters, LoraEngine, adapter_seeds, attach_lora, plan_lora, save_adapters
 from docmem.batching import Batch, make_batches
@@ -124,17 +125,8 @@ def start_lora_run(config: TrainConfig, lock: run_folder.RunLock) -> LoraRun:
 
 def optimizer_step(run: LoraRun, where: str) -> None:
     """Clip each adapter's gradient on its own, then step (a non-finite gradient is refused)."""
-    for name in run.adapters.plan.adapters:
-        params = [p for p in run.adapters.parameters(name) if p.grad is not None]
-        if not params:
-            continue
-        norm = (torch.nn.utils.clip_grad_norm_(params, run.config.grad_clip_coeff) if run.config.grad_clip_coeff > 0
-                else torch.nn.utils.get_total_norm([p.grad for p in params]))
-        if not torch.isfinite(norm):
-            raise NonFiniteLoss(f"non-finite gradient norm of adapter {name} {where}")
-    run.optimizer.step()
-    run.scheduler.step()
-    run.optimizer.zero_grad(set_to_none=True)
+    groups = [(name, list(run.adapters.parameters(name))) for name in run.adapters.plan.adapters]
+    optimizer_steps.step(run.optimizer, run.scheduler, groups, run.config.grad_clip_coeff, where)
 
 
 def train_epoch(run: LoraRun, epoch: int, step: int) -> tuple[float, int]:

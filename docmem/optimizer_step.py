@@ -1,0 +1,47 @@
+"""One optimizer step, the same for the memory and the LoRA baselines: clip each group of
+parameters on its own, read the step's numbers and the gradient norms on the host in one copy,
+refuse what is not finite before the weights take it, then step, schedule and zero."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import nn
+
+from docmem.errors import NonFiniteLoss
+from docmem.step_values import read_on_host
+
+ParameterGroup = tuple[str, Sequence[nn.Parameter]]  # (name in messages, "" for the memory; its parameters)
+
+
+def group_norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor | None:
+    """The group's gradient norm, clipped to `clip` (0: measured only); None when nothing has a gradient."""
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return None
+    if clip > 0:
+        return torch.nn.utils.clip_grad_norm_(grads, clip)
+    return torch.nn.utils.get_total_norm([p.grad for p in grads])
+
+
+def step(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+         groups: Sequence[ParameterGroup], clip: float, where: str,
+         values: Sequence[torch.Tensor | float | None] = (),
+         check: Callable[[list[float | None]], None] | None = None) -> list[float | None]:
+    """Clip, read once, check, step, zero. `values` (a step's loss parts) are read with the norms and
+    handed to `check` first, so a non-finite loss is named before the norm it makes; returns them as
+    floats."""
+    norms = [(name, norm) for name, params in groups if (norm := group_norm(params, clip)) is not None]
+    read = read_on_host([*values, *(norm for _, norm in norms)])
+    read_values, read_norms = read[:len(values)], read[len(values):]
+    if check is not None:
+        check(read_values)
+    for (name, _), value in zip(norms, read_norms):
+        if not math.isfinite(value):
+            of = f" of adapter {name}" if name else ""
+            raise NonFiniteLoss(f"non-finite gradient norm{of} ({value}) {where}")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return read_values
