@@ -1,11 +1,13 @@
 """Several documents per step, and data parallelism with torchrun (gloo on CPU)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from conftest import ROOT
@@ -151,3 +153,27 @@ def test_the_imitated_nccl_refuses_a_host_tensor():
         on_gpu = torch.ones(2, device="cuda:0") * 3
         assert on_imitated_gpu(on_gpu) and not on_imitated_gpu(on_gpu.cpu())
     assert dist.all_reduce is original  # restored on exit
+
+
+def test_a_thousand_documents_on_two_processes_equal_one(tiny_lm_dir, tmp_path):
+    """1,000 documents, 16 a step: two gloo processes of 8 each train the memory one process of 16
+    trains, and report the same CE before and after (its other keys drawn per document, whatever
+    process scores the document)."""
+    common = ["--lm_path", str(tiny_lm_dir), "--dataset", "synthetic", "--synthetic_articles", "1000",
+              "--max_labels", "1000", "--max_segments", "1", "--segment_length", "16", "--max_length", "32",
+              "--hook_memory_layer", "2", "--hook_memory_dim", "64", "--key_dim", "8", "--num_epochs", "2",
+              "--save_freq", "2", "--num_gpus", "0", "--lr", "1e-2", "--batch_size", "16"]
+    single, ddp = tmp_path / "single", tmp_path / "ddp"
+    _run([sys.executable, str(ROOT / "train_guidance.py"), *common, "--docs_per_step", "16", "--save_dir", str(single)])
+    _run([*TORCHRUN, "--nproc_per_node", "2", str(ROOT / "train_guidance.py"), *common, "--docs_per_step", "8",
+          "--save_dir", str(ddp)])
+    a = load_tensors(single / "run_0" / "memory" / "memory.safetensors")
+    b = load_tensors(ddp / "run_0" / "memory" / "memory.safetensors")
+    for name in a:  # 126 steps of fp32 gradients summed in another order: equal to 1e-4
+        rel = ((a[name] - b[name]).norm() / a[name].norm().clamp(min=1e-12)).item()
+        assert rel <= 1e-4, (name, rel)
+    one, two = (json.loads((d / "run_0" / "summary.json").read_text()) for d in (single, ddp))
+    assert one["num_documents"] == two["num_documents"] == 1000 and one["steps"] == two["steps"] == 2 * 63
+    for key in ("initial_ce_positive", "initial_ce_negative", "final_ce_positive", "final_ce_negative"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["final_ce_positive"] < one["initial_ce_positive"]  # it trained
