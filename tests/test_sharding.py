@@ -54,6 +54,25 @@ def test_sharded_memory_routes_each_key_to_its_shard_and_drops_an_emptied_shard(
     assert one.doc_row == [0, 0] and torch.equal(one.doc_keys, keys[1:])
 
 
+@pytest.mark.parametrize("num_keys", [0, 2, 4])
+def test_a_key_count_that_does_not_divide_the_batch_is_refused_by_both_memories(num_keys):
+    a, b = _memory(2, 0), _memory(1, 1)
+    sharded = ShardedMemory([a, b], [0, 1], doc_shard=[0, 0, 1], doc_row=[0, 1, 0]).eval()
+    x = torch.randn(3, 4, 8)
+    keys = sharded.doc_keys[[0, 1, 2, 0][:num_keys]]
+    for memory in (a, sharded):
+        with pytest.raises(ValueError, match=f"{num_keys} keys for a batch of 3 rows"):
+            memory(x, keys)
+
+
+def test_one_key_per_prompt_serves_each_of_its_sequences():
+    a = _memory(2, 0)
+    x = torch.randn(4, 3, 8)
+    expanded = a(x, a.doc_keys)  # two keys for four rows: rows 0, 1 read key 0; rows 2, 3 key 1
+    assert torch.allclose(expanded, a(x, a.doc_keys[[0, 0, 1, 1]]), atol=1e-6)
+    assert torch.allclose(a(x, a.doc_keys[1]), a(x, a.doc_keys[[1, 1, 1, 1]]), atol=1e-6)
+
+
 def test_a_subset_run_keeps_every_documents_key_and_weights(tiny_lm_dir, tmp_path, monkeypatch):  # noqa: F811
     full = parse_args(tiny_argv(tiny_lm_dir, tmp_path, "--max_labels", "4"))
     without = parse_args(tiny_argv(tiny_lm_dir, tmp_path, "--max_labels", "4", "--exclude_docs", "1"))
