@@ -147,10 +147,6 @@ class ShardedMemory(nn.Module):
         return directory
 
 
-def is_sharded(memory: nn.Module) -> bool:
-    return isinstance(memory, ShardedMemory)
-
-
 def load_any_memory(directory: str | Path, device: str | torch.device = "cpu", expect_hidden_size: int | None = None,
                     expect_num_docs: int | None = None) -> DocumentMemory | ShardedMemory:
     """load_memory for a plain memory/ folder, or the ShardedMemory of a sharded one."""
