@@ -202,31 +202,29 @@ class TrainConfig:
 
         Reads nothing bigger than a model folder's config.json, and writes nothing."""
         self._check_types()
+        self._check_choices()
+        self._check_ranges()
+        self._check_lora()
+        self._check_sharding()
+        self._check_processes()
+        self._check_data()
+        self._check_model()
+        _check_writable("save_dir", self.save_dir)
+        if self.resume is not None:
+            _check_run_dir(self.resume)
+        return self
 
-        def choice(flag: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, flag) not in allowed:
-                raise ConfigError(flag, getattr(self, flag), "allowed: " + ", ".join(allowed))
-
-        def at_least(flag: str, low: float, strict: bool = False) -> None:
-            value = getattr(self, flag)
-            finite = isinstance(value, int) or math.isfinite(value)  # (a huge int overflows isfinite)
-            if not finite or (value <= low if strict else value < low):
-                raise ConfigError(flag, value, f"must be a finite number {'>' if strict else '>='} {low}")
-
+    def _check_choices(self) -> None:
+        """The flags that name one of a fixed set: model, data, memory, guidance, schedule, outputs."""
         if self.lm_path is None:
-            choice("lm_name", tuple(MODEL_SIZES))
-            choice("lm_size", MODEL_SIZES[self.lm_name])
-        choice("dataset", DATASETS)
-        choice("precision", PRECISIONS)
-        choice("document_memory", DOCUMENT_MEMORIES)
-        choice("memory_module", MEMORY_MODULES)
-        choice("memory_init", MEMORY_INITS)
-        choice("document_key_module_type", MODULE_TYPES)
-        choice("negative_key_type", NEGATIVE_KEY_TYPES)
-        choice("guidance_loss", GUIDANCE_LOSSES)
-        choice("lr_scheduler", LR_SCHEDULERS)
-        choice("report_to", REPORT_TO)
-        choice("summary_process", SUMMARY_PROCESSES)
+            _choice(self, "lm_name", tuple(MODEL_SIZES))
+            _choice(self, "lm_size", MODEL_SIZES[self.lm_name])
+        for flag, allowed in (("dataset", DATASETS), ("precision", PRECISIONS), ("document_memory", DOCUMENT_MEMORIES),
+                              ("memory_module", MEMORY_MODULES), ("memory_init", MEMORY_INITS),
+                              ("document_key_module_type", MODULE_TYPES), ("negative_key_type", NEGATIVE_KEY_TYPES),
+                              ("guidance_loss", GUIDANCE_LOSSES), ("lr_scheduler", LR_SCHEDULERS),
+                              ("report_to", REPORT_TO), ("summary_process", SUMMARY_PROCESSES)):
+            _choice(self, flag, allowed)
         if self.report_to == "tensorboard":
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("report_to", self.report_to, "the tensorboard package is not installed "
@@ -235,21 +233,27 @@ class TrainConfig:
         if self.key_activation not in key_acts:
             raise ConfigError("key_activation", self.key_activation, "allowed: " + ", ".join(sorted(set(key_acts))))
         for flag in ("lm_act", "key_internal_activation"):
-            choice(flag, activation_names())
+            _choice(self, flag, activation_names())
+
+    def _check_ranges(self) -> None:
+        """The numbers: counts, sizes, rates and weights within their bounds."""
         for flag in ("max_labels", "max_segments", "segment_length", "max_length", "key_dim", "hook_memory_dim",
                      "key_internal_dim", "batch_size", "num_accumulation_steps", "num_epochs", "save_freq",
                      "top_k_tokens", "synthetic_articles", "docs_per_step"):
-            at_least(flag, 1)
-        at_least("key_internal_layers", 1)
+            _at_least(self, flag, 1)
+        _at_least(self, "key_internal_layers", 1)
         for flag in ("num_gpus", "num_warmup_steps", "hook_memory_layer", "seed"):
-            at_least(flag, 0)
+            _at_least(self, flag, 0)
         if self.seed >= 2**32:  # the documents are drawn with NumPy's generator, as released
             raise ConfigError("seed", self.seed, "must be < 2**32 (NumPy's seed range)")
-        at_least("lr", 0, strict=True)
+        _at_least(self, "lr", 0, strict=True)
         for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb", "l0_threshold"):
-            at_least(flag, 0)
-        if self.memory_shards < 1 or self.memory_shards > self.max_labels:
-            raise ConfigError("memory_shards", self.memory_shards, f"must lie in 1..--max_labels ({self.max_labels})")
+            _at_least(self, flag, 0)
+        if self.docs_per_step > self.max_labels:
+            raise ConfigError("docs_per_step", self.docs_per_step, f"at most --max_labels ({self.max_labels})")
+
+    def _check_lora(self) -> None:
+        """The LoRA baselines: their rank, and what they cannot do (resume, torchrun, the reference loop)."""
         if self.lora_rank < 0:
             raise ConfigError("lora_rank", self.lora_rank, "must be >= 1 (or 0: auto, matched to the keyed memory)")
         if self.uses_lora:
@@ -260,6 +264,11 @@ class TrainConfig:
                                                                            "(not under torchrun)")
             if self.reference_loop:
                 raise ConfigError("reference_loop", True, "not used by LoRA baselines (they run the fast path)")
+
+    def _check_sharding(self) -> None:
+        """--memory_shards, the shard a sub-run trains, and --exclude_docs."""
+        if self.memory_shards < 1 or self.memory_shards > self.max_labels:
+            raise ConfigError("memory_shards", self.memory_shards, f"must lie in 1..--max_labels ({self.max_labels})")
         if self.memory_shards > 1 and not self.uses_keys:
             raise ConfigError("memory_shards", self.memory_shards, "a shared memory (no keys) cannot be sharded: "
                                                                    "use --document_memory keyed")
@@ -267,8 +276,9 @@ class TrainConfig:
             raise ConfigError("shard_index", self.shard_index, f"allowed: -1..{self.memory_shards - 1}")
         if len(self.excluded_positions()) >= self.max_labels:
             raise ConfigError("exclude_docs", self.exclude_docs, "leaves no document to train on")
-        if self.docs_per_step > self.max_labels:
-            raise ConfigError("docs_per_step", self.docs_per_step, f"at most --max_labels ({self.max_labels})")
+
+    def _check_processes(self) -> None:
+        """What torchrun allows, and the device."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
             if self.reference_loop:
                 raise ConfigError("reference_loop", True, "not available under torchrun (it runs the memory twice "
@@ -281,6 +291,9 @@ class TrainConfig:
             if not torch.cuda.is_available():
                 raise ConfigError("device", self.device, "CUDA is not available here: use --device auto or cpu, "
                                                          "or --num_gpus 0")
+
+    def _check_data(self) -> None:
+        """The split, enough documents for the negatives, and where the articles come from."""
         if not self.data_split.strip():
             raise ConfigError("data_split", self.data_split, "must name a split, e.g. train")
         if self.negative_key_type == "other" and self.guidance_active and self.max_labels < 2:
@@ -294,6 +307,9 @@ class TrainConfig:
                                   f"at most --synthetic_articles ({self.synthetic_articles})")
         if self.data_path is not None and not Path(self.data_path).expanduser().exists():
             raise ConfigError("data_path", self.data_path, "no such file or folder")
+
+    def _check_model(self) -> None:
+        """--hook_memory_layer within the model's blocks (a named model's, or --lm_path's)."""
         if self.lm_path is None:
             blocks = NUM_LAYERS[self.lm_name][self.lm_size]
             if self.hook_memory_layer >= blocks:
@@ -301,10 +317,6 @@ class TrainConfig:
                                   f"{self.lm_name}-{self.lm_size} has blocks 0..{blocks - 1}")
         else:
             self._check_lm_path()
-        _check_writable("save_dir", self.save_dir)
-        if self.resume is not None:
-            _check_run_dir(self.resume)
-        return self
 
     def _check_types(self) -> None:
         """Every field has its declared type (flags are typed by argparse; a config.yaml may not be)."""
@@ -351,6 +363,18 @@ class TrainConfig:
                                   f"the model in {self.lm_path} has blocks 0..{blocks - 1}")
         elif path.exists() or self.lm_path.startswith(("/", ".", "~")) or self.lm_path.count("/") > 1:
             raise ConfigError("lm_path", self.lm_path, "no such folder or .gguf file (nor a Hub id like owner/name)")
+
+
+def _choice(config: TrainConfig, flag: str, allowed: tuple[str, ...]) -> None:
+    if getattr(config, flag) not in allowed:
+        raise ConfigError(flag, getattr(config, flag), "allowed: " + ", ".join(allowed))
+
+
+def _at_least(config: TrainConfig, flag: str, low: float, strict: bool = False) -> None:
+    value = getattr(config, flag)
+    finite = isinstance(value, int) or math.isfinite(value)  # (a huge int overflows isfinite)
+    if not finite or (value <= low if strict else value < low):
+        raise ConfigError(flag, value, f"must be a finite number {'>' if strict else '>='} {low}")
 
 
 def _num_blocks(model_config: object) -> int | None:
