@@ -1,7 +1,7 @@
 """Every setting of a training run: one typed, self-validating dataclass, and its command line.
 
 `parse_args(argv)` builds the config from flags (every field is a flag with its default and a
-one-line meaning); `TrainConfig.validate()` checks it before any model or data loads and
+one-line meaning, except the few the program sets itself, such as shard_index); `TrainConfig.validate()` checks it before any model or data loads and
 raises `ConfigError` naming the flag, the value and what is allowed. With `--resume RUN_DIR`
 the run's own saved config.yaml is used, and a flag given on the command line that differs
 from it is an error (only the flags in RESUME_MAY_CHANGE may change).
@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,16 @@ def _none_if_none(value: str | None) -> str | None:
 
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
+
+
+def _not_a_flag(text: str, **kw: Any) -> Any:
+    """A field the program sets itself: in config.yaml, not on the command line nor in the flag table."""
+    return field(metadata={"help": text, "flag": False}, **kw)
+
+
+def flag_fields() -> list[Field]:
+    """The TrainConfig fields that are command-line flags, in order."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("flag", True)]
 
 
 @dataclass
@@ -111,7 +121,8 @@ class TrainConfig:
                                "its own memory, keys, optimizer and random stream; 1 = one memory", default=1)
     exclude_docs: str | None = _help("comma-separated draw positions (0-based) of documents to leave out; every other "
                                      "document keeps its shard and key (a run 'never trained on' them)", default=None)
-    shard_index: int = _help("internal: train only this shard of a sharded run (-1 = the whole run)", default=-1)
+    shard_index: int = _not_a_flag("the shard a sharded run's sub-run trains (docmem/training/shard_runs.py sets it); "
+                                   "-1 = the whole run", default=-1)
     # --- guidance ---
     negative_key_type: str = _help("negative key: other (another document's), random (normal), zero, perturb (own key + noise)", default="other")
     delta: float = _help("noise scale of --negative_key_type perturb, times max(k_i)", default=0.1)
@@ -460,7 +471,7 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    for f in fields(TrainConfig):
+    for f in flag_fields():
         flags = [f"--{f.name}"]
         if f.name == "max_segments":
             flags.append("--max_segements")  # the released (misspelt) flag
@@ -495,7 +506,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def flags_markdown() -> str:
     """The README's table of flags, made from the config itself (a test keeps them in step)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for f in fields(TrainConfig):
+    for f in flag_fields():
         name = f"`--{f.name}`" + (" (`--max_segements`)" if f.name == "max_segments" else "")
         meaning = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| {name} | `{f.default}` | {meaning} |")
