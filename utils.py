@@ -97,7 +97,7 @@ def logit_lens(readouts: torch.Tensor, norm: nn.Module, head: nn.Module, tokeniz
     hidden = hidden.to(weight.dtype)  # a norm may answer in fp32 (CUDA autocast's rule)
     if type(head) is nn.Linear and head.bias is None:
         # (V, d) @ (d, n) reads the vocabulary matrix once in its own row order: for a handful of rows
-        # ~1.4x faster on a CPU than hidden @ W.T (the same logits up to float rounding)
+        # faster on a CPU than hidden @ W.T (the same logits up to float rounding)
         logits = (weight @ hidden.T).T.float()
     else:
         logits = head(hidden).float()

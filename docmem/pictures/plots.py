@@ -33,7 +33,7 @@ DPI = 100
 TOKEN_FONT = "DejaVu Sans Mono"  # ships with matplotlib; monospace lines tokens up
 LOSS_SERIES = ("loss", "ce_positive", "ce_negative")
 GIF_BACKGROUND = (255, 255, 255)
-PNG_COMPRESS_LEVEL = 3  # zlib: files 3-7% larger than at the default 6, written ~30% faster
+PNG_COMPRESS_LEVEL = 3  # zlib: below the default 6, trading slightly larger files for faster writing
 
 # -----------------------------------------------------------------------------
 # small helpers
@@ -525,11 +525,9 @@ def make_gif(frames: list[Path], path: Path, duration_ms: int = 300) -> Path:
     """A looping GIF of PNG frames, all brought to the first frame's pixel size, each frame
     reduced to its own 256 colours by Pillow's fast octree quantizer.
 
-    The octree is ~8x faster than the median cut Pillow applies to RGB frames by default (which
-    was most of the GIFs' cost: ~0.1 s a logit-lens frame) and as faithful to the eye: on the
-    summary pictures every pixel within 14-42 of 255 of the PNG (median cut: 32-58), on average
-    within 1.3-2.9 (median cut: 0.02-0.5; the octree turns white into 254). The GIFs come out
-    smaller, too.
+    The octree is much faster than the median cut Pillow applies to RGB frames by default, and the
+    frames stay the same picture to the eye (tests/test_plots.py bounds each pixel's error; the octree
+    may turn white into 254). The GIFs come out smaller, too.
 
     Pillow merges consecutive identical frames into one longer frame, so a GIF of
     unchanged pictures has fewer frames than paths (the total duration is kept).
