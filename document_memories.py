@@ -133,6 +133,19 @@ def _orthogonal_(layer: nn.Linear) -> nn.Linear:
     return layer
 
 
+def one_per_row(keys: torch.Tensor, rows: int) -> torch.Tensor:
+    """Keys (or their selections) for a batch of `rows` rows: one (k,) for every row, or (n, k) with n
+    dividing rows, each repeated for rows // n consecutive rows (generate() may expand the batch:
+    several sequences per prompt). Any other count is a ValueError."""
+    if keys.dim() == 1:
+        keys = keys.unsqueeze(0)
+    if keys.shape[0] == rows:
+        return keys
+    if keys.shape[0] == 0 or rows % keys.shape[0]:
+        raise ValueError(f"{keys.shape[0]} keys for a batch of {rows} rows")
+    return keys.repeat_interleave(rows // keys.shape[0], dim=0)
+
+
 class DocumentMemory(nn.Module):
     def __init__(self, config: MemoryConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
@@ -199,14 +212,7 @@ class DocumentMemory(nn.Module):
         h = x.to(self.up.weight.dtype)
         a = self.act(self.up(h))
         if keys is not None and self.config.use_keys:
-            s = self.selection(keys.to(h.device))
-            if s.dim() == 1:
-                s = s.unsqueeze(0)
-            if s.shape[0] != a.shape[0]:
-                if s.shape[0] == 0 or a.shape[0] % s.shape[0]:
-                    raise ValueError(f"{s.shape[0]} keys for a batch of {a.shape[0]} rows")
-                # generate() may expand the batch (several sequences per prompt).
-                s = s.repeat_interleave(a.shape[0] // s.shape[0], dim=0)
+            s = one_per_row(self.selection(keys.to(h.device)), a.shape[0])
             a = a * s.unsqueeze(1).to(a.dtype)
         y = h + self.act(self.out(self.down(a)))
         return y.to(dtype)

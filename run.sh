@@ -31,6 +31,21 @@ wait_jobs() {
   return "$worst"
 }
 
+# sweep LIMIT JOB NAME...: `JOB NAME` for each NAME in the background (JOB: a function of the preset), its
+# output in $root/NAME.log, at most LIMIT at once; $root/NAME joins the array `runs`. Returns wait_jobs's
+# status once all have ended.
+sweep() {
+  local limit="$1" job="$2" name pids=()
+  shift 2
+  for name in "$@"; do
+    echo "=== $preset $name: log in $root/$name.log" >&2
+    "$job" "$name" >"$root/$name.log" 2>&1 &
+    pids+=("$!:$root/$name.log"); runs+=("$root/$name")
+    while (( $(jobs -rp | wc -l) >= limit )); do sleep 0.5; done
+  done
+  wait_jobs "${pids[@]}"
+}
+
 case "$preset" in
   paper)
     # --- LLM Related ---
@@ -114,15 +129,12 @@ case "$preset" in
             --hook_memory_layer 27 --lm_act gelu --negative_key_type other --target_negative_ce 4.5 --guidance 0.1
             --batch_size 16 --lr 1e-3 --num_accumulation_steps 1 --grad_clip_coeff 5 --num_epochs 500 --save_freq 10
             --seed 1)
-    pids=()
-    for kind in keyed shared; do
-      echo "=== smollm2 $kind memory: log in $root/$kind.log" >&2
-      "$PYTHON" train_guidance.py "${common[@]}" --document_memory "$kind" --save_dir "$root/$kind" "$@" \
-        >"$root/$kind.log" 2>&1 &
-      pids+=("$!:$root/$kind.log")
-      while (( $(jobs -rp | wc -l) >= ${SMOLLM2_JOBS:-1} )); do sleep 0.5; done
-    done
-    wait_jobs "${pids[@]}" || exit $?
+    extra=("$@")
+    smollm2_job() {  # the training of one kind of memory
+      "$PYTHON" train_guidance.py "${common[@]}" --document_memory "$1" --save_dir "$root/$1" "${extra[@]}"
+    }
+    runs=()
+    sweep "${SMOLLM2_JOBS:-1}" smollm2_job keyed shared || exit $?
     # shellcheck disable=SC2086
     exec "$PYTHON" evaluate_memory.py --compare "$root/keyed" "$root/shared" --out "$root/report" ${EVAL_ARGS:-}
     ;;
@@ -202,30 +214,28 @@ case "$preset" in
       esac
     done
     mkdir -p "$root"
-    pids=(); runs=()
+    extra=("$@")
+    capacity_job() {  # one run, named KIND_mENTRIES_nDOCS: its training, then its evaluation
+      local kind="${1%_m*}" rest="${1##*_m}"
+      local m="${rest%_n*}" n="${rest#*_n}" lr="${CAPACITY_LR:-3e-3}"
+      if [[ "$kind" == lora* ]]; then lr="${CAPACITY_LORA_LR:-$lr}"; fi
+      # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
+      "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
+          --synthetic_articles "$n" --max_labels "$n" --max_segments "${CAPACITY_SEGMENTS:-2}" --segment_length 48 \
+          --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
+          --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 \
+          --docs_per_step "$(( n < 4 ? n : 4 ))" --lr "$lr" --num_epochs "${CAPACITY_EPOCHS:-50}" \
+          --save_freq "${CAPACITY_EPOCHS:-50}" --seed 1 --document_memory "$kind" --save_dir "$root/$1" "${extra[@]}" \
+        && "$PYTHON" evaluate_memory.py --run_dir "$root/$1" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256}
+    }
+    names=()
     for n in "${docs_list[@]}"; do
       for m in "${entries_list[@]}"; do
-        for kind in "${kinds[@]}"; do
-          name="${kind}_m${m}_n${n}"
-          dps=$(( n < 4 ? n : 4 ))
-          lr="${CAPACITY_LR:-3e-3}"
-          if [[ "$kind" == lora* ]]; then lr="${CAPACITY_LORA_LR:-$lr}"; fi
-          echo "=== capacity $name: log in $root/$name.log" >&2
-          # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
-          ( "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
-              --synthetic_articles "$n" --max_labels "$n" --max_segments "${CAPACITY_SEGMENTS:-2}" --segment_length 48 \
-              --max_length 96 --key_dim 2 --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
-              --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 --docs_per_step "$dps" \
-              --lr "$lr" --num_epochs "${CAPACITY_EPOCHS:-50}" --save_freq "${CAPACITY_EPOCHS:-50}" --seed 1 \
-              --document_memory "$kind" --save_dir "$root/$name" "$@" \
-            && "$PYTHON" evaluate_memory.py --run_dir "$root/$name" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256} ) >"$root/$name.log" 2>&1 &
-          pids+=("$!:$root/$name.log"); runs+=("$root/$name")
-          while (( $(jobs -rp | wc -l) >= ${CAPACITY_JOBS:-1} )); do sleep 0.5; done
-        done
+        for kind in "${kinds[@]}"; do names+=("${kind}_m${m}_n${n}"); done
       done
     done
-    failed=0
-    wait_jobs "${pids[@]}" || failed=$?
+    runs=(); failed=0
+    sweep "${CAPACITY_JOBS:-1}" capacity_job "${names[@]}" || failed=$?
     "$PYTHON" benchmarks/capacity_report.py --out "$root/report" "${runs[@]}"
     exit "$failed"
     ;;

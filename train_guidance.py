@@ -223,9 +223,9 @@ def run(config: TrainConfig) -> Path:
     dist_ctx = init_distributed(use_cuda=resolve_device(config).startswith("cuda"))
     try:
         # train_and_finish returns only plain values: the run's state (and the DDP wrapper in it)
-        # is freed before the process group is destroyed. Freed after it, DDP's reducer took the
-        # last reference to the gloo group, whose destructor joined its threads while holding the
-        # GIL one of them needed: an intermittent hang of the non-main rank at exit.
+        # must be freed before the process group is destroyed, or DDP's reducer may hold the last
+        # reference to the gloo group, whose destructor joins its threads while holding the GIL
+        # one of them needs, and a non-main rank can hang at exit.
         if config.memory_shards > 1 and config.shard_index < 0:  # one isolated sub-run per shard
             run_dir, summary = train_sharded(config, dist_ctx, train_and_finish)
         else:

@@ -1,5 +1,6 @@
 """Small pieces of the method shared by training and evaluation: seeding,
-negative keys, the guidance term, memory-selection statistics and the logit lens."""
+negative keys, the guidance term, memory-selection statistics, the logit lens and the cells of
+the reports' markdown tables."""
 from __future__ import annotations
 
 import random
@@ -96,7 +97,7 @@ def logit_lens(readouts: torch.Tensor, norm: nn.Module, head: nn.Module, tokeniz
     hidden = hidden.to(weight.dtype)  # a norm may answer in fp32 (CUDA autocast's rule)
     if type(head) is nn.Linear and head.bias is None:
         # (V, d) @ (d, n) reads the vocabulary matrix once in its own row order: for a handful of rows
-        # ~1.4x faster on a CPU than hidden @ W.T (the same logits up to float rounding)
+        # faster on a CPU than hidden @ W.T (the same logits up to float rounding)
         logits = (weight @ hidden.T).T.float()
     else:
         logits = head(hidden).float()
@@ -104,3 +105,16 @@ def logit_lens(readouts: torch.Tensor, norm: nn.Module, head: nn.Module, tokeniz
     return [[(tokenizer.decode([int(i)]), float(v)) for v, i in zip(row_v, row_i)]
             for row_v, row_i in zip(values.cpu(), indices.cpu())]
 
+
+def table_cell(value: object, digits: int = 3, *, none: str = "–", grouped: bool = False) -> str:
+    """A markdown table cell: None as `none`, a bool as yes / no, a float to `digits` places, anything
+    else as str. grouped: commas between thousands, and a float of 1000 or more without decimals."""
+    if value is None:
+        return none
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if grouped and abs(value) >= 1000 else f"{value:.{digits}f}"
+    if isinstance(value, int) and grouped:
+        return f"{value:,}"
+    return str(value)

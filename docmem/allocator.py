@@ -4,15 +4,15 @@ its imports left out of Python's garbage collection.
 PyTorch on a CPU allocates its tensors with malloc. glibc serves a large request with a fresh mmap and
 returns it on free (and trims the top of its heap past a threshold), so the next tensor of that size is
 new memory again, and the operating system zeroes every page of it on first touch. An evaluation makes
-thousands of equal-sized tensors (one decoding step's activations, one landscape pass's blocks), and
-that page-zeroing cost it about 1.5 s of 37 on the demo (training: about 0.5 s of 42). Raising the two
-thresholds keeps the freed memory in the process, where the next tensor of the size reuses it. Peak
-memory does not grow: the same tensors are alive at once; only what is freed stays mapped until exit.
+thousands of equal-sized tensors (one decoding step's activations, one landscape pass's blocks), each
+of which would pay that zeroing. Raising the two thresholds keeps the freed memory in the process,
+where the next tensor of the size reuses it. Peak memory does not grow: the same tensors are alive at
+once; only what is freed stays mapped until exit.
 
-Importing torch and transformers makes about 430,000 objects (modules, classes, functions) that live
-until the process ends. Python's cyclic collector walks all of them in every full collection, and
-again at exit: about 1 s of each command on the demo. Frozen (gc.freeze), they are never walked; what
-a command makes afterwards is collected as before.
+Importing torch and transformers makes hundreds of thousands of objects (modules, classes, functions)
+that live until the process ends. Python's cyclic collector walks all of them in every full collection,
+and again at exit. Frozen (gc.freeze), they are never walked; what a command makes afterwards is
+collected as usual.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Every setting of a training run: one typed, self-validating dataclass, and its command line.
 
 `parse_args(argv)` builds the config from flags (every field is a flag with its default and a
-one-line meaning); `TrainConfig.validate()` checks it before any model or data loads and
+one-line meaning, except the few the program sets itself, such as shard_index); `TrainConfig.validate()` checks it before any model or data loads and
 raises `ConfigError` naming the flag, the value and what is allowed. With `--resume RUN_DIR`
 the run's own saved config.yaml is used, and a flag given on the command line that differs
 from it is an error (only the flags in RESUME_MAY_CHANGE may change).
@@ -14,7 +14,7 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import Field, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,102 +54,113 @@ def _none_if_none(value: str | None) -> str | None:
     return None if value is None or value.lower() in ("none", "") else value
 
 
-def _help(text: str, **kw: Any) -> Any:
+def _flag(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
+
+
+def _not_a_flag(text: str, **kw: Any) -> Any:
+    """A field the program sets itself: in config.yaml, not on the command line nor in the flag table."""
+    return field(metadata={"help": text, "flag": False}, **kw)
+
+
+def flag_fields() -> list[Field]:
+    """The TrainConfig fields that are command-line flags, in order."""
+    return [f for f in fields(TrainConfig) if f.metadata.get("flag", True)]
 
 
 @dataclass
 class TrainConfig:
     # --- the language model ---
-    lm_name: str = _help("model family: " + ", ".join(MODEL_SIZES), default="pythia")
-    lm_size: str = _help("model size within the family (pythia: 70m..12b, llama2: 7b 13b, smollm2: 135m)", default="1b")
-    lm_path: str | None = _help("local folder, .gguf file or Hub id of any GPT-NeoX/Llama-like causal LM; overrides --lm_name/--lm_size", default=None)
-    lm_cache_dir: str | None = _help("Hugging Face cache folder for model weights ('none' = library default)", default=None)
-    num_gpus: int = _help("GPUs to split the LM's blocks over; 0 = CPU", default=1)
-    device: str = _help("device for a single-device run: auto (cuda:0 if available, else cpu), cpu, cuda, cuda:N", default="auto")
-    precision: str = _help("LM weight dtype: auto (bf16 on CUDA; on a CPU bf16_head when it has native bf16 (AMX or "
+    lm_name: str = _flag("model family: " + ", ".join(MODEL_SIZES), default="pythia")
+    lm_size: str = _flag("model size within the family (pythia: 70m..12b, llama2: 7b 13b, smollm2: 135m)", default="1b")
+    lm_path: str | None = _flag("local folder, .gguf file or Hub id of any GPT-NeoX/Llama-like causal LM; overrides --lm_name/--lm_size", default=None)
+    lm_cache_dir: str | None = _flag("Hugging Face cache folder for model weights ('none' = library default)", default=None)
+    num_gpus: int = _flag("GPUs to split the LM's blocks over; 0 = CPU", default=1)
+    device: str = _flag("device for a single-device run: auto (cuda:0 if available, else cpu), cpu, cuda, cuda:N", default="auto")
+    precision: str = _flag("LM weight dtype: auto (bf16 on CUDA; on a CPU bf16_head when it has native bf16 (AMX or "
                            "AVX512-BF16, detected at run time), else fp32), fp32, bf16, fp16, or bf16_head (the LM in fp32, "
                            "only the vocabulary head's products in bf16); the memory stays fp32. config.yaml records the "
                            "choice and why. The released code trains in fp32: --precision fp32 gives its numerics", default="auto")
     # --- data ---
-    dataset: str = _help("WikiText config of EleutherAI/wikitext_document_level, or 'synthetic' (fictional articles, offline)", default="wikitext-103-v1")
-    data_split: str = _help("dataset split to draw articles from", default="train")
-    data_path: str | None = _help("local copy: a folder in the wikitext_document_level layout, a parquet file, or a WikiText text file", default=None)
-    data_cache_dir: str | None = _help("Hugging Face cache folder for datasets ('none' = library default)", default=None)
-    synthetic_articles: int = _help("how many fictional articles --dataset synthetic generates to draw from", default=100)
-    max_labels: int = _help("number of articles to draw with --seed, as released: NumPy RandomState(seed).choice over "
+    dataset: str = _flag("WikiText config of EleutherAI/wikitext_document_level, or 'synthetic' (fictional articles, offline)", default="wikitext-103-v1")
+    data_split: str = _flag("dataset split to draw articles from", default="train")
+    data_path: str | None = _flag("local copy: a folder in the wikitext_document_level layout, a parquet file, or a WikiText text file", default=None)
+    data_cache_dir: str | None = _flag("Hugging Face cache folder for datasets ('none' = library default)", default=None)
+    synthetic_articles: int = _flag("how many fictional articles --dataset synthetic generates to draw from", default=100)
+    max_labels: int = _flag("number of articles to draw with --seed, as released: NumPy RandomState(seed).choice over "
                             "all articles, trained in draw order; drawn articles without a segment are dropped", default=10)
-    max_segments: int = _help("at most this many segments per document (also accepted as --max_segements, the released spelling)", default=10)
-    segment_length: int = _help("words per segment; segments overlap by half; a shorter article is one segment", default=128)
-    max_length: int = _help("at most this many tokens per segment (longer ones are truncated)", default=256)
+    max_segments: int = _flag("at most this many segments per document (also accepted as --max_segements, the released spelling)", default=10)
+    segment_length: int = _flag("words per segment; segments overlap by half; a shorter article is one segment", default=128)
+    max_length: int = _flag("at most this many tokens per segment (longer ones are truncated)", default=256)
     # --- the document memory ---
-    document_memory: str = _help("keyed: one key per document (the method); shared: one memory, no keys, no guidance (baseline); "
+    document_memory: str = _flag("keyed: one key per document (the method); shared: one memory, no keys, no guidance (baseline); "
                                  "lora: one LoRA adapter per document (peft; the adapter is the key), LM loss only; "
                                  "lora_shared: one LoRA adapter for all documents", default="keyed")
-    memory_module: str = _help("memory architecture (the released code has one: linear)", default="linear")
-    key_dim: int = _help("numbers per document key (DocRep)", default=2)
-    key_activation: str = _help("activation of the memory selection: tanh, relu, sigmoid, swiglu, or any transformers activation", default="tanh")
-    hook_memory_dim: int = _help("number of memory entries m", default=32)
-    hook_memory_layer: int = _help("0-based block whose output the memory rewrites", default=15)
-    lm_act: str = _help("activation inside the memory", default="gelu")
-    document_key_module_type: str = _help("key to selection map: linear, or nonlinear (an MLP)", default="linear")
-    key_internal_dim: int = _help("width of the nonlinear key MLP", default=64)
-    key_internal_activation: str = _help("activation of the nonlinear key MLP", default="relu")
-    key_internal_layers: int = _help("depth of the nonlinear key MLP, as the released make_mlp: 1 = one linear map; "
+    memory_module: str = _flag("memory architecture (the released code has one: linear)", default="linear")
+    key_dim: int = _flag("numbers per document key (DocRep)", default=2)
+    key_activation: str = _flag("activation of the memory selection: tanh, relu, sigmoid, swiglu, or any transformers activation", default="tanh")
+    hook_memory_dim: int = _flag("number of memory entries m", default=32)
+    hook_memory_layer: int = _flag("0-based block whose output the memory rewrites", default=15)
+    lm_act: str = _flag("activation inside the memory", default="gelu")
+    document_key_module_type: str = _flag("key to selection map: linear, or nonlinear (an MLP)", default="linear")
+    key_internal_dim: int = _flag("width of the nonlinear key MLP", default=64)
+    key_internal_activation: str = _flag("activation of the nonlinear key MLP", default="relu")
+    key_internal_layers: int = _flag("depth of the nonlinear key MLP, as the released make_mlp: 1 = one linear map; "
                                      "L >= 2 = L + 1 linear layers (input, L - 1 hidden-to-hidden, output)", default=2)
-    learn_doc_keys: bool = _help("train the document keys too (fixed by default, as released)", default=False)
-    memory_init: str = _help("released: every memory layer orthogonal, as released (a fresh memory changes the LM's "
+    learn_doc_keys: bool = _flag("train the document keys too (fixed by default, as released)", default=False)
+    memory_init: str = _flag("released: every memory layer orthogonal, as released (a fresh memory changes the LM's "
                              "output); zero_output: W_out and b_out start at zero, so training starts from the plain LM "
                              "(with an --lm_act whose value at 0 is 0, e.g. gelu)", default="released")
-    lora_rank: int = _help("--document_memory lora/lora_shared: the adapters' rank; 0 = auto: the rank whose total "
+    lora_rank: int = _flag("--document_memory lora/lora_shared: the adapters' rank; 0 = auto: the rank whose total "
                            "trainable parameters come closest to the keyed memory's at the same settings", default=0)
-    lora_targets: str = _help("--document_memory lora/lora_shared: the modules of block --hook_memory_layer that get "
+    lora_targets: str = _flag("--document_memory lora/lora_shared: the modules of block --hook_memory_layer that get "
                               "adapters: mlp (its MLP projections), attention, all, or comma-separated names within "
                               "the block (e.g. mlp.down_proj)", default="mlp")
     # --- sharding and forgetting (docmem/sharding.py) ---
-    memory_shards: int = _help("split the documents into this many isolated shards (SISA), by position in the draw: each "
+    memory_shards: int = _flag("split the documents into this many isolated shards (SISA), by position in the draw: each "
                                "its own memory, keys, optimizer and random stream; 1 = one memory", default=1)
-    exclude_docs: str | None = _help("comma-separated draw positions (0-based) of documents to leave out; every other "
+    exclude_docs: str | None = _flag("comma-separated draw positions (0-based) of documents to leave out; every other "
                                      "document keeps its shard and key (a run 'never trained on' them)", default=None)
-    shard_index: int = _help("internal: train only this shard of a sharded run (-1 = the whole run)", default=-1)
+    shard_index: int = _not_a_flag("the shard a sharded run's sub-run trains (docmem/training/shard_runs.py sets it); "
+                                   "-1 = the whole run", default=-1)
     # --- guidance ---
-    negative_key_type: str = _help("negative key: other (another document's), random (normal), zero, perturb (own key + noise)", default="other")
-    delta: float = _help("noise scale of --negative_key_type perturb, times max(k_i)", default=0.1)
-    target_negative_ce: float = _help("tau: the cross-entropy the LM should keep under a negative key", default=4.5)
-    guidance: float = _help("alpha: weight of the guidance term; 0 disables negatives", default=0.1)
-    guidance_loss: str = _help("clamped_mse: min((CE_neg - tau)^2, CE_pos) (released); abs: |tau - CE_neg| (paper text)", default="clamped_mse")
+    negative_key_type: str = _flag("negative key: other (another document's), random (normal), zero, perturb (own key + noise)", default="other")
+    delta: float = _flag("noise scale of --negative_key_type perturb, times max(k_i)", default=0.1)
+    target_negative_ce: float = _flag("tau: the cross-entropy the LM should keep under a negative key", default=4.5)
+    guidance: float = _flag("alpha: weight of the guidance term; 0 disables negatives", default=0.1)
+    guidance_loss: str = _flag("clamped_mse: min((CE_neg - tau)^2, CE_pos) (released); abs: |tau - CE_neg| (paper text)", default="clamped_mse")
     # --- optimisation ---
-    batch_size: int = _help("segments per batch (a batch holds one document's segments)", default=16)
-    lr: float = _help("AdamW learning rate", default=1e-3)
-    num_accumulation_steps: int = _help("batches per optimizer step (each batch's whole loss is divided by it; a partial "
+    batch_size: int = _flag("segments per batch (a batch holds one document's segments)", default=16)
+    lr: float = _flag("AdamW learning rate", default=1e-3)
+    num_accumulation_steps: int = _flag("batches per optimizer step (each batch's whole loss is divided by it; a partial "
                                         "accumulation is applied at the end of each epoch)", default=1)
-    grad_clip_coeff: float = _help("gradient-norm clipping (0 = off)", default=5.0)
-    num_epochs: int = _help("passes over all documents", default=500)
-    num_warmup_steps: int = _help("linear learning-rate warm-up steps", default=0)
-    lr_scheduler: str = _help("learning-rate schedule after warm-up: constant, cosine, linear", default="constant")
-    seed: int = _help("seed for article choice (NumPy, as released; < 2**32), keys, memory init and negatives", default=1)
+    grad_clip_coeff: float = _flag("gradient-norm clipping (0 = off)", default=5.0)
+    num_epochs: int = _flag("passes over all documents", default=500)
+    num_warmup_steps: int = _flag("linear learning-rate warm-up steps", default=0)
+    lr_scheduler: str = _flag("learning-rate schedule after warm-up: constant, cosine, linear", default="constant")
+    seed: int = _flag("seed for article choice (NumPy, as released; < 2**32), keys, memory init and negatives", default=1)
     # --- speed ---
-    reference_loop: bool = _help("compute the loss the literal way (two full hooked passes per step) instead of the prefix cache", default=False)
-    cache_budget_gb: float = _help("memory allowed for the prefix cache on the LM's device (GiB); above it: pinned CPU, then recompute", default=8.0)
-    docs_per_step: int = _help("documents per optimizer step, each row with its own key and negative (1 = the released order); "
+    reference_loop: bool = _flag("compute the loss the literal way (two full hooked passes per step) instead of the prefix cache", default=False)
+    cache_budget_gb: float = _flag("memory allowed for the prefix cache on the LM's device (GiB); above it: pinned CPU, then recompute", default=8.0)
+    docs_per_step: int = _flag("documents per optimizer step, each row with its own key and negative (1 = the released order); "
                                "under torchrun, per process", default=1)
     # --- outputs ---
-    save_dir: str = _help("runs are written to save_dir/run_N (N = first free number)", default="outputs/pythia/1b")
-    save_freq: int = _help("write a summary (pictures, logit lens) and a checkpoint every this many epochs", default=10)
-    summary_process: str = _help("draw each summary's pictures in a helper process while training goes on: auto (when the "
+    save_dir: str = _flag("runs are written to save_dir/run_N (N = first free number)", default="outputs/pythia/1b")
+    save_freq: int = _flag("write a summary (pictures, logit lens) and a checkpoint every this many epochs", default=10)
+    summary_process: str = _flag("draw each summary's pictures in a helper process while training goes on: auto (when the "
                                  "memory trains on a GPU), on, off (in the training process, which waits)", default="auto")
-    top_k_tokens: int = _help("tokens listed per document in the logit lens", default=20)
-    l0_threshold: float = _help("a memory entry counts as selected (L0) when |s_i| exceeds this", default=1e-2)
-    eval_at_end: bool = _help("run evaluate_memory.py's measurements (recall, CE matrix, landscape) when training ends",
+    top_k_tokens: int = _flag("tokens listed per document in the logit lens", default=20)
+    l0_threshold: float = _flag("a memory entry counts as selected (L0) when |s_i| exceeds this", default=1e-2)
+    eval_at_end: bool = _flag("run evaluate_memory.py's measurements (recall, CE matrix, landscape) when training ends",
                               default=False)
-    report_to: str = _help("also log losses, selection statistics and selection heatmaps to: none, tensorboard "
+    report_to: str = _flag("also log losses, selection statistics and selection heatmaps to: none, tensorboard "
                            "(run_N/tensorboard/; needs the optional tensorboard package)", default="none")
-    resume: str | None = _help("continue the interrupted run in this folder (save_dir/run_N) from its checkpoint, "
+    resume: str | None = _flag("continue the interrupted run in this folder (save_dir/run_N) from its checkpoint, "
                                "with its own config.yaml; only --num_epochs (to extend it), --detect_anomaly, "
                                "--cache_budget_gb, --eval_at_end, --report_to and --summary_process may be given "
                                "differently", default=None)
     # --- debugging ---
-    detect_anomaly: bool = _help("torch.autograd anomaly detection: name the operation whose backward gives NaN (slow)",
+    detect_anomaly: bool = _flag("torch.autograd anomaly detection: name the operation whose backward gives NaN (slow)",
                                  default=False)
 
     # ------------------------------------------------------------------------------------
@@ -202,31 +213,29 @@ class TrainConfig:
 
         Reads nothing bigger than a model folder's config.json, and writes nothing."""
         self._check_types()
+        self._check_choices()
+        self._check_ranges()
+        self._check_lora()
+        self._check_sharding()
+        self._check_processes()
+        self._check_data()
+        self._check_model()
+        _check_writable("save_dir", self.save_dir)
+        if self.resume is not None:
+            _check_run_dir(self.resume)
+        return self
 
-        def choice(flag: str, allowed: tuple[str, ...]) -> None:
-            if getattr(self, flag) not in allowed:
-                raise ConfigError(flag, getattr(self, flag), "allowed: " + ", ".join(allowed))
-
-        def at_least(flag: str, low: float, strict: bool = False) -> None:
-            value = getattr(self, flag)
-            finite = isinstance(value, int) or math.isfinite(value)  # (a huge int overflows isfinite)
-            if not finite or (value <= low if strict else value < low):
-                raise ConfigError(flag, value, f"must be a finite number {'>' if strict else '>='} {low}")
-
+    def _check_choices(self) -> None:
+        """The flags that name one of a fixed set: model, data, memory, guidance, schedule, outputs."""
         if self.lm_path is None:
-            choice("lm_name", tuple(MODEL_SIZES))
-            choice("lm_size", MODEL_SIZES[self.lm_name])
-        choice("dataset", DATASETS)
-        choice("precision", PRECISIONS)
-        choice("document_memory", DOCUMENT_MEMORIES)
-        choice("memory_module", MEMORY_MODULES)
-        choice("memory_init", MEMORY_INITS)
-        choice("document_key_module_type", MODULE_TYPES)
-        choice("negative_key_type", NEGATIVE_KEY_TYPES)
-        choice("guidance_loss", GUIDANCE_LOSSES)
-        choice("lr_scheduler", LR_SCHEDULERS)
-        choice("report_to", REPORT_TO)
-        choice("summary_process", SUMMARY_PROCESSES)
+            _choice(self, "lm_name", tuple(MODEL_SIZES))
+            _choice(self, "lm_size", MODEL_SIZES[self.lm_name])
+        for flag, allowed in (("dataset", DATASETS), ("precision", PRECISIONS), ("document_memory", DOCUMENT_MEMORIES),
+                              ("memory_module", MEMORY_MODULES), ("memory_init", MEMORY_INITS),
+                              ("document_key_module_type", MODULE_TYPES), ("negative_key_type", NEGATIVE_KEY_TYPES),
+                              ("guidance_loss", GUIDANCE_LOSSES), ("lr_scheduler", LR_SCHEDULERS),
+                              ("report_to", REPORT_TO), ("summary_process", SUMMARY_PROCESSES)):
+            _choice(self, flag, allowed)
         if self.report_to == "tensorboard":
             if importlib.util.find_spec("tensorboard") is None:
                 raise ConfigError("report_to", self.report_to, "the tensorboard package is not installed "
@@ -235,21 +244,27 @@ class TrainConfig:
         if self.key_activation not in key_acts:
             raise ConfigError("key_activation", self.key_activation, "allowed: " + ", ".join(sorted(set(key_acts))))
         for flag in ("lm_act", "key_internal_activation"):
-            choice(flag, activation_names())
+            _choice(self, flag, activation_names())
+
+    def _check_ranges(self) -> None:
+        """The numbers: counts, sizes, rates and weights within their bounds."""
         for flag in ("max_labels", "max_segments", "segment_length", "max_length", "key_dim", "hook_memory_dim",
                      "key_internal_dim", "batch_size", "num_accumulation_steps", "num_epochs", "save_freq",
                      "top_k_tokens", "synthetic_articles", "docs_per_step"):
-            at_least(flag, 1)
-        at_least("key_internal_layers", 1)
+            _at_least(self, flag, 1)
+        _at_least(self, "key_internal_layers", 1)
         for flag in ("num_gpus", "num_warmup_steps", "hook_memory_layer", "seed"):
-            at_least(flag, 0)
+            _at_least(self, flag, 0)
         if self.seed >= 2**32:  # the documents are drawn with NumPy's generator, as released
             raise ConfigError("seed", self.seed, "must be < 2**32 (NumPy's seed range)")
-        at_least("lr", 0, strict=True)
+        _at_least(self, "lr", 0, strict=True)
         for flag in ("guidance", "grad_clip_coeff", "delta", "target_negative_ce", "cache_budget_gb", "l0_threshold"):
-            at_least(flag, 0)
-        if self.memory_shards < 1 or self.memory_shards > self.max_labels:
-            raise ConfigError("memory_shards", self.memory_shards, f"must lie in 1..--max_labels ({self.max_labels})")
+            _at_least(self, flag, 0)
+        if self.docs_per_step > self.max_labels:
+            raise ConfigError("docs_per_step", self.docs_per_step, f"at most --max_labels ({self.max_labels})")
+
+    def _check_lora(self) -> None:
+        """The LoRA baselines: their rank, and what they cannot do (resume, torchrun, the reference loop)."""
         if self.lora_rank < 0:
             raise ConfigError("lora_rank", self.lora_rank, "must be >= 1 (or 0: auto, matched to the keyed memory)")
         if self.uses_lora:
@@ -260,6 +275,11 @@ class TrainConfig:
                                                                            "(not under torchrun)")
             if self.reference_loop:
                 raise ConfigError("reference_loop", True, "not used by LoRA baselines (they run the fast path)")
+
+    def _check_sharding(self) -> None:
+        """--memory_shards, the shard a sub-run trains, and --exclude_docs."""
+        if self.memory_shards < 1 or self.memory_shards > self.max_labels:
+            raise ConfigError("memory_shards", self.memory_shards, f"must lie in 1..--max_labels ({self.max_labels})")
         if self.memory_shards > 1 and not self.uses_keys:
             raise ConfigError("memory_shards", self.memory_shards, "a shared memory (no keys) cannot be sharded: "
                                                                    "use --document_memory keyed")
@@ -267,8 +287,9 @@ class TrainConfig:
             raise ConfigError("shard_index", self.shard_index, f"allowed: -1..{self.memory_shards - 1}")
         if len(self.excluded_positions()) >= self.max_labels:
             raise ConfigError("exclude_docs", self.exclude_docs, "leaves no document to train on")
-        if self.docs_per_step > self.max_labels:
-            raise ConfigError("docs_per_step", self.docs_per_step, f"at most --max_labels ({self.max_labels})")
+
+    def _check_processes(self) -> None:
+        """What torchrun allows, and the device."""
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
             if self.reference_loop:
                 raise ConfigError("reference_loop", True, "not available under torchrun (it runs the memory twice "
@@ -281,6 +302,9 @@ class TrainConfig:
             if not torch.cuda.is_available():
                 raise ConfigError("device", self.device, "CUDA is not available here: use --device auto or cpu, "
                                                          "or --num_gpus 0")
+
+    def _check_data(self) -> None:
+        """The split, enough documents for the negatives, and where the articles come from."""
         if not self.data_split.strip():
             raise ConfigError("data_split", self.data_split, "must name a split, e.g. train")
         if self.negative_key_type == "other" and self.guidance_active and self.max_labels < 2:
@@ -294,6 +318,9 @@ class TrainConfig:
                                   f"at most --synthetic_articles ({self.synthetic_articles})")
         if self.data_path is not None and not Path(self.data_path).expanduser().exists():
             raise ConfigError("data_path", self.data_path, "no such file or folder")
+
+    def _check_model(self) -> None:
+        """--hook_memory_layer within the model's blocks (a named model's, or --lm_path's)."""
         if self.lm_path is None:
             blocks = NUM_LAYERS[self.lm_name][self.lm_size]
             if self.hook_memory_layer >= blocks:
@@ -301,10 +328,6 @@ class TrainConfig:
                                   f"{self.lm_name}-{self.lm_size} has blocks 0..{blocks - 1}")
         else:
             self._check_lm_path()
-        _check_writable("save_dir", self.save_dir)
-        if self.resume is not None:
-            _check_run_dir(self.resume)
-        return self
 
     def _check_types(self) -> None:
         """Every field has its declared type (flags are typed by argparse; a config.yaml may not be)."""
@@ -351,6 +374,18 @@ class TrainConfig:
                                   f"the model in {self.lm_path} has blocks 0..{blocks - 1}")
         elif path.exists() or self.lm_path.startswith(("/", ".", "~")) or self.lm_path.count("/") > 1:
             raise ConfigError("lm_path", self.lm_path, "no such folder or .gguf file (nor a Hub id like owner/name)")
+
+
+def _choice(config: TrainConfig, flag: str, allowed: tuple[str, ...]) -> None:
+    if getattr(config, flag) not in allowed:
+        raise ConfigError(flag, getattr(config, flag), "allowed: " + ", ".join(allowed))
+
+
+def _at_least(config: TrainConfig, flag: str, low: float, strict: bool = False) -> None:
+    value = getattr(config, flag)
+    finite = isinstance(value, int) or math.isfinite(value)  # (a huge int overflows isfinite)
+    if not finite or (value <= low if strict else value < low):
+        raise ConfigError(flag, value, f"must be a finite number {'>' if strict else '>='} {low}")
 
 
 def _num_blocks(model_config: object) -> int | None:
@@ -436,7 +471,7 @@ def build_parser(explicit_only: bool = False) -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    for f in fields(TrainConfig):
+    for f in flag_fields():
         flags = [f"--{f.name}"]
         if f.name == "max_segments":
             flags.append("--max_segements")  # the released (misspelt) flag
@@ -471,7 +506,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def flags_markdown() -> str:
     """docs/usage.md's table of flags, made from the config itself (a test keeps them in step)."""
     rows = ["| flag | default | meaning |", "| --- | --- | --- |"]
-    for f in fields(TrainConfig):
+    for f in flag_fields():
         name = f"`--{f.name}`" + (" (`--max_segements`)" if f.name == "max_segments" else "")
         meaning = f.metadata["help"].replace("|", "\\|")
         rows.append(f"| {name} | `{f.default}` | {meaning} |")

@@ -17,20 +17,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from foundations import Foundation
+from foundations import Foundation, module_name
 from utils import final_norm
 
 # decoders whose forward on inputs_embeds with no blocks is the final norm alone (dropout aside, an
 # identity in eval mode); others (GPT-2 adds position embeddings) run the decoder all the same
 NORM_ONLY_TOPS = frozenset({"gpt_neox", "llama"})
-
-
-def _child_name(parent: nn.Module, child: nn.Module) -> str:
-    for name, module in parent.named_children():
-        if module is child:
-            return name
-    raise ValueError(f"{type(child).__name__} is not a direct child of {type(parent).__name__}; "
-                     "this architecture needs --reference_loop")
 
 
 class DecoderSlices:
@@ -39,9 +31,12 @@ class DecoderSlices:
     def __init__(self, foundation: Foundation) -> None:
         self.foundation = foundation
         self.decoder = foundation.decoder()
-        self.blocks_name = _child_name(self.decoder, foundation.blocks)
+        self.blocks_name = module_name(self.decoder, foundation.blocks)
         self.norm = final_norm(self.decoder)
-        self.norm_name = _child_name(self.decoder, self.norm) if not isinstance(self.norm, nn.Identity) else None
+        self.norm_name = module_name(self.decoder, self.norm) if not isinstance(self.norm, nn.Identity) else None
+        if "." in self.blocks_name + (self.norm_name or ""):  # swapped by setattr: direct children only
+            raise ValueError(f"the blocks or final norm are not direct children of {type(self.decoder).__name__}; "
+                             "this architecture needs --reference_loop")
         model_type = getattr(getattr(foundation.model, "config", None), "model_type", None)
         self.norm_only_top = model_type in NORM_ONLY_TOPS
 

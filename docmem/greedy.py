@@ -1,7 +1,8 @@
 """Greedy decoding of a batch of token rows with a key/value cache, each row dropped from the batch
 as soon as it has its tokens (its own count, or an end-of-text token); the cache's layers with room
-for the tokens to come (RoomyLayer: written in place, not concatenated); and a prompt pass that runs
-the blocks below a memory once per distinct prompt when rows repeat prompts under different conditions.
+for the tokens to come (PreallocatedCacheLayer: written in place, not concatenated); and a prompt pass
+that runs the blocks below a memory once per distinct prompt when rows repeat prompts under different
+conditions.
 
 transformers' generate() decodes every row of a batch until the longest is done; when the rows want
 different lengths (recall's continuations are as long as their references), a fifth of those steps
@@ -48,7 +49,7 @@ def _returned_cache(output):
     return cache if cache is not None else output.past_key_values
 
 
-class RoomyLayer(DynamicLayer):
+class PreallocatedCacheLayer(DynamicLayer):
     """One block's key/value cache with room for the tokens still to come. transformers' own layer
     concatenates every step, copying the whole cache; this one writes each step's keys and values in
     place and hands attention a view of the filled part (the same numbers: the values are the same, only
@@ -77,7 +78,7 @@ class RoomyLayer(DynamicLayer):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         # keeping the first rows (recall's rows come longest-wanted first, so the last ones finish): a view
-        if is_leading(indices):
+        if selects_first_rows(indices):
             count = len(indices)
             self.key_store, self.value_store = self.key_store[:count], self.value_store[:count]
         else:
@@ -85,24 +86,24 @@ class RoomyLayer(DynamicLayer):
         self.keys, self.values = self.key_store[..., :self.length, :], self.value_store[..., :self.length, :]
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("a RoomyLayer is for greedy decoding, which never crops")
+        raise NotImplementedError("a PreallocatedCacheLayer is for greedy decoding, which never crops")
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("a RoomyLayer is for greedy decoding, which never repeats rows")
+        raise NotImplementedError("a PreallocatedCacheLayer is for greedy decoding, which never repeats rows")
 
 
-def is_leading(indices: torch.Tensor) -> bool:
+def selects_first_rows(indices: torch.Tensor) -> bool:
     """Whether row indices select the first len(indices) rows in order (0, 1, ..., k-1)."""
     indices = indices.cpu()
     return torch.equal(indices, torch.arange(len(indices), dtype=indices.dtype))
 
 
-def make_room(cache: Any, room: int) -> None:
-    """Replace the cache's plain layers, in place, by RoomyLayers holding the same keys and values, each
-    with room for `room` more tokens (layers of other kinds, e.g. sliding windows, are kept)."""
+def preallocate_cache(cache: Any, room: int) -> None:
+    """Replace the cache's plain layers, in place, by PreallocatedCacheLayers holding the same keys and
+    values, each with room for `room` more tokens (layers of other kinds, e.g. sliding windows, are kept)."""
     for i, layer in enumerate(cache.layers):
         if type(layer) is DynamicLayer and layer.is_initialized:
-            cache.layers[i] = RoomyLayer(layer.keys, layer.values, room)
+            cache.layers[i] = PreallocatedCacheLayer(layer.keys, layer.values, room)
 
 
 @torch.no_grad()
@@ -133,7 +134,7 @@ def decode_greedy(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
         logits, cache = output.logits, _returned_cache(output)
     else:
         logits, cache = shared
-    make_room(cache, max(wanted) - 1)  # each later step writes its keys and values in place
+    preallocate_cache(cache, max(wanted) - 1)  # each later step writes its keys and values in place
     positions = positions[:, -1:]
     while True:
         # the first largest logit, as argmax gives it (max(dim) takes half the time on a CPU; a bf16

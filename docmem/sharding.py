@@ -32,6 +32,7 @@ from document_memories import (
     PROVENANCE_FIELD,
     DocumentMemory,
     load_memory,
+    one_per_row,
     read_memory_json,
 )
 
@@ -107,13 +108,7 @@ class ShardedMemory(nn.Module):
         """As DocumentMemory.forward; each row goes through the shard its key routes to."""
         if keys is None:
             return torch.stack([shard(x) for shard in self.shards]).mean(dim=0)
-        keys = keys.to(x.device)
-        if keys.dim() == 1:
-            keys = keys.unsqueeze(0).expand(x.shape[0], -1)
-        if keys.shape[0] != x.shape[0]:
-            if keys.shape[0] == 0 or x.shape[0] % keys.shape[0]:
-                raise ValueError(f"{keys.shape[0]} keys for a batch of {x.shape[0]} rows")
-            keys = keys.repeat_interleave(x.shape[0] // keys.shape[0], dim=0)
+        keys = one_per_row(keys.to(x.device), x.shape[0])
         return self._by_shard(keys, lambda shard, k, rows: shard(x[rows], k))
 
     def readout(self, keys: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,10 +145,6 @@ class ShardedMemory(nn.Module):
                 data[PROVENANCE_FIELD] = provenance
             (tmp / CONFIG_NAME).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
         return directory
-
-
-def is_sharded(memory: nn.Module) -> bool:
-    return isinstance(memory, ShardedMemory)
 
 
 def load_any_memory(directory: str | Path, device: str | torch.device = "cpu", expect_hidden_size: int | None = None,

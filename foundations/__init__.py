@@ -7,6 +7,7 @@ from .common import (
     find_blocks,
     freeze,
     from_model,
+    module_name,
     prepare_tokenizer,
 )
 from .devices import gpu_count, split_device_map
@@ -27,6 +28,7 @@ __all__ = [
     "hub_id",
     "load_foundation",
     "load_pretrained",
+    "module_name",
     "prepare_tokenizer",
     "split_device_map",
 ]

@@ -44,7 +44,8 @@ class Foundation:
         return _parent_of(self.model, self.blocks)
 
 
-def _module_name(root: nn.Module, target: nn.Module) -> str:
+def module_name(root: nn.Module, target: nn.Module) -> str:
+    """The dotted name of `target` inside `root` (a direct child's name has no dot)."""
     for name, module in root.named_modules():
         if module is target:
             return name
@@ -52,7 +53,7 @@ def _module_name(root: nn.Module, target: nn.Module) -> str:
 
 
 def _parent_of(root: nn.Module, target: nn.Module) -> nn.Module:
-    name = _module_name(root, target)
+    name = module_name(root, target)
     parent_name = name.rpartition(".")[0]
     return root.get_submodule(parent_name) if parent_name else root
 

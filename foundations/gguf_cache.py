@@ -1,11 +1,10 @@
 """A GGUF file's dequantized model kept as a plain transformers folder, so it is parsed once.
 
 transformers reads a GGUF file's header for the config, again for the tokenizer and again for
-the weights, then dequantizes them: about 20 s for SmolLM2-135M on a 2-core CPU, paid by every
-command that loads it (training, evaluation, generation, unlearning). The first load writes what
-it built (config.json, the tokenizer, model.safetensors in fp32: the exact dequantized values) to
-a cache folder; later loads read that folder in about a second and get the same weights bit for
-bit. The folder is named by the file's path, size, modification time and the transformers
+the weights, then dequantizes them, a cost paid by every command that loads it (training,
+evaluation, generation, unlearning). The first load writes what it built (config.json, the
+tokenizer, model.safetensors in fp32: the exact dequantized values) to a cache folder; later loads
+read that folder, much faster, and get the same weights bit for bit. The folder is named by the file's path, size, modification time and the transformers
 version (which does the dequantizing), so a changed file or a new transformers builds anew.
 
 The cache lives in $DOCMEM_CACHE_DIR, else $XDG_CACHE_HOME/docmem, else ~/.cache/docmem;

@@ -10,10 +10,10 @@ from pathlib import Path
 from conftest import ROOT
 
 # imports allowed inside a function: optional or heavy dependencies, loaded only when asked,
-# by module name (a name allows its submodules too): TensorBoard (optional, --report_to tensorboard)
-# gguf (read only for a .gguf --lm_path; a GPU machine may lack it) and datasets (read only for Hub or
-# parquet WikiText; importing it costs every script about 0.7 s at start-up), peft (only for LoRA
-# adapters, docmem/baselines/lora_memory.py; importing it after torch and transformers costs 0.32 s). foundations/
+# by module name (a name allows its submodules too): TensorBoard (optional, --report_to tensorboard),
+# gguf (read only for a .gguf --lm_path; a GPU machine may lack it), datasets (read only for Hub or
+# parquet WikiText; slow to import, so a script that needs no such data does not pay for it) and peft
+# (only for LoRA adapters, docmem/baselines/lora_memory.py; slow to import as well). foundations/
 # load.py finds optional HTTP libraries with importlib.
 LAZY_IMPORTS_ALLOWED: set[str] = {"torch.utils.tensorboard", "gguf", "datasets", "peft"}
 

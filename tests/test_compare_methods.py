@@ -18,6 +18,7 @@ from docmem.run_folder import load_documents
 from fixtures_memory import tiny_run  # noqa: F401  (fixture)
 from fixtures_tiny import run_training, subprocess_env, tiny_argv, tiny_lm_dir  # noqa: F401  (fixture)
 from foundations.placement import open_foundation
+from utils import table_cell
 from wikitext import Document, segment_article
 
 
@@ -97,3 +98,10 @@ def test_unknown_method_is_refused(tmp_path, capsys):
                           env=subprocess_env(CAPACITY_METHODS="lora rag", CAPACITY_DIR=str(tmp_path / "k")))
     assert done.returncode == 2 and done.stderr.strip().count("\n") == 0 and "rag" in done.stderr
     assert not (tmp_path / "k").exists()
+
+
+def test_table_cell_formats_every_report_the_same_way():
+    assert [table_cell(v) for v in (None, True, False, 0.12345, 1234.5, 1234, "a|b")] == [
+        "–", "yes", "no", "0.123", "1234.500", "1234", "a|b"]
+    assert [table_cell(v, 1, grouped=True) for v in (0.25, 1234.5, 1234567)] == ["0.2", "1,234", "1,234,567"]
+    assert table_cell(None, none="-") == "-" and table_cell(2.0, 2) == "2.00"

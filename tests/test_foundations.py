@@ -22,6 +22,7 @@ from foundations import (
     gpu_count,
     hub_id,
     load_foundation,
+    module_name,
     prepare_tokenizer,
     split_device_map,
 )
@@ -116,6 +117,14 @@ def test_from_model_freezes_and_prepares_the_tokenizer(arch: str) -> None:
     assert foundation.decoder() is expected_decoder
     assert foundation.input_device == torch.device("cpu")
     assert block_device(foundation, 2) == torch.device("cpu")
+
+
+def test_module_name_is_the_dotted_path_and_refuses_a_stranger() -> None:
+    inner = nn.Linear(2, 2)
+    root = nn.Sequential(nn.ReLU(), nn.Sequential(inner))
+    assert module_name(root, root[0]) == "0" and module_name(root, inner) == "1.0"
+    with pytest.raises(ValueError, match="not a submodule"):
+        module_name(root, nn.Linear(2, 2))
 
 
 def test_prepare_tokenizer_pads_with_eos_on_the_left() -> None:

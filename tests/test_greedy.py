@@ -17,12 +17,12 @@ from docmem.engines import NO_MEMORY
 from docmem.evaluation.generation import RowConditions, prompt_batch
 from docmem.greedy import (
     DecodeHooks,
-    RoomyLayer,
+    PreallocatedCacheLayer,
     _returned_cache,
     decode_greedy,
-    is_leading,
-    make_room,
+    preallocate_cache,
     prompt_pass_once_per_prompt,
+    selects_first_rows,
 )
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import from_model
@@ -67,48 +67,49 @@ def _keys_values(gen: torch.Generator, rows: int, length: int) -> tuple[torch.Te
     return torch.randn(rows, 2, length, 3, generator=gen), torch.randn(rows, 2, length, 3, generator=gen)
 
 
-def _plain_and_roomy(gen: torch.Generator, rows: int, length: int, room: int) -> tuple[DynamicLayer, RoomyLayer]:
-    """A transformers layer and a RoomyLayer holding the same first keys and values."""
+def _plain_and_preallocated(gen: torch.Generator, rows: int, length: int, room: int
+                            ) -> tuple[DynamicLayer, PreallocatedCacheLayer]:
+    """A transformers layer and a PreallocatedCacheLayer holding the same first keys and values."""
     k0, v0 = _keys_values(gen, rows, length)
     plain = DynamicLayer()
     plain.update(k0, v0)
-    return plain, RoomyLayer(k0, v0, room)
+    return plain, PreallocatedCacheLayer(k0, v0, room)
 
 
-def test_a_roomy_layer_holds_what_a_plain_layer_holds():
+def test_a_preallocated_layer_holds_what_a_plain_layer_holds():
     gen = torch.Generator().manual_seed(0)
-    plain, roomy = _plain_and_roomy(gen, rows=4, length=5, room=2)
-    store = roomy.key_store
+    plain, preallocated = _plain_and_preallocated(gen, rows=4, length=5, room=2)
+    store = preallocated.key_store
     for step in range(4):  # two steps within the room, then two past it (it grows)
         k, v = _keys_values(gen, 4, 1)
-        want, got = plain.update(k, v), roomy.update(k, v)
+        want, got = plain.update(k, v), preallocated.update(k, v)
         assert all(torch.equal(a, b) for a, b in zip(want, got))
-        assert roomy.get_seq_length() == plain.get_seq_length() == 6 + step
+        assert preallocated.get_seq_length() == plain.get_seq_length() == 6 + step
         if step < 2:
-            assert roomy.key_store is store  # written in place, not a new tensor
+            assert preallocated.key_store is store  # written in place, not a new tensor
     keep = torch.tensor([3, 1])
     plain.batch_select_indices(keep)
-    roomy.batch_select_indices(keep)
-    assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
+    preallocated.batch_select_indices(keep)
+    assert torch.equal(plain.keys, preallocated.keys) and torch.equal(plain.values, preallocated.values)
 
 
 def test_keeping_the_first_rows_takes_a_view_and_the_same_values():
     gen = torch.Generator().manual_seed(1)
-    plain, roomy = _plain_and_roomy(gen, rows=5, length=4, room=3)
-    store = roomy.key_store
+    plain, preallocated = _plain_and_preallocated(gen, rows=5, length=4, room=3)
+    store = preallocated.key_store
     for keep in (torch.tensor([0, 1, 2]), torch.tensor([0, 2])):  # the first rows, then not
         plain.batch_select_indices(keep)
-        roomy.batch_select_indices(keep)
-        assert torch.equal(plain.keys, roomy.keys) and torch.equal(plain.values, roomy.values)
+        preallocated.batch_select_indices(keep)
+        assert torch.equal(plain.keys, preallocated.keys) and torch.equal(plain.values, preallocated.values)
         k, v = _keys_values(gen, len(keep), 1)
-        assert all(torch.equal(a, b) for a, b in zip(plain.update(k, v), roomy.update(k, v)))
+        assert all(torch.equal(a, b) for a, b in zip(plain.update(k, v), preallocated.update(k, v)))
         if len(keep) == 3:
-            assert roomy.key_store.data_ptr() == store.data_ptr()  # the first rows: a view, nothing copied
+            assert preallocated.key_store.data_ptr() == store.data_ptr()  # the first rows: a view, nothing copied
         else:
-            assert roomy.key_store.data_ptr() != store.data_ptr()
-    assert is_leading(torch.tensor([0, 1, 2])) and is_leading(torch.tensor([], dtype=torch.long))
-    assert not is_leading(torch.tensor([1, 2])) and not is_leading(torch.tensor([0, 2]))
-    assert not is_leading(torch.tensor([0, 0, 2]))
+            assert preallocated.key_store.data_ptr() != store.data_ptr()
+    assert selects_first_rows(torch.tensor([0, 1, 2])) and selects_first_rows(torch.tensor([], dtype=torch.long))
+    assert not selects_first_rows(torch.tensor([1, 2])) and not selects_first_rows(torch.tensor([0, 2]))
+    assert not selects_first_rows(torch.tensor([0, 0, 2]))
 
 
 @torch.no_grad()
@@ -116,8 +117,8 @@ def test_decoding_writes_the_cache_in_place():
     model = tiny_model("llama", seed=3)
     ids, mask = prompt_batch([[5, 6, 7], [8, 9]], PAD)
     cache = _returned_cache(model(input_ids=ids, attention_mask=mask, use_cache=True))
-    make_room(cache, 3)
-    assert all(isinstance(layer, RoomyLayer) for layer in cache.layers)
+    preallocate_cache(cache, 3)
+    assert all(isinstance(layer, PreallocatedCacheLayer) for layer in cache.layers)
     seen: list[DynamicCache] = []
     forward = model.forward
 
@@ -128,7 +129,7 @@ def test_decoding_writes_the_cache_in_place():
 
     model.forward = spy
     decode_greedy(model, ids, mask, [4, 4], set())
-    assert seen and all(isinstance(layer, RoomyLayer) for c in seen for layer in c.layers)
+    assert seen and all(isinstance(layer, PreallocatedCacheLayer) for c in seen for layer in c.layers)
 
 
 def test_bad_counts_are_refused():

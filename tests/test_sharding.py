@@ -2,6 +2,7 @@
 stable assignment and keys, bitwise equality with a fresh run without the document, and bad input."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,13 @@ import forget as forget_cli
 import generate as generate_cli
 import train_guidance
 from docmem import run_folder
-from docmem.config import TrainConfig, parse_args
+from docmem.config import TrainConfig, build_parser, flags_markdown, parse_args
+from docmem.errors import ConfigError
 from docmem.forgetting.edits import forget
 from docmem.run_folder import load_documents, new_memory
 from docmem.sharding import ShardedMemory, load_any_memory, shard_assignment
 from docmem.trained_memory import load_memory_run
+from docmem.training.shard_runs import shard_config
 from document_memories import DocumentMemory, MemoryConfig
 from fixtures_memory import exit_code, tiny_lm_dir, tiny_run  # noqa: F401
 from fixtures_tiny import load_tensors, run_training, tiny_argv
@@ -52,6 +55,25 @@ def test_sharded_memory_routes_each_key_to_its_shard_and_drops_an_emptied_shard(
     assert torch.allclose(dropped(x[:2], keys[:2]), y[:2], atol=1e-6)
     one = forget(sharded, 0, "drop_key")
     assert one.doc_row == [0, 0] and torch.equal(one.doc_keys, keys[1:])
+
+
+@pytest.mark.parametrize("num_keys", [0, 2, 4])
+def test_a_key_count_that_does_not_divide_the_batch_is_refused_by_both_memories(num_keys):
+    a, b = _memory(2, 0), _memory(1, 1)
+    sharded = ShardedMemory([a, b], [0, 1], doc_shard=[0, 0, 1], doc_row=[0, 1, 0]).eval()
+    x = torch.randn(3, 4, 8)
+    keys = sharded.doc_keys[[0, 1, 2, 0][:num_keys]]
+    for memory in (a, sharded):
+        with pytest.raises(ValueError, match=f"{num_keys} keys for a batch of 3 rows"):
+            memory(x, keys)
+
+
+def test_one_key_per_prompt_serves_each_of_its_sequences():
+    a = _memory(2, 0)
+    x = torch.randn(4, 3, 8)
+    expanded = a(x, a.doc_keys)  # two keys for four rows: rows 0, 1 read key 0; rows 2, 3 key 1
+    assert torch.allclose(expanded, a(x, a.doc_keys[[0, 0, 1, 1]]), atol=1e-6)
+    assert torch.allclose(a(x, a.doc_keys[1]), a(x, a.doc_keys[[1, 1, 1, 1]]), atol=1e-6)
 
 
 def test_a_subset_run_keeps_every_documents_key_and_weights(tiny_lm_dir, tmp_path, monkeypatch):  # noqa: F811
@@ -108,6 +130,16 @@ def test_bad_shard_input_exits_2(tiny_lm_dir, tmp_path, capsys):  # noqa: F811
         assert exit_code(train_guidance.main, tiny_argv(tiny_lm_dir, tmp_path, "--max_labels", "3", *extra)) == 2
         assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert TrainConfig(max_labels=3, memory_shards=2, shard_index=1).train_seed != TrainConfig(max_labels=3).train_seed
+
+
+def test_shard_index_is_set_by_the_sharded_run_not_by_a_flag(tmp_path):
+    assert "shard_index" not in flags_markdown() and "--shard_index" not in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        parse_args(["--shard_index", "1"])
+    sub = shard_config(TrainConfig(max_labels=3, memory_shards=2), tmp_path, 1, num_docs=1)
+    assert sub.shard_index == 1 and sub.validate() is sub
+    with pytest.raises(ConfigError, match="--shard_index 2: allowed: -1..1"):
+        replace(sub, shard_index=2).validate()
 
 
 def test_retrain_shard_needs_a_sharded_run(tiny_run, tmp_path):  # noqa: F811

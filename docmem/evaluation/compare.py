@@ -16,6 +16,7 @@ from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.evaluation.pipeline import evaluate_run
 from docmem.pictures import evaluation_plots as analysis_plots
 from docmem.run_folder import FoundationCache, read_metrics, resolve_run_dir
+from utils import table_cell
 
 log = logging.getLogger(__name__)
 
@@ -54,16 +55,6 @@ def run_labels(configs: Sequence[dict], names: Sequence[str]) -> list[str]:
         labels.append(", ".join(parts) if parts else "baseline")
     counts = Counter(labels)
     return [f"{label} [{name}]" if counts[label] > 1 else label for label, name in zip(labels, names)]
-
-
-def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
-    return str(value)
 
 
 def compare(run_paths: Sequence[str | Path], out: str | Path, options: EvalOptions) -> dict[str, Any]:
@@ -111,11 +102,11 @@ def compare(run_paths: Sequence[str | Path], out: str | Path, options: EvalOptio
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         sel = row["selection_final"] or {}
-        cells = ([row["label"]] + [_fmt(row["rougeL_recall"][c]) for c in conditions]
-                 + [_fmt(row["ce_diagonal_mean"]), _fmt(row["ce_off_diagonal_mean"]),
-                    "–" if row["ce_diagonal_lowest_rows"] is None else f"{row['ce_diagonal_lowest_rows']}/{row['documents']}",
-                    _fmt(row["ce_no_memory_mean"])]
-                 + [_fmt(sel.get(k), 2) for k in stat_keys] + [_fmt(row["length_l0_pearson_r"])])
+        cells = ([row["label"]] + [table_cell(row["rougeL_recall"][c]) for c in conditions]
+                 + [table_cell(row["ce_diagonal_mean"]), table_cell(row["ce_off_diagonal_mean"]),
+                    table_cell(None if (lowest := row["ce_diagonal_lowest_rows"]) is None else f"{lowest}/{row['documents']}"),
+                    table_cell(row["ce_no_memory_mean"])]
+                 + [table_cell(sel.get(k), 2) for k in stat_keys] + [table_cell(row["length_l0_pearson_r"])])
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     varying = differing_fields(configs)
     notes = [

@@ -29,6 +29,7 @@ from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
 from docmem.evaluation.pipeline import evaluate_run
 from docmem.pictures import evaluation_plots as analysis_plots
 from docmem.run_folder import LORA_CONFIG_NAME, MEMORY_DIR, resolve_run_dir
+from utils import table_cell
 
 log = logging.getLogger(__name__)
 PROG = "methods_report"
@@ -152,14 +153,6 @@ def prompt_row(summary: dict[str, Any], out: Path) -> dict[str, Any]:
     }
 
 
-def _cell(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}" if abs(value) < 1000 else f"{value:,.0f}"
-    return f"{value:,}" if isinstance(value, int) else str(value)
-
-
 def markdown(rows: list[dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]]) -> str:
     header = ["method", "lr", "R-L recall right", "other", "plain LM", "CE diag", "CE off-diag", "CE plain LM",
               "attr. top-1 train", "attr. top-1 held-out", "trainable params", "bytes / doc", "context tokens / query",
@@ -169,7 +162,7 @@ def markdown(rows: list[dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]]
             "context_tokens_per_query", "train_seconds", "add_document_seconds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     digits = {"bytes_per_document": 0, "context_tokens_per_query": 1, "train_seconds": 1, "add_document_seconds": 1}
-    lines += ["| " + " | ".join(f"{r[k]:g}" if k == "lr" and r[k] is not None else _cell(r[k], digits.get(k, 3))
+    lines += ["| " + " | ".join(f"{r[k]:g}" if k == "lr" and r[k] is not None else table_cell(r[k], digits.get(k, 3), grouped=True)
                                 for k in keys) + " |" for r in rows]
     lines += ["", f"{RULE}. Every method trains for the same epochs on the same documents and batches. Recall: mean "
               "ROUGE-L recall of greedy continuations (over documents) under the right condition, other documents' "
@@ -183,7 +176,7 @@ def markdown(rows: list[dict[str, Any]], sweeps: dict[str, list[dict[str, Any]]]
     for name, runs in sweeps.items():
         for run in runs:
             recall, ce = right_condition(run["summary"])
-            lines.append(f"| {name} | {run['lr']:g} | {_cell(recall)} | {_cell(ce)} | `{run['run_dir']}` |")
+            lines.append(f"| {name} | {run['lr']:g} | {table_cell(recall, grouped=True)} | {table_cell(ce, grouped=True)} | `{run['run_dir']}` |")
     lora = [r for r in rows if "keyed_memory_parameters" in r]
     if lora:
         lines += ["", "LoRA ranks were matched to the keyed memory's trainable parameters: "

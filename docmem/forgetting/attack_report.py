@@ -9,6 +9,7 @@ Writes RUN/eval/forget_attack_doc_NN.json and .md.
 from __future__ import annotations
 
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from docmem.forgetting.key_attack import AttackSettings, attack, attack_starts, 
 from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
 from docmem.sharding import load_any_memory
 from docmem.trained_memory import document_index, locate_memory, read_provenance
+from utils import table_cell
 
 
 def _memory_row(run: LoadedRun, memory: Any, titles: list[str], doc: int, options: EvalOptions,
@@ -115,14 +117,11 @@ def attack_report(run_dir: str, doc_arg: str, options: EvalOptions, reference: s
     return report
 
 
-def _f(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
 def attack_table(report: dict[str, Any]) -> str:
     """Markdown: one row per memory; the reference's attack best and the plain LM in every row."""
     ref = report.get("reference") or {}
     plain = report["plain_lm"]
+    _f = partial(table_cell, none="-")  # this table marks a missing value with a hyphen
     lines = [f"Document {report['document']['index']} ({report['document']['title']!r}): mean token CE (lower = "
              "better recalled); verbatim = tokens greedy generation reproduces under the attack's best key",
              "", "| memory | old key | other keys (min) | grid best | attack best | verbatim | reference attack best | "

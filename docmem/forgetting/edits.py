@@ -41,6 +41,7 @@ from docmem.run_folder import LoadedRun, load_run, resolve_run_dir
 from docmem.sharding import ShardedMemory
 from docmem.trained_memory import document_index
 from document_memories import DocumentMemory
+from utils import table_cell
 
 FORGET_METHODS = ("drop_key", "edit")
 MIN_UNIQUE_NORM = 1e-6  # below this the document's selection is a combination of the others'
@@ -247,8 +248,7 @@ def forgetting_table(report: dict[str, Any]) -> str:
     lines = [header, "|" + "---|" * (len(states) + 1)]
 
     def cell(entry: dict[str, Any]) -> str:
-        recall = entry["rougeL_recall"]
-        return f"{'–' if recall is None else f'{recall:.3f}'} (CE {entry['ce']:.2f})"
+        return f"{table_cell(entry['rougeL_recall'])} (CE {entry['ce']:.2f})"
 
     lines.append("| old key | " + " | ".join(cell(s["document"]["old_key"]) for _, s in states) + " |")
     for title in report["before"]["document"]["remaining_keys"]:
@@ -260,7 +260,7 @@ def forgetting_table(report: dict[str, Any]) -> str:
     plain = report["plain_lm"]
     lines.append("| plain LM | " + " | ".join(cell(plain) for _ in states) + " |")
     lines.append("| others' right key, max change of recall | – | " + " | ".join(
-        "–" if (c := report["others_recall_change_max"][m]) is None else f"{c:.3f}" for m in report["after"]) + " |")
+        table_cell(report["others_recall_change_max"][m]) for m in report["after"]) + " |")
     missing = report["before"]["document"]["old_key"].get("rougeL_recall_missing")
     if missing:
         lines.append(f"\nRecall –: {missing}.")

@@ -2,9 +2,9 @@
 Pictures of a docmem run: loss curves, memory-selection heatmaps, a logit lens of each
 document's memory readout, and GIFs of those over training (docs/run_folder.md, summaries/).
 
-Every function builds its own matplotlib Figure with an Agg canvas (no pyplot, so no global
-figure registry to leak into), creates the parent directory, writes the file and returns
-its path. Figures have fixed sizes for fixed inputs (no bbox_inches="tight"), so the frames
+Every picture builds its own matplotlib Figure with an Agg canvas (no pyplot, so no global
+figure registry to leak into): draw_X returns the figure, unsaved (what a test inspects), and
+plot_X writes it (creating the parent directory) and returns its path. Figures have fixed sizes for fixed inputs (no bbox_inches="tight"), so the frames
 saved at successive epochs have the same pixel size and stack into a GIF cleanly. The three
 pictures of a summary (LossCurves, SelectionHeatmap, LogitLensTable) are classes whose figure a
 caller may keep from one frame to the next (summaries.SummaryWriter does): a frame then costs
@@ -33,7 +33,7 @@ DPI = 100
 TOKEN_FONT = "DejaVu Sans Mono"  # ships with matplotlib; monospace lines tokens up
 LOSS_SERIES = ("loss", "ce_positive", "ce_negative")
 GIF_BACKGROUND = (255, 255, 255)
-PNG_COMPRESS_LEVEL = 3  # zlib: files 3-7% larger than at the default 6, written ~30% faster
+PNG_COMPRESS_LEVEL = 3  # zlib: below the default 6, trading slightly larger files for faster writing
 
 # -----------------------------------------------------------------------------
 # small helpers
@@ -204,6 +204,10 @@ class LossCurves:
         return _loss_panels(history, target, title) == self.panels
 
     def draw(self, history: list[dict[str, float]], path: Path, title: str = "") -> Path:
+        return save_figure(self.frame(history, title), path, keep=True)
+
+    def frame(self, history: list[dict[str, float]], title: str = "") -> Figure:
+        """The figure with this history's lines, legends, y scale and title (not yet rendered)."""
         keys, _, target, _ = self.panels
         if not self.fits(history, target, title):
             raise ValueError("this history has other series than the figure was built for")
@@ -238,17 +242,19 @@ class LossCurves:
             self.ax_g.legend(loc="best", fontsize=8)
         if self.title is not None:
             self.title.set_text(title)
-        return save_figure(self.fig, path, keep=True)
+        return self.fig
+
+
+def draw_losses(history: list[dict[str, float]], title: str = "", target: float | None = None) -> Figure:
+    """The figure of the loss curves of `history`; see LossCurves, which draws them (and keeps the
+    figure for the next frame of a GIF)."""
+    return LossCurves(history, target=target, title=title).frame(history, title=title)
 
 
 def plot_losses(history: list[dict[str, float]], path: Path, title: str = "",
                 target: float | None = None) -> Path:
-    """The loss curves of `history`; see LossCurves, which draws them (and keeps the figure for
-    the next frame of a GIF)."""
-    curves = LossCurves(history, target=target, title=title)
-    path = curves.draw(history, path, title=title)
-    curves.fig.clear()
-    return path
+    """draw_losses, written to `path`."""
+    return save_figure(draw_losses(history, title, target), path)
 
 
 # -----------------------------------------------------------------------------
@@ -307,6 +313,10 @@ class SelectionHeatmap:
         return list(titles) == self.titles and np.shape(selections)[1:] == (self.m,)
 
     def draw(self, selections: np.ndarray, path: Path, epoch: int | None = None) -> Path:
+        return save_figure(self.frame(selections, epoch), path, keep=True)
+
+    def frame(self, selections: np.ndarray, epoch: int | None = None) -> Figure:
+        """The figure with these selections' colours, colour scale and title (not yet rendered)."""
         sel = _check_selections(selections, self.titles)
         if not self.fits(sel, self.titles):
             raise ValueError(f"selections of shape {sel.shape} for a heatmap of {len(self.titles)} x {self.m}")
@@ -328,19 +338,22 @@ class SelectionHeatmap:
         if len(self.rows) < n_docs:
             sub = f"showing {len(self.rows)} of {n_docs} documents (evenly sampled), {m} entries, {stats}"
         self.ax.set_title(f"{title}\n{sub}", fontsize=10)
-        return save_figure(self.fig, path, keep=True)
+        return self.fig
+
+
+def draw_selection_heatmap(selections: np.ndarray, titles: list[str], epoch: int | None = None,
+                           max_docs: int = 64, vmax: float | None = None) -> Figure:
+    """The figure of each document's memory selection s_i (rows: documents, columns: entries); see
+    SelectionHeatmap, which draws it (and keeps the figure for the next frame of a GIF)."""
+    sel = _check_selections(selections, titles)
+    return SelectionHeatmap(titles, sel.shape[1], vmax=vmax, max_docs=max_docs).frame(sel, epoch=epoch)
 
 
 def plot_selection_heatmap(selections: np.ndarray, titles: list[str], path: Path,
                            epoch: int | None = None, max_docs: int = 64,
                            vmax: float | None = None) -> Path:
-    """Heatmap of each document's memory selection s_i (rows: documents, columns: entries); see
-    SelectionHeatmap, which draws it (and keeps the figure for the next frame of a GIF)."""
-    sel = _check_selections(selections, titles)
-    heatmap = SelectionHeatmap(titles, sel.shape[1], vmax=vmax, max_docs=max_docs)
-    path = heatmap.draw(sel, path, epoch=epoch)
-    heatmap.fig.clear()
-    return path
+    """draw_selection_heatmap, written to `path`."""
+    return save_figure(draw_selection_heatmap(selections, titles, epoch, max_docs, vmax), path)
 
 
 # -----------------------------------------------------------------------------
@@ -432,6 +445,10 @@ class LogitLensTable:
             _lens_depth(top_tokens, self.docs) == self.k
 
     def draw(self, top_tokens: list[list[tuple[str, float]]], path: Path, epoch: int | None = None) -> Path:
+        return save_figure(self.frame(top_tokens, epoch), path, keep=True)
+
+    def frame(self, top_tokens: list[list[tuple[str, float]]], epoch: int | None = None) -> Figure:
+        """The figure with these tokens' cells, colour scale and title (not yet rendered)."""
         _check_lens(top_tokens, self.titles)
         if not self.fits(top_tokens, self.titles):
             raise ValueError(f"top tokens of {len(top_tokens)} documents for a table of {len(self.titles)} "
@@ -465,17 +482,20 @@ class LogitLensTable:
         if len(self.docs) < len(self.titles):
             title += f"\nshowing {len(self.docs)} of {len(self.titles)} documents (evenly sampled)"
         self.title.set_text(title)
-        return save_figure(self.fig, path, keep=True)
+        return self.fig
+
+
+def draw_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str], epoch: int | None = None,
+                    max_docs: int = 16) -> Figure:
+    """The figure of each document's top-k readout tokens; see LogitLensTable, which draws it (and
+    keeps the figure for the next frame of a GIF)."""
+    return LogitLensTable.for_tokens(top_tokens, titles, max_docs).frame(top_tokens, epoch=epoch)
 
 
 def plot_logit_lens(top_tokens: list[list[tuple[str, float]]], titles: list[str], path: Path,
                     epoch: int | None = None, max_docs: int = 16) -> Path:
-    """Table of each document's top-k readout tokens; see LogitLensTable, which draws it (and
-    keeps the figure for the next frame of a GIF)."""
-    table = LogitLensTable.for_tokens(top_tokens, titles, max_docs)
-    path = table.draw(top_tokens, path, epoch=epoch)
-    table.fig.clear()
-    return path
+    """draw_logit_lens, written to `path`."""
+    return save_figure(draw_logit_lens(top_tokens, titles, epoch, max_docs), path)
 
 
 # -----------------------------------------------------------------------------
@@ -505,11 +525,9 @@ def make_gif(frames: list[Path], path: Path, duration_ms: int = 300) -> Path:
     """A looping GIF of PNG frames, all brought to the first frame's pixel size, each frame
     reduced to its own 256 colours by Pillow's fast octree quantizer.
 
-    The octree is ~8x faster than the median cut Pillow applies to RGB frames by default (which
-    was most of the GIFs' cost: ~0.1 s a logit-lens frame) and as faithful to the eye: on the
-    summary pictures every pixel within 14-42 of 255 of the PNG (median cut: 32-58), on average
-    within 1.3-2.9 (median cut: 0.02-0.5; the octree turns white into 254). The GIFs come out
-    smaller, too.
+    The octree is much faster than the median cut Pillow applies to RGB frames by default, and the
+    frames stay the same picture to the eye (tests/test_plots.py bounds each pixel's error; the octree
+    may turn white into 254). The GIFs come out smaller, too.
 
     Pillow merges consecutive identical frames into one longer frame, so a GIF of
     unchanged pictures has fewer frames than paths (the total duration is kept).

@@ -1,9 +1,8 @@
 """Drawing a periodic summary's three pictures (losses.png, selection.png, logit_lens.png), in the
 training process or in a helper process beside it.
 
-A summary's pictures cost about a second of matplotlib on the CPU. On a GPU that is more than the
-training between two summaries: on an H200, the paper's run spent 57 s drawing its 50 summaries
-against 48 s of training steps. The training process computes what a summary shows (the selection,
+A summary's pictures are matplotlib work on the CPU, which on a GPU run can take as long as the
+training between two summaries. The training process computes what a summary shows (the selection,
 the logit lens) and hands it over as one JSON line; `python -m docmem.pictures.summary_drawing` draws the
 frames in order, with the figures kept from one frame to the next as in the training process, so
 the files are the same bytes. The training waits only when two summaries are already waiting to be
