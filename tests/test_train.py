@@ -11,7 +11,7 @@ import yaml
 from PIL import Image
 
 from conftest import ROOT
-from docmem.config import ConfigError, TrainConfig, build_parser, parse_args
+from docmem.config import ConfigError, TrainConfig, build_parser, flag_fields, parse_args
 from fixtures_tiny import tiny_lm_dir  # noqa: F401
 
 
@@ -53,7 +53,9 @@ def test_bad_values_name_the_flag(argv, flag):
 
 def test_help_lists_every_flag_with_default():
     text = build_parser().format_help()
-    for name in TrainConfig.__dataclass_fields__:
+    flags = [f.name for f in flag_fields()]
+    assert flags and set(flags) < set(TrainConfig.__dataclass_fields__)  # a field or two (shard_index) are not flags
+    for name in flags:
         assert f"--{name}" in text
     assert "--max_segements" in text and "(default: 0.1)" in text
 
@@ -78,6 +80,8 @@ def test_end_to_end_tiny_run(tiny_lm_dir, tmp_path):
     for key in ("initial_ce_positive", "final_ce_positive", "final_ce_negative", "wall_seconds"):
         assert isinstance(summary[key], float)
     assert summary["final_ce_positive"] < summary["initial_ce_positive"]
+    # the frozen prefix is run once before the first CE, timed apart from the steps and the rest
+    assert 0 < summary["prefix_seconds"] < summary["wall_seconds"] - summary["train_seconds"]
     for epoch in ("epoch_0002", "epoch_0004"):
         folder = run / "summaries" / epoch
         for name in ("losses.png", "selection.png", "logit_lens.png"):
