@@ -194,7 +194,7 @@ case "$preset" in
     # memory entries, trained on each of CAPACITY_DOCS ("10 50 200") fictional articles (--dataset synthetic: as
     # many as asked for, and no LM has seen them), CAPACITY_SEGMENTS (2) segments of 48 words each, 4 documents
     # per step (each with its own key or adapter), CAPACITY_EPOCHS (50) epochs, SmolLM2-135M; each run evaluated
-    # (ROUGE-L recall under the right and other keys or adapters, CE matrix); then benchmarks/capacity_report.py
+    # (ROUGE-L recall under the right and other keys or adapters, CE matrix); then python -m benchmarks.capacity_report
     # writes one table and one plot against the number of documents into CAPACITY_DIR/report.
     # The CPU-scale sweep: CAPACITY_DOCS="5 20 50" CAPACITY_SEGMENTS=1 bash run.sh capacity. CAPACITY_LR (3e-3)
     # is every method's learning rate; CAPACITY_LORA_LR (CAPACITY_LR) the LoRA methods' (e.g. the best of run.sh compare).
@@ -236,7 +236,7 @@ case "$preset" in
     done
     runs=(); failed=0
     sweep "${CAPACITY_JOBS:-1}" capacity_job "${names[@]}" || failed=$?
-    "$PYTHON" benchmarks/capacity_report.py --out "$root/report" "${runs[@]}"
+    "$PYTHON" -m benchmarks.capacity_report --out "$root/report" "${runs[@]}"
     exit "$failed"
     ;;
   *)

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.record import write_record
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--key_dim", type=int, default=8)
     parser.add_argument("--docs_per_step", type=int, default=16)
     parser.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
+    parser.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
+                                                          "(docs/results/many_documents.json)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for train_guidance.py")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="docmem-many-") as tmp:
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{summary['train_seconds']:.1f} s, outside them {outside:.1f} s "
           f"({100 * outside / summary['wall_seconds']:.0f}%), of which the frozen prefix that the steps read "
           f"{summary.get('prefix_seconds') or 0.0:.1f} s; the process {process_seconds:.1f} s")
+    if args.record:
+        write_record(args.record, result, "benchmarks.bench_many_documents", argv)
     print(json.dumps(result))
     return 0
 

@@ -1,6 +1,6 @@
 """How many documents one memory holds: a table and one plot from evaluated capacity runs.
 
-    python benchmarks/capacity_report.py --out outputs/capacity/report outputs/capacity/*_m*_n*
+    python -m benchmarks.capacity_report --out outputs/capacity/report outputs/capacity/*_m*_n*
 
 Reads each run's config.yaml (document_memory, hook_memory_dim, max_labels) and eval/summary.json
 (written by evaluate_memory.py) and writes into --out:
@@ -27,6 +27,8 @@ from typing import Any
 import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from benchmarks.record import table_cells, write_record
 
 COLUMNS = ("kind", "entries", "documents", "parameters", "recall_own", "recall_other", "recall_no_memory",
            "ce_own", "ce_other", "ce_no_memory")
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="capacity run folders (save_dir or save_dir/run_N)")
     p.add_argument("--out", required=True, help="folder for capacity.json, capacity.md, capacity.png")
+    p.add_argument("--record", metavar="JSON", help="also write the table, stamped, to this result file "
+                                                    "(docs/results/capacity.json)")
     args = p.parse_args(argv)
     rows = []
     for run in args.runs:
@@ -163,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "capacity.md").write_text(table)
     plot(rows, out / "capacity.png")
     print(table, end="")
+    if args.record:
+        write_record(args.record, table_cells(table), "benchmarks.capacity_report", argv)
     return 0
 
 

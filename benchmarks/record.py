@@ -68,3 +68,14 @@ def write_record(path: str | Path, figures: dict[str, Any], module: str, argv: l
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     print(f"recorded {path}", flush=True)
     return path
+
+
+def table_cells(markdown: str) -> dict[str, list]:
+    """A benchmark's markdown table as result-file cells: {"columns": [...], "rows": [[...], ...]}
+    (its first table; the lines around it are left out)."""
+    lines = [line.strip() for line in markdown.splitlines() if line.strip().startswith("|")]
+    split = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    if len(split) < 2:
+        raise ValueError("no markdown table to record")
+    body = [row for row in split[1:] if not all(set(cell) <= set("-: ") for cell in row)]
+    return {"columns": split[0], "rows": body}

@@ -108,6 +108,17 @@ def summary_process(figures: dict[str, Any]) -> Table:
     return columns, rows, None
 
 
+def many_documents(figures: dict[str, Any]) -> Table:
+    columns = ["documents", "epochs", "documents a step", "`wall_seconds`", "`train_seconds` (the steps)",
+               "`prefix_seconds` (the frozen LM below the hook, once)", "outside the steps", "outside, the prefix aside",
+               "config.yaml"]
+    f = figures
+    rows = [[str(f["documents"]), str(f["epochs"]), str(f["docs_per_step"]), seconds(f["wall_seconds"]),
+             seconds(f["train_seconds"]), seconds(f["prefix_seconds"]), f"**{seconds(f['outside_seconds'])}**",
+             seconds(f["outside_seconds_but_the_prefix"]), f"{f['config_yaml_bytes'] / 1000:.0f} KB"]]
+    return columns, rows, None
+
+
 def quickstart(figures: dict[str, Any]) -> Table:
     """The quick start's commands and one wall time each, from the newcomer's table ("not measured"
     for a command the file has no row for)."""

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.record import table_cells, write_record
 from docmem.config import load_run_config
 from docmem.evaluation.options import EVAL_DIR, EvalOptions
 from docmem.evaluation.pipeline import evaluate_run
@@ -38,14 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--grid", type=int, default=0, help="landscape grid (0: none; it is the slowest part)")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--record", metavar="JSON", help="also write the table, stamped, to this result file "
+                                                         "(docs/results/shard_cost.json)")
     args = parser.parse_args(argv)
     options = EvalOptions(grid=args.grid, threads=args.threads).validate()
     rows = [measure(run, options) for run in args.runs]
     keys = [k for k in rows[0] if k != "run"]
-    print("| " + " | ".join(keys) + " |")
-    print("|" + " --- |" * len(keys))
-    for row in rows:
-        print("| " + " | ".join(json.dumps(row[k]) for k in keys) + " |")
+    table = "\n".join(["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+                      + ["| " + " | ".join(json.dumps(row[k]) for k in keys) + " |" for row in rows])
+    print(table)
+    if args.record:
+        write_record(args.record, table_cells(table), "benchmarks.shard_cost", argv)
     print(json.dumps(rows))
     return 0
 

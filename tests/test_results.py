@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_evaluate, results
-from benchmarks.record import write_record
+from benchmarks.record import table_cells, write_record
 from benchmarks.results import PROVENANCE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,3 +123,10 @@ def test_a_benchmark_records_a_file_its_section_renders(tmp_path, monkeypatch, c
     text = results.render_table(tmp_path, section.name, section.table)
     assert "| 1 | 40.0 s | 30.0 s | **0.75** | 8.0 s | – | – | – | – | 31.0 s |" in text
     assert "Measured on " in text and record["commit"] in text
+
+
+def test_a_benchmarks_markdown_table_is_recorded_as_its_cells():
+    table = "a line before\n| method | recall |\n| --- | ---: |\n| keyed | 1.000 |\n| shared | – |\n\nnotes after\n"
+    assert table_cells(table) == {"columns": ["method", "recall"], "rows": [["keyed", "1.000"], ["shared", "–"]]}
+    with pytest.raises(ValueError):
+        table_cells("no table here\n")
