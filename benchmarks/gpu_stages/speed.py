@@ -1,4 +1,4 @@
-"""Stage b: the training step's speed (bench_train_step.py) at the paper's shape, Pythia-1B, block 15,
+"""Stage speed: the training step's speed (bench_train_step.py) at the paper's shape, Pythia-1B, block 15,
 batch 16 x 256: the three paths in fp32; the frozen and fast paths in fp32 with TF32 (a measurement of
 its own); the same two in bf16; then Llama-2-7B's shape in bf16 when the GPU holds it. The smoke run
 takes the tiny shape on the CPU, its bf16 run under the CUDA-rule autocast imitation."""
@@ -32,7 +32,7 @@ def runs_for(st: Stage) -> dict[str, list[str]]:
     return runs
 
 
-def stage_b(st: Stage) -> None:
+def run(st: Stage) -> None:
     device = "cpu" if st.smoke else "cuda"
     errors = []
     for name, flags in runs_for(st).items():

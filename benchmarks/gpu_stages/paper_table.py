@@ -1,4 +1,4 @@
-"""Stage d: `run.sh smollm2`, the paper's experiment on SmolLM2-135M offline: keyed and shared memories
+"""Stage paper_table: `run.sh smollm2`, the paper's experiment on SmolLM2-135M offline: keyed and shared memories
 trained side by side (500 epochs each), each evaluated, one --compare report."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def _compare_rows(report) -> dict:
             for row in rows}
 
 
-def stage_d(st: Stage) -> None:
+def run(st: Stage) -> None:
     flags = ["--dataset", WIKITEXT_CONFIG, "--data_path", str(st.data / WIKITEXT), "--data_split", "test",
              "--save_freq", "100"]
     # two trainings at once: each gets half the threads the machine's 16 cores leave
@@ -36,7 +36,7 @@ def stage_d(st: Stage) -> None:
             trainings[kind] = training_figures(read_json(runs[-1]))
         log = st.work / f"{kind}.log"
         if log.is_file():  # run.sh's own per-training logs go into the bundle
-            shutil.copy(log, st.runner.logs / f"d_train_{kind}.log")
+            shutil.copy(log, st.runner.logs / f"paper_table_train_{kind}.log")
     st.figures["training"] = trainings
     if (st.work / "report" / "compare.json").is_file():
         st.figures["compare"] = _compare_rows(st.work / "report")
