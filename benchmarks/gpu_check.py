@@ -43,6 +43,7 @@ from gpu_stages import capacity, cuda_tests, paper_run, paper_table, speed
 from gpu_stages.common import ALIASES, FULL_LIMITS, NEEDS, SMOKE_LIMITS, STAGES, Runner, Stage, StageError
 from gpu_stages.kit import kit_check
 from gpu_stages.report import bundle, commit_info, table
+from gpu_stages.wheels import tested_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_FUNCTIONS: dict[str, Callable[[Stage], None]] = {
@@ -144,6 +145,7 @@ def write_report(args: argparse.Namespace, kit: dict[str, Any], this_call: dict[
                "complete": set(this_call) == set(args.stages),
                "machine": {"gpu": state.get("gpu"), "python": state.get("python"), **versions,
                            "cpu_count": os.cpu_count()},
+               "tested_versions": {name: tested_versions().get(name) for name in versions},
                "kit": {k: kit.get(k) for k in ("actions", "missing", "wheel_problems", "data", "manifest")},
                "packages": state["packages"], "stages": stages, "argv": args.argv, "limits_s": args.limit}
     pictures = [Path(p) for name in STAGES if name in stages for p in stages[name].get("pictures", [])

@@ -171,6 +171,25 @@ def test_carried_wheels_are_checked_against_the_image(tmp_path):
     assert any("would break the image's" in p and "packaging" in p for p in kit_wheels.check_wheels([old], installed))
 
 
+def test_the_kit_fetches_and_checks_the_tested_versions_of_requirements_txt(tmp_path):
+    """One list of versions: prepare_gpu_kit.py fetches each wheel at the version requirements.txt names as
+    tested, and the kit check refuses a carried wheel of another version."""
+    tested = kit_wheels.tested_versions()
+    assert tested["torch"] and tested["peft"] and tested["rouge-score"] == "0.1.2"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prepare_gpu_kit.py"), "--out",
+                           str(tmp_path / "kit"), "--dry_run"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    fetched = dict(line.split("==") for line in done.stdout.split())
+    assert {"datasets", "gguf", "peft", "rouge-score", "fsspec"} <= set(fetched)
+    assert all(tested[name] == version for name, version in fetched.items()), (fetched, tested)
+    assert not (tmp_path / "kit").exists()
+    other = f"{tested['peft']}.post9"
+    problems = kit_wheels.check_wheels([_wheel(tmp_path, "peft", other)], {"peft": tested["peft"]})
+    assert len(problems) == 1 and f"peft {other} is not the tested {tested['peft']}" in problems[0]
+    assert kit_wheels.check_wheels([_wheel(tmp_path / "ok", "peft", tested["peft"])], {}) == []
+
+
 def test_a_cut_call_still_returns_the_finished_stages(tmp_path):
     """gpu_check.json and gpu_check.md are written after the kit check and after every stage: a call cut
     off in stage speed (here: killed) has stage cuda_tests' result and says it is incomplete."""
