@@ -103,8 +103,10 @@ def environment(args: argparse.Namespace, site: Path) -> dict[str, str]:
     return env
 
 
-def run_stage(name: str, args: argparse.Namespace, kit: dict[str, Any], runner: Runner) -> dict[str, Any]:
-    """One stage under its limit: its result, figures and commands (skipped when the kit lacks what it needs)."""
+def run_stage(name: str, args: argparse.Namespace, kit: dict[str, Any], runner: Runner,
+              partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One stage under its limit: its result, figures and commands (skipped when the kit lacks what it needs).
+    partial gets the result so far (status "running") whenever the stage has finished a row."""
     limit = args.limit[name]
     missing = [need for need in NEEDS[name] if need in kit["missing"]] + kit["base_missing"]
     result: dict[str, Any] = {"name": name, "what": STAGES[name], "limit_s": limit, "commit": None, "smoke": args.smoke}
@@ -120,6 +122,10 @@ def run_stage(name: str, args: argparse.Namespace, kit: dict[str, Any], runner: 
     data = Path(kit["data"]) if kit["data"] else None
     st = Stage(name, stage_work, runner, t0 + limit, args.smoke, data,
                (kit["state"].get("gpu") or {}).get("memory_gib", 0.0))
+    if partial:
+        st.on_progress = lambda: partial({**result, "status": "running", "seconds": round(time.monotonic() - t0, 1),
+                                          "figures": st.figures, "commands": runner.commands[first_command:],
+                                          "pictures": [str(p) for p in st.pictures]})
     try:
         STAGE_FUNCTIONS[name](st)
         result["status"] = "ok"
@@ -137,12 +143,14 @@ def write_report(args: argparse.Namespace, kit: dict[str, Any], this_call: dict[
         earlier = json.loads(path.read_text())
         if path.stem in STAGES and path.stem not in this_call and earlier.get("smoke") == args.smoke:
             stages[path.stem] = {**earlier, "from_earlier_invocation": True}
+            if earlier.get("status") == "running":  # that call ended inside the stage: its rows so far
+                stages[path.stem]["status"] = "cut off"
     stages.update(this_call)
     state = kit["state"]
     versions = {name: state["packages"].get(name, {}).get("version") for name in ("torch", "transformers", "datasets")}
     results = {"smoke": args.smoke, "commit": commit_info(args.kit), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "total_seconds": round(time.monotonic() - started, 1),
-               "complete": set(this_call) == set(args.stages),
+               "complete": all(this_call.get(name, {}).get("status") not in (None, "running") for name in args.stages),
                "machine": {"gpu": state.get("gpu"), "python": state.get("python"), **versions,
                            "cpu_count": os.cpu_count()},
                "tested_versions": {name: tested_versions().get(name) for name in versions},
@@ -180,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     commit = commit_info(args.kit)
     this_call: dict[str, Any] = {}
     write_report(args, kit, this_call, started)  # the kit check comes back even if the first stage is cut
+
+    def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Keep a stage's result (final, or so far) in WORK/stages and rewrite the report with it."""
+        this_call[name] = result
+        (args.work / "stages" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return write_report(args, kit, this_call, started)
+
     for name in args.stages:
-        result = run_stage(name, args, kit, runner)
+        result = run_stage(name, args, kit, runner, lambda so_far, name=name: record(name, {**so_far, "commit": commit}))
         result.update(finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), commit=commit)
         print(f"stage {name}: {result['status']} in {result['seconds']} s"
               + (f": {result['error']}" if result.get("error") else ""), flush=True)
-        this_call[name] = result
-        (args.work / "stages" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        results = write_report(args, kit, this_call, started)
+        results = record(name, result)
     print(table(results), flush=True)
     return 0 if all(r["status"] == "ok" for r in this_call.values()) else 1
 

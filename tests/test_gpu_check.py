@@ -190,28 +190,42 @@ def test_the_kit_fetches_and_checks_the_tested_versions_of_requirements_txt(tmp_
     assert kit_wheels.check_wheels([_wheel(tmp_path / "ok", "peft", tested["peft"])], {}) == []
 
 
-def test_a_cut_call_still_returns_the_finished_stages(tmp_path):
-    """gpu_check.json and gpu_check.md are written after the kit check and after every stage: a call cut
-    off in stage speed (here: killed) has stage cuda_tests' result and says it is incomplete."""
+def test_a_cut_call_still_returns_the_finished_stages_and_rows(tmp_path):
+    """gpu_check.json and gpu_check.md are written after the kit check, after every stage, and after every
+    row of stage speed: a call cut off (here: killed) in speed's second row has cuda_tests' result and
+    speed's first row, and says it is incomplete; a later call merges that stage as cut off."""
     out, work = tmp_path / "out", tmp_path / "work"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--stages", "cuda_tests,speed", "--out", str(out), "--work",
-                             str(work), *smoke_data(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--smoke", "--stages", "cuda_tests,speed", "--out", str(out),
+                             "--work", str(work), *smoke_data(tmp_path)], cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
+    seen = []
     try:
-        deadline = time.monotonic() + 300
+        deadline = time.monotonic() + 400
         while time.monotonic() < deadline:
             path = out / "gpu_check.json"
-            if path.is_file() and "cuda_tests" in json.loads(path.read_text())["stages"]:
+            stages = json.loads(path.read_text())["stages"] if path.is_file() else {}
+            seen.append(sorted(stages))
+            if "tiny_bf16" in stages.get("speed", {}).get("figures", {}):
                 break
-            assert proc.poll() is None, "gpu_check.py ended before writing stage cuda_tests' result"
-            time.sleep(0.5)
+            assert proc.poll() is None, "gpu_check.py ended before writing speed's first row"
+            time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    assert ["cuda_tests"] in seen  # stage cuda_tests came back before speed had a row
     results = json.loads((out / "gpu_check.json").read_text())
-    assert results["stages"]["cuda_tests"]["status"] == "ok" and "speed" not in results["stages"]
+    assert results["stages"]["cuda_tests"]["status"] == "ok"
+    speed = results["stages"]["speed"]
+    assert speed["status"] == "running" and speed["figures"]["tiny_bf16"]["fast_s_per_step"] > 0
+    assert "tiny_fp32" not in speed["figures"] and len(speed["commands"]) == 1
     assert results["complete"] is False and "still running" in (out / "gpu_check.md").read_text()
     assert "installed 1 wheels" in " ".join(results["kit"]["actions"])
+    # a later call on the same WORK (a stage it does not run) merges the cut stage with its row
+    again = _run("--stages", "capacity", "--smoke", "--out", str(tmp_path / "out2"), "--work", str(work),
+                 "--limits", "capacity=1", *smoke_data(tmp_path), timeout=300)
+    merged = json.loads((tmp_path / "out2" / "gpu_check.json").read_text())["stages"]
+    assert again.returncode == 1 and merged["speed"]["status"] == "cut off", again.stdout[-2000:]
+    assert "tiny_bf16" in merged["speed"]["figures"] and merged["speed"]["from_earlier_invocation"] is True
 
 
 def test_a_cut_pytest_run_still_records_the_tests_that_finished(tmp_path):

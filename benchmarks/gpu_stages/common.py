@@ -149,6 +149,12 @@ class Stage:
     gpu_memory_gib: float
     figures: dict[str, Any] = field(default_factory=dict)
     pictures: list[Path] = field(default_factory=list)
+    on_progress: Callable[[], None] | None = None  # gpu_check.py's: the report rewritten with the figures so far
+
+    def checkpoint(self) -> None:
+        """A row is done: the report is written again with it, so a call cut off later keeps it."""
+        if self.on_progress:
+            self.on_progress()
 
     def run(self, name: str, cmd: list[str], env: dict[str, str] | None = None, reserve: float = 0.0,
             poll: Callable[[], None] | None = None, check: bool = True) -> dict[str, Any]:

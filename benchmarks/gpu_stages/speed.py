@@ -1,7 +1,8 @@
 """Stage speed: the training step's speed (bench_train_step.py) at the paper's shape, Pythia-1B, block 15,
 batch 16 x 256: the three paths in fp32; the frozen and fast paths in fp32 with TF32 (a measurement of
 its own); the same two in bf16; then Llama-2-7B's shape in bf16 when the GPU holds it. The smoke run
-takes the tiny shape on the CPU, its bf16 run under the CUDA-rule autocast imitation."""
+takes the tiny shape on the CPU, its bf16 run under the CUDA-rule autocast imitation. The report is
+written again after every row."""
 from __future__ import annotations
 
 import sys
@@ -41,12 +42,14 @@ def run(st: Stage) -> None:
         if result["rc"] != 0 or result["timed_out"]:
             errors.append(f"{name}: {'timed out' if result['timed_out'] else 'exit ' + str(result['rc'])}")
             st.figures[name] = {"failed": errors[-1]}
+            st.checkpoint()
             if result["timed_out"]:
                 break
             continue
         report = last_json_line(st.runner.logs / result["log"])
         st.figures[name] = {**{k: report.get(k) for k in REPORT_KEYS},
                             "peak_gib": {p: round(v / GIB, 3) for p, v in report["peak_memory_bytes"].items()}}
+        st.checkpoint()  # the report after every row: a call cut short keeps the rows that finished
     bf16 = st.figures.get("pythia-1b_bf16", {})
     if bf16.get("fast_s_per_step") is not None:  # the issue's targets, reported, never asserted
         st.figures["targets"] = {"fast_bf16_s_per_step_max": 0.012, "fast_bf16_peak_gib_max": 4.0,
