@@ -1,5 +1,6 @@
 """What every stage of gpu_check.py shares: the stage table, running a command under the stage's
-deadline (its whole process group stopped at the deadline), and reading what a run wrote."""
+deadline (its whole process group stopped at the deadline, and every process it started, in whatever
+session, stopped when it ends), and reading what a run wrote."""
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,8 @@ TOKENIZER = Path("tokenizers/gpt-neox-20b")
 WIKITEXT = Path("wikitext_document_level")
 WIKITEXT_CONFIG = "wikitext-103-raw-v1"
 GIB = 1 << 30
+MARK_VARIABLE = "DOCMEM_GPU_CHECK_COMMAND"  # in every command's environment, so its processes can be found
+STRAY_GRACE_S = 5.0  # a process a command left behind gets this long to end on its own (a helper sees its parent gone)
 
 
 class StageError(RuntimeError):
@@ -62,12 +66,14 @@ class Runner:
         log.parent.mkdir(parents=True, exist_ok=True)
         extra = env or {}
         started = time.monotonic()
-        record = {"name": name, "command": " ".join(quote(c) for c in cmd), "env": extra, "log": log.name}
+        mark = uuid.uuid4().hex
+        record = {"name": name, "command": " ".join(quote(c) for c in cmd), "env": extra, "log": log.name,
+                  "mark": mark}
         with open(log, "w") as out:
             out.write(f"$ {' '.join(f'{k}={quote(v)}' for k, v in extra.items())} {record['command']}\n")
             out.flush()
-            proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **extra}, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
+            proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **extra, MARK_VARIABLE: mark}, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
             timed_out = False
             while proc.poll() is None:
                 if poll:
@@ -77,7 +83,11 @@ class Runner:
                     stop_group(proc)
                     break
                 time.sleep(0.25)
+        # what the command started in a session of its own (the summary-drawing helper) is not in its group
+        strays = stop_marked(mark)
         record.update(rc=proc.returncode, seconds=round(time.monotonic() - started, 2), timed_out=timed_out)
+        if strays:
+            record["stray_processes_stopped"] = strays
         self.commands.append(record)
         return record
 
@@ -98,6 +108,41 @@ def stop_group(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def marked_processes(mark: str) -> list[int]:
+    """Pids of the live processes whose environment holds MARK_VARIABLE=mark (a command's, at any depth)."""
+    needle = f"{MARK_VARIABLE}={mark}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if needle in (proc / "environ").read_bytes().split(b"\0"):
+                found.append(int(proc.name))
+        except OSError:  # ended meanwhile, or not ours to read
+            continue
+    return found
+
+
+def stop_marked(mark: str, grace: float = STRAY_GRACE_S) -> list[int]:
+    """Stop what a finished command left running: each process of its mark gets `grace` seconds to end on its
+    own, then SIGTERM, then SIGKILL. Returns the pids that had to be signalled."""
+    deadline = time.monotonic() + grace
+    while marked_processes(mark) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    signalled = marked_processes(mark)
+    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        left = marked_processes(mark)
+        for pid in left:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                continue
+        end = time.monotonic() + wait
+        while marked_processes(mark) and time.monotonic() < end:
+            time.sleep(0.1)
+    return signalled
 
 
 def last_json_line(log: Path) -> dict[str, Any]:
