@@ -72,15 +72,27 @@ def test_smoke_runs_every_stage(tmp_path):
     assert "installed 1 wheels" in actions and "sha256 ok" in actions and not results["kit"]["wheel_problems"]
     assert results["complete"] is True
     assert c["fp32_vs_bf16"]["epochs"] == 4 and c["fp32_vs_bf16"]["max_abs_diff"] >= 0
-    d = stages["paper_table"]["figures"]["compare"]
-    assert len(d) == 2 and {"keyed", "shared"} <= set(stages["paper_table"]["figures"]["training"])
+    table = stages["paper_table"]["figures"]
+    rows = {r["run"]: r for r in table["rows"]}
+    assert list(rows) == ["tanh", "relu", "sigmoid", "keygen_nonlinear", "shared"]
+    assert not [r for r in rows.values() if r.get("missing")]
+    for name in ("tanh", "relu", "sigmoid", "keygen_nonlinear"):  # the keyed runs: selection, R, landscape
+        assert rows[name]["selection_at"]["epoch"] == 2 and rows[name]["selection_at"]["l0"] is not None
+        assert rows[name]["landscape"]["documents"] == 2 and len(rows[name]["landscape_minima"]) == 2
+        assert rows[name]["recall_own"] is not None and rows[name]["recall_other"] is not None
+    assert rows["tanh"]["paper_r"] == 0.97 and rows["shared"]["landscape"] is None
+    assert rows["shared"]["recall_own"] is not None and rows["shared"]["recall_no_memory"] is not None
+    assert table["table_md"].count("\n| ") == 5 and "## paper_table" in (out / "gpu_check.md").read_text()
+    trainings = [c["command"] for c in stages["paper_table"]["commands"] if "train_guidance.py" in c["command"]]
+    assert len(trainings) == 5 and any("--key_activation sigmoid" in c for c in trainings)
+    assert any("--document_key_module_type nonlinear --key_internal_layers 2" in c for c in trainings)
     e = stages["capacity"]["figures"]["rows"]
     assert len(e) == 3 and not [r for r in e if "missing" in r]
     assert {(r["kind"], r["documents"], r["entries"]) for r in e} == {("keyed", 3, 4), ("shared", 3, 4), ("lora", 3, 4)}
     assert e[0]["recall_own"] is not None and e[0]["ce_own"] > 0
     # every figure has the command that reproduces it
     commands = [c["command"] for s in stages.values() for c in s["commands"]]
-    assert any("run.sh capacity" in c for c in commands) and any("run.sh smollm2" in c for c in commands)
+    assert any("run.sh capacity" in c for c in commands) and any("evaluate_memory.py --compare" in c for c in commands)
     assert any("run.sh paper" in c for c in commands) and any("benchmarks.bench_train_step" in c for c in commands)
     assert "| capacity | ok |" in done.stdout
 

@@ -73,3 +73,18 @@ def test_a_training_cut_by_its_stage_leaves_no_summary_helper(tiny_lm_dir, tmp_p
         proc.kill()
         for pid in helpers(mark):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_background_jobs_run_at_most_n_at_once_and_stop_at_the_deadline(tmp_path):
+    """Runner.run_jobs (stage paper_table's trainings): at most max_jobs at once; at the deadline the running
+    ones are stopped, each leaving no process, and the ones not started are recorded so."""
+    quick = [sys.executable, "-c", "pass"]
+    records = runner(tmp_path).run_jobs([("a", quick), ("b", quick), ("c", quick)], time.monotonic() + 60, 2)
+    assert [r["rc"] for r in records] == [0, 0, 0] and not any(r["timed_out"] for r in records)
+    slow = [[sys.executable, "-c", DETACH, str(tmp_path / f"{i}.pid"), "300"] for i in range(3)]
+    records = runner(tmp_path).run_jobs([(f"slow{i}", cmd) for i, cmd in enumerate(slow)], time.monotonic() + 4, 2)
+    assert [r["timed_out"] for r in records] == [True, True, True]
+    assert records[2].get("not_started") is True and not (tmp_path / "2.pid").exists()
+    for i in (0, 1):
+        assert "not_started" not in records[i] and not alive(int((tmp_path / f"{i}.pid").read_text()))
+        assert not marked_processes(records[i]["mark"])

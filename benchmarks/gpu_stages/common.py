@@ -25,8 +25,8 @@ ALIASES = {"a": "cuda_tests", "b": "speed", "c": "paper_run", "d": "paper_table"
 # Seconds per stage on one H200, sized from the first run there (2026-11-29; benchmarks/README.md gives
 # what each stage took). 15 minutes of device time hold two calls of about 5 and 6.5 minutes (plus the
 # machine's start): a,c then b,d, or a,b then d,e.
-FULL_LIMITS = {"cuda_tests": 150, "speed": 130, "paper_run": 235, "paper_table": 170, "capacity": 200}
-SMOKE_LIMITS = {"cuda_tests": 60, "speed": 120, "paper_run": 120, "paper_table": 150, "capacity": 180}  # generous: CI machines vary
+FULL_LIMITS = {"cuda_tests": 150, "speed": 130, "paper_run": 235, "paper_table": 330, "capacity": 200}
+SMOKE_LIMITS = {"cuda_tests": 60, "speed": 120, "paper_run": 120, "paper_table": 240, "capacity": 180}  # generous: CI machines vary
 BASE_PACKAGES = ("torch", "transformers", "safetensors", "yaml", "matplotlib", "tqdm", "numpy", "PIL", "accelerate")
 # what each stage needs beyond BASE_PACKAGES; "gguf_model" = the SmolLM2 GGUF file (full mode only)
 NEEDS: dict[str, tuple[str, ...]] = {
@@ -92,22 +92,72 @@ class Runner:
         return record
 
 
+    def run_jobs(self, jobs: list[tuple[str, list[str]]], deadline: float, max_jobs: int,
+                 env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        """Run the (name, cmd) jobs as background processes, at most max_jobs at a time, each with its log,
+        until all end or the deadline passes; then every running job's group is stopped, and a job not yet
+        started is recorded as not started. Records in the jobs' order (rc, seconds, timed_out, log)."""
+        extra = env or {}
+        waiting = list(enumerate(jobs))
+        running: dict[int, tuple[subprocess.Popen, Any, float]] = {}
+        records: list[dict[str, Any]] = [{"name": name, "command": " ".join(quote(c) for c in cmd), "env": extra,
+                                          "log": f"{name}.log", "mark": uuid.uuid4().hex} for name, cmd in jobs]
+        self.logs.mkdir(parents=True, exist_ok=True)
+        while waiting or running:
+            while waiting and len(running) < max_jobs and time.monotonic() < deadline:
+                i, (name, cmd) = waiting.pop(0)
+                out = open(self.logs / records[i]["log"], "w")  # closed when the job ends
+                out.write(f"$ {' '.join(f'{k}={quote(v)}' for k, v in extra.items())} {records[i]['command']}\n")
+                out.flush()
+                proc = subprocess.Popen(cmd, cwd=ROOT, env={**self.env, **extra, MARK_VARIABLE: records[i]["mark"]},
+                                        stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+                running[i] = (proc, out, time.monotonic())
+            cut = time.monotonic() > deadline
+            if cut:  # all at once: each gets the same 10 s to write its checkpoint
+                stop_groups([proc for proc, _, _ in running.values()])
+            for i, (proc, out, started) in list(running.items()):
+                if proc.poll() is None and not cut:
+                    continue
+                records[i].update(rc=proc.returncode, seconds=round(time.monotonic() - started, 2), timed_out=cut)
+                out.close()
+                del running[i]
+            if cut:
+                for i, _ in waiting:
+                    records[i].update(rc=None, seconds=0, timed_out=True, not_started=True)
+                waiting = []
+            time.sleep(0.25)
+        for record in records:
+            strays = stop_marked(record["mark"], grace=STRAY_GRACE_S if "not_started" not in record else 0)
+            if strays:
+                record["stray_processes_stopped"] = strays
+        self.commands.extend(records)
+        return records
+
+
 def quote(text: str) -> str:
     return text if text and all(c.isalnum() or c in "-_./=:,+@%" for c in text) else "'" + text.replace("'", "'\\''") + "'"
 
 
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM to the command's own process group (training writes its checkpoint and pictures), SIGKILL after 10 s."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
+    stop_groups([proc])
+
+
+def stop_groups(procs: list[subprocess.Popen]) -> None:
+    """stop_group for several commands at once: SIGTERM to every group, SIGKILL to those left after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        procs = [p for p in procs if p.poll() is None]
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                continue
+        end = time.monotonic() + wait
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def marked_processes(mark: str) -> list[int]:
@@ -209,6 +259,12 @@ class Stage:
         if check and result["rc"] != 0:
             raise StageError(f"{name} exited with {result['rc']} (log {result['log']})")
         return result
+
+    def run_jobs(self, jobs: list[tuple[str, list[str]]], max_jobs: int, env: dict[str, str] | None = None,
+                 reserve: float = 0.0) -> list[dict[str, Any]]:
+        """Runner.run_jobs under the stage's deadline (less reserve), the jobs' names prefixed with the stage's."""
+        return self.runner.run_jobs([(f"{self.name}_{n}", cmd) for n, cmd in jobs], self.deadline - reserve, max_jobs,
+                                    env)
 
     def tiny_lm(self) -> Path:
         """The smoke runs' model: Pythia-shaped, 2 blocks, the real tokenizer (built once per WORK)."""

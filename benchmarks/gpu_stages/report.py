@@ -55,9 +55,10 @@ def headline(name: str, figures: dict[str, Any]) -> str:
         if name == "paper_run":
             return _paper(figures)
         if name == "paper_table":
-            return "; ".join(f"{label}: R-L recall {json.dumps({k: round(v, 3) for k, v in r['rougeL_recall'].items() if v is not None})}, "
-                             f"CE diag {_f(r['ce_diagonal_mean'])} off {_f(r['ce_off_diagonal_mean'])}"
-                             for label, r in figures.get("compare", {}).items())
+            return "; ".join(f"{r['run']}: R {_f(r.get('r'))} (paper {_f(r.get('paper_r'))}), R-L recall own "
+                             f"{_f(r.get('recall_own'))} other {_f(r.get('recall_other'))}" + (
+                                 f" ({r['missing']})" if r.get("missing") else "")
+                             for r in figures.get("rows", []))
         if name == "capacity":
             rows = [r for r in figures.get("rows", []) if "missing" not in r]
             return f"{len(rows)} runs evaluated (table in gpu_check.md)"
@@ -83,7 +84,7 @@ def table(results: dict[str, Any]) -> str:
     if problems:
         head += ["Kit wheels not installed: " + "; ".join(problems), ""]
     extra = []
-    for name, key in (("paper_table", "compare_md"), ("capacity", "capacity_md")):
+    for name, key in (("paper_table", "table_md"), ("capacity", "capacity_md")):
         md = results["stages"].get(name, {}).get("figures", {}).get(key)
         if md:
             extra += ["", f"## {name}: {STAGES[name]}", "", md]
