@@ -42,7 +42,7 @@ from gpu_stages.wheels import REQUIREMENTS, tested_versions
 ROOT = Path(__file__).resolve().parents[1]
 # fsspec: datasets pins it (<= its tested release); defusedxml: nltk needs it
 KIT_PACKAGES = ("datasets", "dill", "multiprocess", "fsspec", "gguf", "rouge-score", "nltk", "defusedxml", "peft")
-# what the GPU image already holds, among these packages' requirements (device KINDS.md, read 2026-11-17)
+# what the GPU image already holds, among these packages' requirements (the device tool's KINDS.md)
 GPU_PRESENT = {"absl-py", "aiohttp", "click", "filelock", "fsspec", "httpx", "huggingface-hub", "joblib", "numpy",
                "packaging", "pandas", "pyarrow", "pyyaml", "regex", "requests", "six", "tqdm", "xxhash",
                "sentencepiece", "protobuf", "typing-extensions"}

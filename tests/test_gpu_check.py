@@ -14,7 +14,16 @@ import zipfile
 
 from benchmarks.gpu_stages import kit as kit_module
 from benchmarks.gpu_stages import wheels as kit_wheels
-from benchmarks.gpu_stages.common import GGUF_FILE, STAGES
+from benchmarks.gpu_stages.common import (
+    CALL_TIMEOUTS_S,
+    CALLS,
+    FULL_LIMITS,
+    GGUF_FILE,
+    KIT_CHECK_S,
+    PLAN_BUDGET_S,
+    STAGES,
+    call_commands,
+)
 from benchmarks.gpu_stages.cuda_tests import outcomes_from_log
 from conftest import ROOT, SHARED_DATA
 from fixtures_tiny import build_local_wikitext, build_tokenizer
@@ -240,9 +249,24 @@ def test_a_cut_call_still_returns_the_finished_stages_and_rows(tmp_path):
     assert "tiny_bf16" in merged["speed"]["figures"] and merged["speed"]["from_earlier_invocation"] is True
 
 
+def test_the_call_plan_fits_and_the_docs_give_it():
+    """The GPU work is two calls within PLAN_BUDGET_S, each call's stage limits and the kit check within its
+    timeout; benchmarks/README.md and docs/reproducing.md give the same calls and timeouts."""
+    assert len(CALLS) == len(CALL_TIMEOUTS_S) == 2 and sum(CALL_TIMEOUTS_S) <= PLAN_BUDGET_S <= 12 * 60
+    assert CALLS[0] == ("speed", "cuda_tests")  # the first worth having on its own
+    for stages, timeout in zip(CALLS, CALL_TIMEOUTS_S):
+        assert set(stages) <= set(STAGES) and sum(FULL_LIMITS[s] for s in stages) + KIT_CHECK_S <= timeout
+    for page in (ROOT / "benchmarks" / "README.md", ROOT / "docs" / "reproducing.md"):
+        text = " ".join(page.read_text().split())
+        for command, timeout in zip(call_commands(), CALL_TIMEOUTS_S):
+            assert command in text, (page.name, command)
+            assert f"{timeout} s" in text or f"timeout_s: {timeout}" in text, (page.name, timeout)
+        assert "--stages a" not in text and "stage_a" not in text, page.name
+
+
 def test_a_cut_pytest_run_still_records_the_tests_that_finished(tmp_path):
-    """Stage cuda_tests on the H200 once ran out of its limit after 13 of 14 tests: their outcomes come from
-    pytest's verbose log, since the JUnit report is written only at the end."""
+    """Stage cuda_tests cut off by its limit keeps the outcomes of the tests that finished: from pytest's
+    verbose log, since the JUnit report is written only at the end."""
     log = tmp_path / "a_pytest.log"
     log.write_text("$ python -m pytest -m cuda tests/test_cuda.py -v\n"
                    "============ test session starts ============\n"

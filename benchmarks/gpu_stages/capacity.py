@@ -1,8 +1,7 @@
 """Stage capacity: `run.sh capacity`, how many documents one memory holds: keyed and shared memories of 32
 entries and per-document LoRA matched to the keyed memory's parameters, on 10 and 50 fictional documents
 (6 runs at once on the GPU), each evaluated, one table and one plot. The preset's 200-document and
-256-entry runs are left out to fit the stage in its limit: on the H200, with 9 runs at once, a 200-document
-keyed run took 1.5 s an epoch and the 50-document LoRA run 3.3 s."""
+256-entry runs are left out: they do not fit the stage's limit."""
 from __future__ import annotations
 
 import shutil

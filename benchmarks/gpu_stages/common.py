@@ -22,10 +22,15 @@ STAGES = {"cuda_tests": "the CUDA tests", "speed": "the training step's speed",
           "capacity": "how many documents one memory holds"}
 # the stages' former names, still accepted by --stages and --limits
 ALIASES = {"a": "cuda_tests", "b": "speed", "c": "paper_run", "d": "paper_table", "e": "capacity"}
-# Seconds per stage on one H200, sized from the first run there (2026-11-29; benchmarks/README.md gives
-# what each stage took). 15 minutes of device time hold two calls of about 5 and 6.5 minutes (plus the
-# machine's start): a,c then b,d, or a,b then d,e.
+# A stage's limit: the most it may take on one GPU, set from its runs there with room for a slower start.
+# The GPU work is planned as the device calls of CALLS: each call's stage limits plus KIT_CHECK_S fit its
+# timeout, the first call is worth having on its own, and all together fit PLAN_BUDGET_S (a session's
+# device time less the machine's start). paper_run and capacity are left to a session of their own.
 FULL_LIMITS = {"cuda_tests": 150, "speed": 130, "paper_run": 235, "paper_table": 330, "capacity": 200}
+KIT_CHECK_S = 30
+PLAN_BUDGET_S = 720
+CALLS: tuple[tuple[str, ...], ...] = (("speed", "cuda_tests"), ("paper_table",))
+CALL_TIMEOUTS_S = (320, 400)
 SMOKE_LIMITS = {"cuda_tests": 60, "speed": 120, "paper_run": 120, "paper_table": 240, "capacity": 180}  # generous: CI machines vary
 BASE_PACKAGES = ("torch", "transformers", "safetensors", "yaml", "matplotlib", "tqdm", "numpy", "PIL", "accelerate")
 # what each stage needs beyond BASE_PACKAGES; "gguf_model" = the SmolLM2 GGUF file (full mode only)
@@ -45,6 +50,14 @@ WIKITEXT_CONFIG = "wikitext-103-raw-v1"
 GIB = 1 << 30
 MARK_VARIABLE = "DOCMEM_GPU_CHECK_COMMAND"  # in every command's environment, so its processes can be found
 STRAY_GRACE_S = 5.0  # a process a command left behind gets this long to end on its own (a helper sees its parent gone)
+
+
+def call_commands() -> list[str]:
+    """The plan's device calls, as benchmarks/README.md and docs/reproducing.md give them: call N carries
+    .gpukit/callN, and every call names the kit folders that have travelled so far (the GGUF's parts)."""
+    kits = [f"--kit .gpukit/call{i + 1}" for i in range(len(CALLS))]
+    return [f"python3 benchmarks/gpu_check.py --out $OUT --work /tmp/gc {' '.join(kits[:i + 1])} --stages {','.join(c)}"
+            for i, c in enumerate(CALLS)]
 
 
 class StageError(RuntimeError):
