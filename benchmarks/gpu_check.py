@@ -1,17 +1,19 @@
 """One command that checks the project on a CUDA GPU: CUDA tests, speed, the paper's run timed,
-the paper's experiment on SmolLM2-135M, and memory capacity (issues 10 and 15).
+the paper's table on SmolLM2-135M, and memory capacity (issues 10 and 15).
 
-    python benchmarks/gpu_check.py --out DIR [--stages a,b,c,d,e] [--kit KITDIR ...] [--work WORK]
+    python benchmarks/gpu_check.py --out DIR [--stages speed,cuda_tests,...] [--kit KITDIR ...] [--work WORK]
     python benchmarks/gpu_check.py --out DIR --smoke          # every stage at tiny sizes on the CPU
 
-Stages (gpu_stages/stage_X.py; each under its own time limit; a failure is recorded and the others go on):
-  a  CUDA tests: pytest -m cuda tests/test_cuda.py
-  b  speed: bench_train_step.py, Pythia-1B shape, block 15, batch 16 x 256: bf16 (frozen, fast), fp32 (all
-     three paths), fp32 with TF32 (frozen, fast); Llama-2-7B shape, block 31, bf16 (>= 40 GiB GPU)
-  c  the paper's run timed: `run.sh paper` on a random-weight Pythia-1B, bf16, 500 epochs: wall time,
-     s/step with and without the summaries, peak GPU memory; then 20 epochs in fp32 for the CE difference
-  d  `run.sh smollm2`: SmolLM2-135M offline, keyed vs shared memory, each evaluated, one --compare report
-  e  `run.sh capacity`: keyed and shared, 10/50/200 documents, 32 entries; one table, one plot
+Stages (gpu_stages/NAME.py; each under its own time limit; a failure is recorded and the others go on;
+the letters a-e of their former names are still accepted):
+  cuda_tests   pytest -m cuda tests/test_cuda.py
+  speed        bench_train_step.py, Pythia-1B shape, block 15, batch 16 x 256: bf16 (frozen, fast), fp32 (all
+               three paths), fp32 with TF32 (frozen, fast); Llama-2-7B shape, block 31, bf16 (>= 40 GiB GPU)
+  paper_run    `run.sh paper` on a random-weight Pythia-1B, bf16, 500 epochs: wall time, s/step with and
+               without the summaries, peak GPU memory; then 20 epochs in fp32 for the CE difference
+  paper_table  the paper's table on SmolLM2-135M at the paper's scale: key activations tanh, relu, sigmoid,
+               a 2-layer key generator and the shared memory, trained at once, each evaluated
+  capacity     `run.sh capacity`: keyed, shared and LoRA, 10/50 documents, 32 entries; one table, one plot
 
 The project is driven through its command lines only, as a user would run them; each stage's exact
 commands are recorded. First the kit check (gpu_stages/kit.py): the packages, the SmolLM2 GGUF, the data
@@ -37,18 +39,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gpu_stages.common import FULL_LIMITS, NEEDS, SMOKE_LIMITS, STAGES, Runner, Stage, StageError
+from gpu_stages import capacity, cuda_tests, paper_run, paper_table, speed
+from gpu_stages.common import ALIASES, FULL_LIMITS, NEEDS, SMOKE_LIMITS, STAGES, Runner, Stage, StageError
 from gpu_stages.kit import kit_check
 from gpu_stages.report import bundle, commit_info, table
-from gpu_stages.stage_a import stage_a
-from gpu_stages.stage_b import stage_b
-from gpu_stages.stage_c import stage_c
-from gpu_stages.stage_d import stage_d
-from gpu_stages.stage_e import stage_e
+from gpu_stages.wheels import tested_versions
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGE_FUNCTIONS: dict[str, Callable[[Stage], None]] = {"a": stage_a, "b": stage_b, "c": stage_c, "d": stage_d,
-                                                       "e": stage_e}
+STAGE_FUNCTIONS: dict[str, Callable[[Stage], None]] = {
+    "cuda_tests": cuda_tests.run, "speed": speed.run, "paper_run": paper_run.run, "paper_table": paper_table.run,
+    "capacity": capacity.run}
 STAGE_ERRORS = (StageError, OSError, ValueError, KeyError, IndexError, ET.ParseError, subprocess.SubprocessError,
                 ZeroDivisionError)
 
@@ -56,7 +56,8 @@ STAGE_ERRORS = (StageError, OSError, ValueError, KeyError, IndexError, ET.ParseE
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="folder for gpu_check.json, gpu_check.md, logs.tar.gz, pictures")
-    p.add_argument("--stages", default="a,b,c,d,e", help="comma list of a,b,c,d,e")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {', '.join(STAGES)} (or their former "
+                   "letters a-e)")
     p.add_argument("--smoke", action="store_true", help="every stage at tiny sizes on the CPU (a few minutes)")
     p.add_argument("--kit", action="append", default=[], help="a kit folder of prepare_gpu_kit.py (repeatable: "
                    "the GGUF's parts may come in several)")
@@ -64,19 +65,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "wheels/GGUF taken from the kit; stage results already there (same --smoke) are merged")
     p.add_argument("--data", default=None, help="folder holding tokenizers/ and wikitext_document_level/ "
                    "(default: ../shared/data, else KIT/data)")
-    p.add_argument("--limits", default="", help="override stage limits in seconds, e.g. c=240,e=120")
+    p.add_argument("--limits", default="", help="override stage limits in seconds, e.g. paper_run=240,capacity=120")
     p.add_argument("--fresh", action="store_true", help="forget stage results of earlier invocations in --work")
     args = p.parse_args(argv)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = [s for s in args.stages if s not in STAGES]
-    if bad or not args.stages:
+    names = [ALIASES.get(s.strip(), s.strip()) for s in args.stages.split(",") if s.strip()]
+    bad = [s for s in names if s not in STAGES]
+    if bad or not names:
         p.error(f"--stages: unknown {bad}; allowed: {', '.join(STAGES)} (comma separated)")
+    args.stages = list(dict.fromkeys(names))  # in the order given, each once
     args.limit = dict(SMOKE_LIMITS if args.smoke else FULL_LIMITS)
     for item in filter(None, args.limits.split(",")):
-        letter, _, seconds = item.partition("=")
-        if letter.strip() not in STAGES or not seconds.strip().isdigit():
+        name, _, seconds = item.partition("=")
+        name = ALIASES.get(name.strip(), name.strip())
+        if name not in STAGES or not seconds.strip().isdigit():
             p.error(f"--limits: {item!r}; expected STAGE=SECONDS with STAGE one of {', '.join(STAGES)}")
-        args.limit[letter.strip()] = int(seconds)
+        args.limit[name] = int(seconds)
     # a kit folder that is not there is named by the kit check, not refused: on a fresh GPU machine the
     # first call's folder is gone, and the stages that do not need it can still run
     args.missing_kits = [str(k) for k in map(Path, args.kit) if not k.is_dir()]
@@ -100,25 +103,31 @@ def environment(args: argparse.Namespace, site: Path) -> dict[str, str]:
     return env
 
 
-def run_stage(letter: str, args: argparse.Namespace, kit: dict[str, Any], runner: Runner) -> dict[str, Any]:
-    """One stage under its limit: its result, figures and commands (skipped when the kit lacks what it needs)."""
-    limit = args.limit[letter]
-    missing = [need for need in NEEDS[letter] if need in kit["missing"]] + kit["base_missing"]
-    result: dict[str, Any] = {"name": STAGES[letter], "limit_s": limit, "commit": None, "smoke": args.smoke}
+def run_stage(name: str, args: argparse.Namespace, kit: dict[str, Any], runner: Runner,
+              partial: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """One stage under its limit: its result, figures and commands (skipped when the kit lacks what it needs).
+    partial gets the result so far (status "running") whenever the stage has finished a row."""
+    limit = args.limit[name]
+    missing = [need for need in NEEDS[name] if need in kit["missing"]] + kit["base_missing"]
+    result: dict[str, Any] = {"name": name, "what": STAGES[name], "limit_s": limit, "commit": None, "smoke": args.smoke}
     if missing:
         return {**result, "status": "skipped", "error": "missing: " + ", ".join(missing), "seconds": 0}
-    stage_work = args.work / letter
+    stage_work = args.work / name
     if stage_work.exists():  # a rerun starts clean: its run_N folders must be its own
         shutil.rmtree(stage_work)
     stage_work.mkdir(parents=True)
-    print(f"stage {letter} ({STAGES[letter]}), limit {limit} s ...", flush=True)
+    print(f"stage {name} ({STAGES[name]}), limit {limit} s ...", flush=True)
     t0 = time.monotonic()
     first_command = len(runner.commands)
     data = Path(kit["data"]) if kit["data"] else None
-    st = Stage(letter, stage_work, runner, t0 + limit, args.smoke, data,
+    st = Stage(name, stage_work, runner, t0 + limit, args.smoke, data,
                (kit["state"].get("gpu") or {}).get("memory_gib", 0.0))
+    if partial:
+        st.on_progress = lambda: partial({**result, "status": "running", "seconds": round(time.monotonic() - t0, 1),
+                                          "figures": st.figures, "commands": runner.commands[first_command:],
+                                          "pictures": [str(p) for p in st.pictures]})
     try:
-        STAGE_FUNCTIONS[letter](st)
+        STAGE_FUNCTIONS[name](st)
         result["status"] = "ok"
     except STAGE_ERRORS as e:
         result.update(status="failed", error=f"{type(e).__name__}: {e}")
@@ -134,17 +143,21 @@ def write_report(args: argparse.Namespace, kit: dict[str, Any], this_call: dict[
         earlier = json.loads(path.read_text())
         if path.stem in STAGES and path.stem not in this_call and earlier.get("smoke") == args.smoke:
             stages[path.stem] = {**earlier, "from_earlier_invocation": True}
+            if earlier.get("status") == "running":  # that call ended inside the stage: its rows so far
+                stages[path.stem]["status"] = "cut off"
     stages.update(this_call)
     state = kit["state"]
     versions = {name: state["packages"].get(name, {}).get("version") for name in ("torch", "transformers", "datasets")}
     results = {"smoke": args.smoke, "commit": commit_info(args.kit), "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
                "total_seconds": round(time.monotonic() - started, 1),
-               "complete": set(this_call) == set(args.stages),
+               "complete": all(this_call.get(name, {}).get("status") not in (None, "running") for name in args.stages),
                "machine": {"gpu": state.get("gpu"), "python": state.get("python"), **versions,
                            "cpu_count": os.cpu_count()},
+               "tested_versions": {name: tested_versions().get(name) for name in versions},
                "kit": {k: kit.get(k) for k in ("actions", "missing", "wheel_problems", "data", "manifest")},
                "packages": state["packages"], "stages": stages, "argv": args.argv, "limits_s": args.limit}
-    pictures = [Path(p) for letter in sorted(stages) for p in stages[letter].get("pictures", []) if Path(p).is_file()]
+    pictures = [Path(p) for name in STAGES if name in stages for p in stages[name].get("pictures", [])
+                if Path(p).is_file()]
     bundle(args.out, args.work, results, pictures)
     return results
 
@@ -175,14 +188,19 @@ def main(argv: list[str] | None = None) -> int:
     commit = commit_info(args.kit)
     this_call: dict[str, Any] = {}
     write_report(args, kit, this_call, started)  # the kit check comes back even if the first stage is cut
-    for letter in args.stages:
-        result = run_stage(letter, args, kit, runner)
+
+    def record(name: str, result: dict[str, Any]) -> dict[str, Any]:
+        """Keep a stage's result (final, or so far) in WORK/stages and rewrite the report with it."""
+        this_call[name] = result
+        (args.work / "stages" / f"{name}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+        return write_report(args, kit, this_call, started)
+
+    for name in args.stages:
+        result = run_stage(name, args, kit, runner, lambda so_far, name=name: record(name, {**so_far, "commit": commit}))
         result.update(finished=time.strftime("%Y-%m-%d %H:%M:%S %Z"), commit=commit)
-        print(f"stage {letter}: {result['status']} in {result['seconds']} s"
+        print(f"stage {name}: {result['status']} in {result['seconds']} s"
               + (f": {result['error']}" if result.get("error") else ""), flush=True)
-        this_call[letter] = result
-        (args.work / "stages" / f"{letter}.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-        results = write_report(args, kit, this_call, started)
+        results = record(name, result)
     print(table(results), flush=True)
     return 0 if all(r["status"] == "ok" for r in this_call.values()) else 1
 

@@ -2,6 +2,7 @@
 to the package registries, for a GPU machine that has neither (benchmarks/README.md, "Running the GPU check").
 
     python benchmarks/prepare_gpu_kit.py --out .gpukit          # in the root of the checkout that travels
+    python benchmarks/prepare_gpu_kit.py --out .gpukit --dry_run  # the wheels and versions it would fetch
 
 The GPU machines take at most 64 MiB of files per command (the working tree and the carried folders
 together), so the kit comes in call folders, each under --call_mib with the working tree counted:
@@ -10,7 +11,8 @@ together), so the kit comes in call folders, each under --call_mib with the work
     KIT/call2/  wheels/  data/  gguf/<file>.part1  manifest.json     (as many calls as the GGUF needs)
 
 - wheels: the packages the GPU image lacks (datasets, dill, multiprocess, fsspec, gguf, rouge-score, nltk,
-  defusedxml, peft, and any --also), at the versions installed here (the tested ones), for CPython 3.12 on manylinux x86-64;
+  defusedxml, peft, and any --also), at the versions requirements.txt names as tested (its leading comment;
+  gpu_check.py's kit check holds the wheels to the same versions), for CPython 3.12 on manylinux x86-64;
   a package with no wheel on the registry (rouge-score) is built into one here (pure Python).
 - data: the GPT-NeoX tokenizer and the WikiText copy, from --data (default ../shared/data).
 - the SmolLM2-135M GGUF (98 MB, more than one call carries) split into parts, one per call folder;
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import re
@@ -36,10 +37,12 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+from gpu_stages.wheels import REQUIREMENTS, tested_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 # fsspec: datasets pins it (<= its tested release); defusedxml: nltk needs it
 KIT_PACKAGES = ("datasets", "dill", "multiprocess", "fsspec", "gguf", "rouge-score", "nltk", "defusedxml", "peft")
-# what the GPU image already holds, among these packages' requirements (device KINDS.md, read 2026-11-17)
+# what the GPU image already holds, among these packages' requirements (the device tool's KINDS.md)
 GPU_PRESENT = {"absl-py", "aiohttp", "click", "filelock", "fsspec", "httpx", "huggingface-hub", "joblib", "numpy",
                "packaging", "pandas", "pyarrow", "pyyaml", "regex", "requests", "six", "tqdm", "xxhash",
                "sentencepiece", "protobuf", "typing-extensions"}
@@ -146,6 +149,19 @@ def find_gguf(given: str | None) -> Path:
     return path
 
 
+def kit_versions(also: list[str]) -> dict[str, str]:
+    """{package: version} of the wheels to fetch: requirements.txt's tested versions, or NAME==VERSION of --also."""
+    tested = tested_versions()
+    versions = {}
+    for spec in (*KIT_PACKAGES, *also):
+        name, _, version = spec.partition("==")
+        version = version or tested.get(normal(name), "")
+        if not version:
+            raise KitError(f"{name}: {REQUIREMENTS.name} names no tested version of it; give --also {name}==VERSION")
+        versions[name] = version
+    return versions
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
     out: Path = args.out
     note = ensure_ignored(out)
@@ -158,9 +174,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         wheels_dir = staging / "wheels"
         wheels_dir.mkdir()
         packages: dict[str, Any] = {}
-        for spec in (*KIT_PACKAGES, *args.also):
-            name, _, version = spec.partition("==")
-            version = version or importlib.metadata.version(name)
+        for name, version in kit_versions(args.also).items():
             wheel = fetch_wheel(name, version, wheels_dir)
             packages[name] = {"version": version, "wheel": wheel.name, "sha256": sha256(wheel),
                               "bytes": wheel.stat().st_size, "requires": requirements(wheel)}
@@ -224,14 +238,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", default=None, help=f"the {GGUF_FILE} file (default: from the installed {GGUF_PACKAGE})")
     p.add_argument("--call_mib", type=int, default=60, help="MiB one device call may carry, working tree included "
                    "(the device tool allows 64)")
-    p.add_argument("--also", action="append", default=[], help="another package to carry, NAME or NAME==VERSION")
+    p.add_argument("--also", action="append", default=[], help="another package to carry, NAME==VERSION, or NAME "
+                   "when requirements.txt names its tested version")
+    p.add_argument("--dry_run", action="store_true", help="print the wheels and versions it would fetch, then stop")
     args = p.parse_args(argv)
     args.out, args.data = Path(args.out).resolve(), Path(args.data).resolve()
     if not 8 <= args.call_mib <= 64:
         p.error(f"--call_mib {args.call_mib}: allowed 8..64")
     try:
+        if args.dry_run:
+            print("\n".join(f"{name}=={version}" for name, version in kit_versions(args.also).items()))
+            return 0
         manifest = build(args)
-    except (KitError, importlib.metadata.PackageNotFoundError, OSError) as e:
+    except (KitError, OSError) as e:
         sys.stderr.write(f"prepare_gpu_kit.py: error: {e}\n")
         return 1
     for name, size in manifest["call_bytes"].items():

@@ -1,5 +1,5 @@
 """gpu_check.py's report: gpu_check.json (every figure), gpu_check.md (one line per stage, plus the
-stage d and e tables), logs.tar.gz and up to 5 pictures; written again after every stage, so a call
+paper_table and capacity tables), logs.tar.gz and up to 5 pictures; written again after every stage, so a call
 cut off by the device tool still returns what finished."""
 from __future__ import annotations
 
@@ -44,21 +44,22 @@ def _paper(figures: dict[str, Any]) -> str:
             f"{_f(d.get('max_abs_diff'))} over {d.get('epochs')} epochs")
 
 
-def headline(letter: str, figures: dict[str, Any]) -> str:
+def headline(name: str, figures: dict[str, Any]) -> str:
     """One line of the most telling figures of a stage."""
     try:
-        if letter == "a":
+        if name == "cuda_tests":
             c = figures["counts"]
             return f"{c['passed']} passed, {c['failures']} failed, {c['errors']} errors, {c['skipped']} skipped"
-        if letter == "b":
+        if name == "speed":
             return _speed(figures)
-        if letter == "c":
+        if name == "paper_run":
             return _paper(figures)
-        if letter == "d":
-            return "; ".join(f"{label}: R-L recall {json.dumps({k: round(v, 3) for k, v in r['rougeL_recall'].items() if v is not None})}, "
-                             f"CE diag {_f(r['ce_diagonal_mean'])} off {_f(r['ce_off_diagonal_mean'])}"
-                             for label, r in figures.get("compare", {}).items())
-        if letter == "e":
+        if name == "paper_table":
+            return "; ".join(f"{r['run']}: R {_f(r.get('r'))} (paper {_f(r.get('paper_r'))}), R-L recall own "
+                             f"{_f(r.get('recall_own'))} other {_f(r.get('recall_other'))}" + (
+                                 f" ({r['missing']})" if r.get("missing") else "")
+                             for r in figures.get("rows", []))
+        if name == "capacity":
             rows = [r for r in figures.get("rows", []) if "missing" not in r]
             return f"{len(rows)} runs evaluated (table in gpu_check.md)"
     except (KeyError, TypeError, AttributeError) as e:
@@ -68,10 +69,11 @@ def headline(letter: str, figures: dict[str, Any]) -> str:
 
 def table(results: dict[str, Any]) -> str:
     lines = ["| stage | status | seconds | limit | figures |", "|---|---|---|---|---|"]
-    for letter, r in sorted(results["stages"].items()):
+    for name in [n for n in STAGES if n in results["stages"]]:
+        r = results["stages"][name]
         status = r["status"] + (" (earlier call)" if r.get("from_earlier_invocation") else "")
-        lines.append(f"| {letter} {STAGES[letter]} | {status} | {_f(r.get('seconds'))} | {r.get('limit_s')} | "
-                     f"{(r.get('error') or headline(letter, r.get('figures', {}))).replace('|', '/')} |")
+        lines.append(f"| {name} | {status} | {_f(r.get('seconds'))} | {r.get('limit_s')} | "
+                     f"{(r.get('error') or headline(name, r.get('figures', {}))).replace('|', '/')} |")
     machine = results["machine"]
     head = [f"# gpu_check {'(smoke, CPU)' if results['smoke'] else ''}", "",
             f"GPU: {machine.get('gpu') or 'none'}; torch {machine.get('torch')}, transformers "
@@ -82,10 +84,10 @@ def table(results: dict[str, Any]) -> str:
     if problems:
         head += ["Kit wheels not installed: " + "; ".join(problems), ""]
     extra = []
-    for letter, key in (("d", "compare_md"), ("e", "capacity_md")):
-        md = results["stages"].get(letter, {}).get("figures", {}).get(key)
+    for name, key in (("paper_table", "table_md"), ("capacity", "capacity_md")):
+        md = results["stages"].get(name, {}).get("figures", {}).get(key)
         if md:
-            extra += ["", f"## stage {letter}", "", md]
+            extra += ["", f"## {name}: {STAGES[name]}", "", md]
     return "\n".join(head + lines + extra) + "\n"
 
 

@@ -1,10 +1,13 @@
 """The kit's wheels checked against the Python they would be installed into, before any is: every
 requirement of a carried wheel met by the image or by another carried wheel, and no package of the image
-broken by a carried version that shadows its own. Each problem is one line naming the package."""
+broken by a carried version that shadows its own, and each carried package at the version requirements.txt
+names as tested (tested_versions: the one list of versions the kit fetches and checks). Each problem is
+one line naming the package."""
 from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,9 @@ from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+REQUIREMENTS = Path(__file__).resolve().parents[2] / "requirements.txt"
+_NAME_VERSION = re.compile(r"([A-Za-z][A-Za-z0-9_.-]*) (\d+(?:\.\d+)+)\b")
+
 
 @dataclass(frozen=True)
 class WheelInfo:
@@ -20,6 +26,17 @@ class WheelInfo:
     version: str
     requires: tuple[str, ...]
     requires_python: str | None
+
+
+def tested_versions(path: Path = REQUIREMENTS) -> dict[str, str]:
+    """{canonical name: version} of every "NAME X.Y.Z" in requirements.txt's comments before its first
+    requirement (its "Tested with: ..." lines)."""
+    text = []
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            break
+        text.append(line.lstrip("# "))
+    return {canonicalize_name(name): version for name, version in _NAME_VERSION.findall(" ".join(text))}
 
 
 def wheel_info(wheel: Path) -> WheelInfo:
@@ -53,13 +70,19 @@ def installed_versions() -> dict[str, str]:
             if d.metadata["Name"]}
 
 
-def check_wheels(wheels: list[Path], installed: dict[str, str] | None = None) -> list[str]:
+def check_wheels(wheels: list[Path], installed: dict[str, str] | None = None,
+                 tested: dict[str, str] | None = None) -> list[str]:
     """One line per problem (empty: the wheels can be installed together over this environment)."""
     installed = installed_versions() if installed is None else installed
+    tested = tested_versions() if tested is None else tested
     infos = [wheel_info(w) for w in wheels]
     carried = {canonicalize_name(i.name): i.version for i in infos}
     problems = []
     for info in infos:
+        want = tested.get(canonicalize_name(info.name))
+        if want is not None and want != info.version:
+            problems.append(f"the kit's {info.name} {info.version} is not the tested {want} of requirements.txt: "
+                            "a kit of another checkout? (prepare_gpu_kit.py builds it anew)")
         if info.requires_python and not _accepts(Requirement(f"python{info.requires_python}"),
                                                  platform.python_version()):
             problems.append(f"{info.name} {info.version} needs Python {info.requires_python}; "

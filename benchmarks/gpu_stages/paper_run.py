@@ -1,4 +1,4 @@
-"""Stage c: the paper's run timed. `run.sh paper` (10 documents x 10 segments of 128 words, max length
+"""Stage paper_run: the paper's run timed. `run.sh paper` (10 documents x 10 segments of 128 words, max length
 256, batch 16, 500 epochs, a summary every 10) on a random-weight Pythia-1B with the real tokenizer and
 the WikiText copy, in bf16: wall time to summary.json, s/step with and without the summaries, the peak
 GPU memory; then 20 epochs in fp32 for the fp32-vs-bf16 CE difference."""
@@ -34,7 +34,7 @@ def model_and_scale(st: Stage) -> tuple[str, list[str], int]:
     return str(lm), [], 20
 
 
-def stage_c(st: Stage) -> None:
+def run(st: Stage) -> None:
     wikitext = ["--dataset", WIKITEXT_CONFIG, "--data_path", str(st.data / WIKITEXT), "--data_split", "test"]
     lm, scale, fp32_epochs = model_and_scale(st)
     base = ["bash", "run.sh", "paper", "--lm_path", lm, *wikitext, *scale]

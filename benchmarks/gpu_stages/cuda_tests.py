@@ -1,4 +1,4 @@
-"""Stage a: the CUDA tests (pytest -m cuda tests/test_cuda.py), counted from their JUnit report; on the
+"""Stage cuda_tests: the CUDA tests (pytest -m cuda tests/test_cuda.py), counted from their JUnit report; on the
 GPU nothing may skip, since a skip there hides a missing piece. pytest runs verbose, so a run cut off by
 the stage's limit still records the outcome of every test that finished (read from its log)."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ def outcomes_from_log(log: Path) -> dict[str, str]:
     return found
 
 
-def stage_a(st: Stage) -> None:
+def run(st: Stage) -> None:
     junit = st.work / "junit.xml"
     result = st.run("pytest", [sys.executable, "-m", "pytest", "-m", "cuda", "tests/test_cuda.py", "-v", "-rs",
                                "-p", "no:cacheprovider", f"--junitxml={junit}"], check=False)
