@@ -30,7 +30,7 @@ def run(st: Stage) -> None:
     report = st.work / "report"
     runs = sorted(p for p in st.work.iterdir() if p.is_dir() and p.name != "report")
     if result["timed_out"] and runs:  # cut off: the table of the runs that finished, the rest marked missing
-        st.runner.run("capacity_report_partial", [sys.executable, "benchmarks/capacity_report.py", "--out",
+        st.runner.run("capacity_report_partial", [sys.executable, "-m", "benchmarks.capacity_report", "--out",
                                                     str(report), *map(str, runs)], time.monotonic() + 30)
     if (report / "capacity.json").is_file():
         st.figures["rows"] = read_json(report / "capacity.json")["rows"]
