@@ -12,7 +12,7 @@ every mm, addmm, bmm and baddbmm it runs (the suffix blocks' linears forward and
 the memory's projections and their weight gradients, the vocabulary head's logits and gradient), and
 for a fused attention kernel the products inside it: QK^T and PV forward, four of their size backward.
 The same products, on random tensors of the same shapes, run bare. Step and bare products are timed
-in turn, round after round (a shared machine's drifting load hits both alike); the ratio of their
+in turn, round after round for --seconds (a shared machine's drifting load hits both alike); the ratio of their
 medians is what the step costs above its arithmetic. Then a profile of a few steps: the operations
 by self time, and how much of the step no operation accounts for (Python, dispatch, autograd).
 
@@ -142,16 +142,25 @@ def bare(gemms: list[Gemm]) -> Callable[[], None]:
     return run
 
 
-def timed_in_turn(fns: dict[str, Callable[[], None]], rounds: int) -> dict[str, float]:
-    """Median seconds of each function, one call of each per round, after one untimed round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for r in range(rounds + 1):
+def timed_in_turn(fns: dict[str, Callable[[], None]], seconds: float, min_rounds: int
+                  ) -> tuple[dict[str, float], dict[str, float], int]:
+    """Median wall and thread-CPU seconds of each function, one call of each per round, after one untimed
+    round; rounds until `seconds` have passed (at least min_rounds). The thread's CPU time leaves out
+    the time other processes of a shared machine take the core (one torch thread: it all runs here)."""
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    end, rounds = time.perf_counter() + seconds, 0
+    while rounds < min_rounds or time.perf_counter() < end:
         for name, fn in fns.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             fn()
-            if r:
-                times[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+            cpu[name].append(time.thread_time() - c0)
+            wall[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()},
+            rounds)
 
 
 def top_ops(state: SimpleNamespace, steps: int) -> tuple[list[dict], float, float]:
@@ -174,16 +183,22 @@ def measure(shape: str, args: argparse.Namespace) -> dict:
     state = one_row_state(shape, args)
     engine = state.engine
     gemms = step_gemms(state)
-    medians = timed_in_turn({"step": lambda: step(state), "matmuls": bare(gemms)}, args.rounds)
-    ratio = medians["step"] / medians["matmuls"]
+    wall, cpu, rounds = timed_in_turn({"step": lambda: step(state), "matmuls": bare(gemms)}, args.seconds,
+                                      args.min_rounds)
+    ratio, ratio_cpu = wall["step"] / wall["matmuls"], cpu["step"] / cpu["matmuls"]
     print(f"{shape}: hook at block {engine.layer} of {engine.foundation.num_blocks}, 1 row x {args.seq} tokens, "
-          f"{args.memory_dim} entries, {torch.get_num_threads()} threads: step {medians['step'] * 1e3:.2f} ms, its "
-          f"{len(gemms)} matrix products alone {medians['matmuls'] * 1e3:.2f} ms, ratio {ratio:.2f}", flush=True)
-    ops, wall, outside = top_ops(state, args.profile_steps)
-    print(f"{shape}: under the profiler {wall * 1e3:.2f} ms per step, {outside:.0%} of it in no operation", flush=True)
+          f"{args.memory_dim} entries, {torch.get_num_threads()} thread(s), {rounds} rounds: step "
+          f"{wall['step'] * 1e3:.2f} ms, its {len(gemms)} matrix products alone {wall['matmuls'] * 1e3:.2f} ms, "
+          f"ratio {ratio:.2f}; thread CPU time {cpu['step'] * 1e3:.2f} ms against {cpu['matmuls'] * 1e3:.2f} ms, "
+          f"ratio {ratio_cpu:.2f}", flush=True)
+    ops, profiled, outside = top_ops(state, args.profile_steps)
+    print(f"{shape}: under the profiler {profiled * 1e3:.2f} ms per step, {outside:.0%} of it in no operation",
+          flush=True)
     return {"shape": shape, "layer": engine.layer, "blocks": engine.foundation.num_blocks, "seq": args.seq,
-            "memory_entries": args.memory_dim, "step_s": medians["step"], "matmuls_s": medians["matmuls"],
-            "ratio": ratio, "matrix_products": len(gemms), "profiled_step_s": wall, "outside_ops_share": outside,
+            "memory_entries": args.memory_dim, "rounds": rounds, "matrix_products": len(gemms),
+            "step_s": wall["step"], "matmuls_s": wall["matmuls"], "ratio": ratio,
+            "step_cpu_s": cpu["step"], "matmuls_cpu_s": cpu["matmuls"], "ratio_cpu": ratio_cpu,
+            "profiled_step_s": profiled, "outside_ops_share": outside,
             "top_ops": ops}
 
 
@@ -195,7 +210,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory_dim", type=int, default=256, help="memory entries")
     p.add_argument("--key_dim", type=int, default=2)
     p.add_argument("--num_docs", type=int, default=16, help="documents the negative key is drawn from")
-    p.add_argument("--rounds", type=int, default=30, help="timed rounds of step and bare products")
+    p.add_argument("--seconds", type=float, default=20.0, help="time spent on the timed rounds, per shape")
+    p.add_argument("--min_rounds", type=int, default=10, help="timed rounds of step and bare products, at least")
     p.add_argument("--profile_steps", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (one: on a shared machine a team of threads waits for its slowest)")
     p.add_argument("--seed", type=int, default=0)
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         except FoundationUnavailableError as err:
             print(f"{shape}: skipped ({err})", flush=True)
             skipped.append(shape)
-    report = {"rows": rows, "skipped": skipped, "threads": torch.get_num_threads(), "rounds": args.rounds,
+    report = {"rows": rows, "skipped": skipped, "threads": torch.get_num_threads(), "seconds": args.seconds,
               "torch_version": torch.__version__}
     print(json.dumps(report), flush=True)
     if args.record:

@@ -110,9 +110,10 @@ def summary_process(figures: dict[str, Any]) -> Table:
 
 def one_row_step(figures: dict[str, Any]) -> Table:
     columns = ["shape", "hooked block", "tokens", "step", "its matrix products alone", "step / products",
-               "in no operation (profiled)", "most self time (profiled, per step)"]
+               "the same in thread CPU time", "in no operation (profiled)", "most self time (profiled, per step)"]
     rows = [[f"`{r['shape']}`", f"{r['layer']} of {r['blocks']}", str(r["seq"]), f"{r['step_s'] * 1e3:.2f} ms",
              f"{r['matmuls_s'] * 1e3:.2f} ms ({r['matrix_products']})", f"**{r['ratio']:.2f}**",
+             f"{r['step_cpu_s'] * 1e3:.2f} / {r['matmuls_cpu_s'] * 1e3:.2f} ms = **{r['ratio_cpu']:.2f}**",
              f"{r['outside_ops_share']:.0%}",
              ", ".join(f"`{op['op']}` {op['self_ms']:.2f} ms" for op in r["top_ops"][:3])]
             for r in figures["rows"]]
@@ -202,7 +203,8 @@ SECTIONS: tuple[Section, ...] = (
             "`bench_one_row.py`: a training step of the fast path on one row (the paper's order: one document a "
             "step, its positive and an `other` negative key, guidance, backward, clipping, AdamW) against the same "
             "matrix products run bare on random tensors of their shapes, timed in turn in one run, one torch "
-            "thread; medians. Then a profile of a few steps: the share of the step in no operation (Python, "
+            "thread; medians of wall time and of the thread's CPU time (which leaves out the time other processes "
+            "take the core). Then a profile of a few steps: the share of the step in no operation (Python, "
             "dispatch) and the operations with the most self time.", or_cells(one_row_step)),
     Section("summaries", "What the periodic summaries cost",
             "The summaries of a paper-sized run (its documents, a Pythia-1B-wide vocabulary), drawn one after another."),
