@@ -47,6 +47,7 @@ from benchmarks.host_syncs import HostSyncCounter
 from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.engines import FastEngine, ReferenceEngine
+from docmem.optimizer_step import adamw
 from docmem.step_values import read_on_host
 from docmem.training.run_state import Progress, make_scheduler
 from document_memories import DocumentMemory, MemoryConfig
@@ -225,7 +226,7 @@ class PathRunner:
         else:
             self.engine = ReferenceEngine(setup.foundation, self.memory, setup.layer, setup.dtype)
         self.params = self.memory.trainable_parameters()
-        self.optimizer = torch.optim.AdamW(self.params, lr=setup.config.lr)
+        self.optimizer = adamw(self.params, setup.config.lr)
         self.generator = torch.Generator().manual_seed(setup.seed)  # same negative draws on every path
         self.times: list[float] = []
         self.losses: list[tuple[float, float, float]] = []
@@ -409,7 +410,7 @@ def fast_run_state(args: argparse.Namespace) -> SimpleNamespace:
     memory = new_memory(foundation, argparse.Namespace(**{**vars(args), "layer": layer}), args.seed + 1)
     batches = make_batches(args.num_batches, args.batch, args.seq, foundation.model.config.vocab_size,
                            args.num_docs, args.device, args.seed + 2)
-    optimizer = torch.optim.AdamW(memory.trainable_parameters(), lr=config.lr)
+    optimizer = adamw(memory.trainable_parameters(), config.lr)
     return SimpleNamespace(config=config, progress=Progress(), batches=batches, memory=memory,
                            engine=FastEngine(foundation, memory, layer, DTYPES[args.precision],
                                              chunk_size=args.fast_chunk_size),

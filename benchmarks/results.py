@@ -119,6 +119,18 @@ def many_documents(figures: dict[str, Any]) -> Table:
     return columns, rows, None
 
 
+def one_row_step(figures: dict[str, Any]) -> Table:
+    columns = ["shape", "hooked block", "tokens", "step", "its matrix products alone", "step / products",
+               "the same in thread CPU time", "in no operation (profiled)", "most self time (profiled, per step)"]
+    rows = [[f"`{r['shape']}`", f"{r['layer']} of {r['blocks']}", str(r["seq"]), f"{r['step_s'] * 1e3:.2f} ms",
+             f"{r['matmuls_s'] * 1e3:.2f} ms ({r['matrix_products']})", f"**{r['ratio']:.2f}**",
+             f"{r['step_cpu_s'] * 1e3:.2f} / {r['matmuls_cpu_s'] * 1e3:.2f} ms = **{r['ratio_cpu']:.2f}**",
+             f"{r['outside_ops_share']:.0%}",
+             ", ".join(f"`{op['op']}` {op['self_ms']:.2f} ms" for op in r["top_ops"][:3])]
+            for r in figures["rows"]]
+    return columns, rows, None
+
+
 def quickstart(figures: dict[str, Any]) -> Table:
     """The quick start's commands and one wall time each, from the newcomer's table ("not measured"
     for a command the file has no row for)."""
@@ -198,6 +210,13 @@ SECTIONS: tuple[Section, ...] = (
     Section("train_step_cpu", "One training step on a CPU",
             "`bench_train_step.py`: the released loop (a), two frozen passes (b) and the fast path (c), median "
             "seconds of the timed steps, fp32, hook at the last block."),
+    Section("one_row_step", "One document per step: the step against its matrix products",
+            "`bench_one_row.py`: a training step of the fast path on one row (the paper's order: one document a "
+            "step, its positive and an `other` negative key, guidance, backward, clipping, AdamW) against the same "
+            "matrix products run bare on random tensors of their shapes, timed in turn in one run, one torch "
+            "thread; medians of wall time and of the thread's CPU time (which leaves out the time other processes "
+            "take the core). Then a profile of a few steps: the share of the step in no operation (Python, "
+            "dispatch) and the operations with the most self time.", or_cells(one_row_step)),
     Section("summaries", "What the periodic summaries cost",
             "The summaries of a paper-sized run (its documents, a Pythia-1B-wide vocabulary), drawn one after another."),
     Section("gpu_smoke", "The GPU check's smoke run",

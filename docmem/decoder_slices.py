@@ -39,6 +39,7 @@ class DecoderSlices:
                              "this architecture needs --reference_loop")
         model_type = getattr(getattr(foundation.model, "config", None), "model_type", None)
         self.norm_only_top = model_type in NORM_ONLY_TOPS
+        self.slices: dict[tuple[int, int], nn.ModuleList] = {}  # made once: every step runs the same slice
 
     def top(self, start: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The decoder's last hidden state for `hidden` (B, T, d) entering block `start`: the blocks from
@@ -53,7 +54,9 @@ class DecoderSlices:
     def blocks(self, start: int, stop: int, final_norm: bool) -> Iterator[nn.Module]:
         """The decoder running blocks start..stop-1 only, then its final norm if final_norm (the part below
         a hooked block leaves it out even when that block is the last)."""
-        blocks = nn.ModuleList(list(self.foundation.blocks)[start:stop])
+        blocks = self.slices.get((start, stop))
+        if blocks is None:
+            blocks = self.slices[start, stop] = nn.ModuleList(list(self.foundation.blocks)[start:stop])
         original_blocks = getattr(self.decoder, self.blocks_name)
         original_norm = getattr(self.decoder, self.norm_name) if self.norm_name else None
         setattr(self.decoder, self.blocks_name, blocks)

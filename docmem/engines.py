@@ -107,6 +107,13 @@ class ScoredTokens:
     cols: torch.Tensor  # on the block device
     targets: torch.Tensor  # (N,) on the head's device
     buckets: Buckets  # on the head's device
+    every_token: bool  # every token but the last scored (no padding): a slice picks them, no gather
+
+    def pick(self, final: torch.Tensor) -> torch.Tensor:
+        """The scored tokens' hidden states (N, d), row after row."""
+        if self.every_token:  # the same values in the same order; its backward is a copy, not a scatter
+            return final[:, :-1].reshape(-1, final.shape[-1])
+        return final[self.rows, self.cols]
 
 
 def scored_tokens(batch: Batch, num_sets: int, per_document: bool, device: torch.device,
@@ -115,7 +122,7 @@ def scored_tokens(batch: Batch, num_sets: int, per_document: bool, device: torch
     rows, cols = (targets != -100).nonzero(as_tuple=True)  # row after row, as a boolean mask orders them
     buckets = _buckets(rows.to(head_device), batch.group_ids, num_sets, per_document)
     return ScoredTokens(batch, batch.attention_mask.to(device).repeat(num_sets, 1), rows, cols,
-                        targets[rows, cols].to(head_device), buckets)
+                        targets[rows, cols].to(head_device), buckets, rows.numel() == targets.numel())
 
 
 class ReferenceEngine:
@@ -222,7 +229,7 @@ class FastEngine:
                                    else self.memory(hidden, keys if isinstance(keys, torch.Tensor) else None)
                                    for keys in key_sets])
             final = self.slices.top(self.layer + 1, mixed, scored.mask)
-        per_token = linear_cross_entropy(final[scored.rows, scored.cols].to(self.head.weight.device), self.head_weight,
+        per_token = linear_cross_entropy(scored.pick(final).to(self.head.weight.device), self.head_weight,
                                          scored.targets, bias=self.head_bias, chunk_size=self.chunk_size,
                                          workspace=self.head_workspace)
         return scored.buckets.means(per_token)

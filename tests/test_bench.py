@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_evaluate, bench_quickstart, results
+from benchmarks import bench_evaluate, bench_one_row, bench_quickstart, results
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("released_s_per_step", "frozen_two_pass_s_per_step", "fast_s_per_step", "fast_first_step_s",
@@ -67,3 +67,16 @@ def test_the_quickstart_benchmark_runs_the_readmes_commands_on_its_own_demo(tmp_
                                      tmp_path / "demo", tmp_path / "out")
     assert forget[1:] == ["forget.py", "--run_dir", str(tmp_path / "demo" / "run_0"), "--doc", "0", "--method",
                           "unlearn", "--out", str(tmp_path / "out")]
+
+
+def test_the_one_row_benchmark_replays_the_steps_own_products():
+    """bench_one_row times a one-row step against its matrix products, found by profiling it: the head's
+    two, the memory's and the suffix block's, and the attention's six."""
+    report = bench_one_row.main(["--shapes", "tiny", "--seq", "12", "--seconds", "0", "--min_rounds", "2",
+                                 "--profile_steps", "1"])
+    (row,) = report["rows"]
+    assert (row["shape"], row["layer"], row["blocks"], row["seq"]) == ("tiny", 0, 2, 12)
+    assert row["step_s"] > 0 and row["matmuls_s"] > 0 and row["ratio"] == row["step_s"] / row["matmuls_s"]
+    # forward: memory 4 + block 4 linears + 2 attention + head 2; backward: block 4 + attention 4 + memory 6
+    assert row["matrix_products"] == 26, row["matrix_products"]
+    assert row["top_ops"] and 0 <= row["outside_ops_share"] <= 1

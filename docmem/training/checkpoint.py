@@ -31,6 +31,7 @@ from safetensors.torch import save as save_bytes
 
 from docmem.config import TrainConfig
 from docmem.errors import CheckpointError, ConfigError
+from docmem.optimizer_step import keep_foreach
 from docmem.run_folder import SUMMARY_NAME, write_atomic
 from document_memories import DocumentMemory
 
@@ -245,6 +246,7 @@ def restore_checkpoint(ckpt: Checkpoint, memory: DocumentMemory, optimizer: torc
                                  f"{tuple(params[index].shape)} ({trainable[index]})")
     try:
         optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+        keep_foreach(optimizer)
         scheduler.load_state_dict(dict(ckpt.meta["scheduler"]))
     except (KeyError, TypeError, ValueError, RuntimeError) as err:
         raise ckpt.error(f"optimizer or scheduler state does not fit ({type(err).__name__}: {err})") from err

@@ -115,7 +115,7 @@ def start_lora_run(config: TrainConfig, lock: run_folder.RunLock) -> LoraRun:
         "device": device, **precision.record(), "lm": foundation.name, "num_blocks": foundation.num_blocks,
         "hidden_size": foundation.hidden_size, "num_segments": sum(len(d.segments) for d in documents),
         "num_batches": len(batches), "run_dir": str(run_dir), "lora": plan.record()}, documents)
-    optimizer = torch.optim.AdamW(adapters.parameters(), lr=config.lr)
+    optimizer = optimizer_steps.adamw(adapters.parameters(), config.lr)
     steps_per_epoch = math.ceil(len(batches) / config.num_accumulation_steps)
     log.info(f"{plan.kind}: rank {plan.rank} on {', '.join(plan.targets)}: {plan.parameters} trainable parameters "
              f"({len(plan.adapters)} adapter(s)); the keyed memory would train {plan.keyed_parameters}")

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import wikitext
+from docmem import optimizer_step as optimizer_steps
 from docmem import run_folder
 from docmem.batching import Batch, make_batches
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config, resume_config
@@ -172,7 +173,7 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
                 "run_dir": str(run_dir)}, documents)
 
     # -- optimizer, schedule and the negative keys' generator: restored from a checkpoint ----------
-    optimizer = torch.optim.AdamW(memory.trainable_parameters(), lr=config.lr)
+    optimizer = optimizer_steps.adamw(memory.trainable_parameters(), config.lr)
     steps_per_epoch = math.ceil(len(batches) / config.num_accumulation_steps)
     state = RunState(config=config, run_dir=run_dir, device=device, dtype=dtype, foundation=foundation,
                      documents=documents, batches=batches, memory=memory, engine=engine, optimizer=optimizer,
