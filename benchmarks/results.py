@@ -207,6 +207,12 @@ SECTIONS: tuple[Section, ...] = (
     Section("scaling", "Time per epoch against the number of documents",
             "The training loop (fast path, `other` negatives, AdamW) of a tiny GPT-NeoX, one torch thread; the "
             "growth exponent is the slope of log(time per epoch) against log(segments): one means linear.", or_cells(scaling)),
+    Section("many_documents", "A thousand documents: the time outside the training steps",
+            "`bench_many_documents.py`: `train_guidance.py` as a user runs it on SmolLM2-135M (the offline GGUF), "
+            "fictional documents of one 48-word segment, 256 entries on block 27, key_dim 8, `other` negatives, "
+            "16 documents a step, 2 epochs. summary.json's `wall_seconds` against `train_seconds` (the epochs' "
+            "steps) and `prefix_seconds` (the frozen LM below the hooked block, run once per batch before the "
+            "first CE; every step then reads it).", many_documents),
     Section("train_step_cpu", "One training step on a CPU",
             "`bench_train_step.py`: the released loop (a), two frozen passes (b) and the fast path (c), median "
             "seconds of the timed steps, fp32, hook at the last block."),
