@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_evaluate, bench_one_row, bench_quickstart, results
+from benchmarks import bench_evaluate, bench_one_row, bench_quickstart, profile_step, results
 
 ROOT = Path(__file__).resolve().parents[1]
 REQUIRED = ("released_s_per_step", "frozen_two_pass_s_per_step", "fast_s_per_step", "fast_first_step_s",
@@ -80,3 +80,13 @@ def test_the_one_row_benchmark_replays_the_steps_own_products():
     # forward: memory 4 + block 4 linears + 2 attention + head 2; backward: block 4 + attention 4 + memory 6
     assert row["matrix_products"] == 26, row["matrix_products"]
     assert row["top_ops"] and 0 <= row["outside_ops_share"] <= 1
+
+
+
+def test_the_step_profile_measures_the_union_of_busy_intervals():
+    """profile_step: overlapping kernels count once, gaps not at all; shapes are NAME:BATCHxSEQ."""
+    assert profile_step.busy_seconds([(0, 2), (1, 3), (5, 6), (5.5, 5.7)]) == 4
+    assert profile_step.busy_seconds([]) == 0
+    assert profile_step.parse_shape("pythia-1b:16x256") == ("pythia-1b", 16, 256)
+    with pytest.raises(Exception, match="NAME:BATCHxSEQ"):
+        profile_step.parse_shape("pythia-1b:16")

@@ -1,6 +1,7 @@
 """Stage speed: the training step's speed (bench_train_step.py) at the paper's shape, Pythia-1B, block 15,
 batch 16 x 256: the three paths in fp32; the frozen and fast paths in fp32 with TF32 (a measurement of
-its own); the same two in bf16; then Llama-2-7B's shape in bf16 when the GPU holds it. The smoke run
+its own); the same two in bf16; then Llama-2-7B's shape in bf16 when the GPU holds it; then the fast
+bf16 step profiled (benchmarks/profile_step.py: the device busy against wall time). The smoke run
 takes the tiny shape on the CPU, its bf16 run under the CUDA-rule autocast imitation. The report is
 written again after every row."""
 from __future__ import annotations
@@ -36,6 +37,19 @@ def runs_for(st: Stage) -> dict[str, list[str]]:
     return runs
 
 
+def profile_step(st: Stage, device: str) -> None:
+    """The fast bf16 step profiled (benchmarks/profile_step.py): the device busy against the wall time,
+    kernels and host syncs per step, at the paper's shape and 16 x 256 (tiny on the smoke run)."""
+    shapes = ["--shapes", "tiny:2x32", "--steps", "2"] if st.smoke else []
+    result = st.run("profile_step", [sys.executable, "-m", "benchmarks.profile_step", "--device", device, *shapes],
+                    check=False)
+    if result["rc"] != 0 or result["timed_out"]:
+        st.figures["profile_step"] = {"failed": "timed out" if result["timed_out"] else f"exit {result['rc']}"}
+    else:
+        st.figures["profile_step"] = last_json_line(st.runner.logs / result["log"])["rows"]
+    st.checkpoint()
+
+
 def run(st: Stage) -> None:
     device = "cpu" if st.smoke else "cuda"
     errors = []
@@ -53,6 +67,8 @@ def run(st: Stage) -> None:
         st.figures[name] = {**{k: report.get(k) for k in REPORT_KEYS},
                             "peak_gib": {p: round(v / GIB, 3) for p, v in report["peak_memory_bytes"].items()}}
         st.checkpoint()  # the report after every row: a call cut short keeps the rows that finished
+    if not any(e.endswith("timed out") for e in errors):
+        profile_step(st, device)
     bf16 = st.figures.get("pythia-1b_bf16", {})
     if bf16.get("fast_s_per_step") is not None:  # the targets, reported, never asserted
         st.figures["targets"] = {"fast_bf16_s_per_step_max": TARGET_FAST_BF16_S, "fast_bf16_peak_gib_max": TARGET_PEAK_GIB,
