@@ -6,6 +6,9 @@
 #                                each evaluated, one comparison (needs WikiText: --data_path DIR offline)
 #   bash run.sh capacity         how many documents one memory holds: keyed, shared and per-document LoRA,
 #                                10/50/200 documents, 32 and 256 entries, each evaluated; one table and one plot
+#   bash run.sh scale            capacity past the paper: keyed memory (entries and key_dim grown with the documents,
+#                                at most 1 M parameters), shared memory and per-document LoRA matched to it, on
+#                                100/300/1,000 documents, cell by cell; bits stored per parameter in the table
 #   bash run.sh compare          the method against the alternatives on the demo's documents and settings: keyed
 #                                memory (both --memory_init), shared memory, per-document LoRA, shared LoRA, each
 #                                with a learning-rate sweep, and the document in the prompt; one report
@@ -239,8 +242,98 @@ case "$preset" in
     "$PYTHON" -m benchmarks.capacity_report --out "$root/report" "${runs[@]}"
     exit "$failed"
     ;;
+  scale)
+    # Capacity past the paper, cell by cell: each method of SCALE_METHODS ("keyed shared lora") on each of
+    # SCALE_DOCS ("100 300 1000") fictional articles (--dataset synthetic), SCALE_SEGMENTS (1) segment of 48 words
+    # each, SmolLM2-135M. The keyed memory's entries and key_dim grow with the documents N from the paper's 32 and
+    # 2 at 10 documents, both as sqrt(N / 10): entries round(32 sqrt(N/10)), key_dim ceil(2 sqrt(N/10)), the
+    # entries lowered while the memory's trainable parameters (576^2 + 2*576 + entries * (2*576 + key_dim + 2)
+    # on SmolLM2-135M) exceed 1 M (scale_shape); the shared memory and LoRA (rank matched to the keyed memory's
+    # parameters, at least 1) get the same flags. Every cell makes 16 documents' steps (--docs_per_step 16, all
+    # documents below 16) for SCALE_EPOCHS epochs (default max(3, 3000 / N): about 200 steps in every cell,
+    # which keeps its training near half an hour on a 2-core CPU at 1,000 documents), at SCALE_LR (3e-3;
+    # SCALE_LORA_LR for LoRA). Each cell is one training and its evaluation (evaluate_memory.py, EVAL_ARGS as run.sh
+    # capacity's) in SCALE_DIR/<kind>_n<N> (outputs/scale) with its log: a cell whose newest run has
+    # eval/summary.json is skipped, one trained but not evaluated is only evaluated, so a cut-off sweep goes on
+    # where it stopped. Then python -m benchmarks.capacity_report joins every cell of the grid and any other in
+    # SCALE_DIR (the missing ones marked) into SCALE_DIR/report: recall, CE, attribution top-1 and bits stored per
+    # trainable parameter. One cell: SCALE_DOCS=1000 SCALE_METHODS=keyed bash run.sh scale. SCALE_JOBS (1) cells
+    # at once; extra FLAGS go to every training.
+    root="${SCALE_DIR:-outputs/scale}"
+    read -r -a docs_list <<<"${SCALE_DOCS:-100 300 1000}"
+    read -r -a kinds <<<"${SCALE_METHODS:-keyed shared lora}"
+    for kind in "${kinds[@]}"; do
+      case "$kind" in
+        keyed|shared|lora|lora_shared) ;;
+        *) echo "run.sh: unknown method '$kind' in SCALE_METHODS (allowed: keyed, shared, lora, lora_shared)" >&2
+           exit 2 ;;
+      esac
+    done
+    for n in "${docs_list[@]}"; do
+      if ! [[ "$n" =~ ^[1-9][0-9]*$ ]]; then
+        echo "run.sh: SCALE_DOCS holds '$n': each must be a positive whole number of documents" >&2
+        exit 2
+      fi
+    done
+    mkdir -p "$root"
+    extra=("$@")
+    scale_shape() {  # N -> "ENTRIES KEY_DIM": both as sqrt(N / 10) from (32, 2), the memory kept to 1 M parameters
+      awk -v n="$1" 'BEGIN { d = 576; r = sqrt(n / 10); m = int(32 * r + 0.5); k = int(2 * r); if (k < 2 * r) k++
+        if (m < 1) m = 1; if (k < 1) k = 1
+        while (m > 1 && d * d + 2 * d + m * (2 * d + k + 2) > 1000000) m--
+        print m, k }'
+    }
+    newest_run() {  # a cell folder's highest run_N (nothing when it has none)
+      local best=-1 dir i
+      for dir in "$1"/run_*; do
+        i="${dir##*/run_}"
+        if [[ -d "$dir" && "$i" =~ ^[0-9]+$ ]] && (( i > best )); then best="$i"; fi
+      done
+      if (( best >= 0 )); then echo "$1/run_$best"; fi
+    }
+    scale_job() {  # one cell, named KIND_nDOCS: its training (unless done), then its evaluation
+      local kind="${1%_n*}" n="${1##*_n}" lr="${SCALE_LR:-3e-3}" shape m k epochs run
+      shape="$(scale_shape "$n")"; m="${shape% *}"; k="${shape#* }"
+      epochs="${SCALE_EPOCHS:-$(( 3000 / n > 3 ? 3000 / n : 3 ))}"
+      if [[ "$kind" == lora* ]]; then lr="${SCALE_LORA_LR:-$lr}"; fi
+      run="$(newest_run "$root/$1")"
+      if [[ -n "$run" && -f "$run/summary.json" ]]; then
+        echo "=== $1: $run trained already, evaluating it"
+      else
+        "$PYTHON" train_guidance.py --lm_name smollm2 --lm_size 135m --dataset synthetic \
+            --synthetic_articles "$n" --max_labels "$n" --max_segments "${SCALE_SEGMENTS:-1}" --segment_length 48 \
+            --max_length 96 --key_dim "$k" --key_activation tanh --hook_memory_dim "$m" --hook_memory_layer 27 \
+            --negative_key_type other --target_negative_ce 4.5 --guidance 0.1 --batch_size 16 \
+            --docs_per_step "$(( n < 16 ? n : 16 ))" --lr "$lr" --num_epochs "$epochs" --save_freq "$epochs" \
+            --seed 1 --document_memory "$kind" --save_dir "$root/$1" "${extra[@]}" || return $?
+      fi
+      # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
+      "$PYTHON" evaluate_memory.py --run_dir "$root/$1" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256}
+    }
+    names=(); todo=()
+    for n in "${docs_list[@]}"; do
+      for kind in "${kinds[@]}"; do
+        names+=("${kind}_n${n}")
+        run="$(newest_run "$root/${kind}_n${n}")"
+        if [[ -n "$run" && -f "$run/eval/summary.json" ]]; then
+          echo "=== scale ${kind}_n${n}: done ($run/eval/summary.json), skipped" >&2
+        else
+          todo+=("${kind}_n${n}")
+        fi
+      done
+    done
+    runs=(); failed=0
+    if (( ${#todo[@]} )); then sweep "${SCALE_JOBS:-1}" scale_job "${todo[@]}" || failed=$?; fi
+    report=()
+    for name in "${names[@]}"; do report+=("$root/$name"); done
+    for dir in "$root"/*_n*; do  # cells of other grids run into the same folder
+      if [[ -d "$dir" && ! " ${report[*]} " == *" $dir "* ]]; then report+=("$dir"); fi
+    done
+    "$PYTHON" -m benchmarks.capacity_report --out "$root/report" "${report[@]}"
+    exit "$failed"
+    ;;
   *)
-    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity, compare)" >&2
+    echo "run.sh: unknown preset '$preset' (allowed: paper, demo, ablations, smollm2, capacity, scale, compare)" >&2
     exit 2
     ;;
 esac

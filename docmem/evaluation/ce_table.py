@@ -60,6 +60,10 @@ class CETable:
         """Tokens the document was trained on (padding excluded)."""
         return int(sum(int(b.attention_mask.sum()) for b in self.by_doc[doc]))
 
+    def scored_tokens(self, doc: int) -> int:
+        """Tokens whose CE the document's mean is taken over (each row's targets: its tokens after the first)."""
+        return int(sum(float(self.row_tokens[b.index].sum()) for b in self.by_doc[doc]))
+
     @torch.no_grad()
     def score(self, doc: int, columns: Sequence[KeySet], progress: tqdm | None = None) -> None:
         """Score every row of the document under each column not scored yet, key_sets_per_pass
@@ -102,7 +106,7 @@ class CETable:
         """One CE per column: a (key_dim,) key, None (memory, no key) or engines.NO_MEMORY."""
         self.score(doc, columns, progress)
         names = [column_id(c) for c in columns]
-        total = sum(float(self.row_tokens[b.index].sum()) for b in self.by_doc[doc])
+        total = self.scored_tokens(doc)
         sums = [sum(float(self.sums[b.index][n].sum()) for b in self.by_doc[doc]) for n in names]
         return [s / max(total, 1.0) for s in sums]
 
@@ -117,17 +121,19 @@ def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikit
 
 
 def shared_ce(table: CETable, titles: list[str], memory_column: KeySet) -> dict[str, Any]:
-    """One CE per document with the (shared) memory and without it."""
+    """One CE per document with the (shared) memory and without it, and the tokens each mean is over."""
     rows = [table.ce(d, [memory_column, NO_MEMORY]) for d in range(len(titles))]
     return {"titles": titles, "matrix": None, "shared_memory": True,
             "memory": [r[0] for r in rows], "no_memory": [r[1] for r in rows],
+            "scored_tokens": [table.scored_tokens(d) for d in range(len(titles))],
             "note": "a shared memory has no keys: one CE per document with the memory and without it"}
 
 
 def ce_matrix(table: CETable, titles: list[str], doc_columns: Sequence[KeySet], extra: dict[str, KeySet]
               ) -> dict[str, Any]:
     """Documents x conditions: doc_columns[j] is document j's condition (its key, adapter, text in the
-    prompt); `extra` adds named columns (no_key, no_memory) as one list each."""
+    prompt); `extra` adds named columns (no_key, no_memory) as one list each; scored_tokens: the tokens each
+    document's means are over (a row's CE times its tokens is the nats it costs)."""
     n = len(titles)
     columns = list(doc_columns) + list(extra.values())
     with tqdm(total=sum(table.pending(d, columns) for d in range(n)), desc="CE matrix", unit="key",
@@ -139,6 +145,7 @@ def ce_matrix(table: CETable, titles: list[str], doc_columns: Sequence[KeySet], 
     return {
         "titles": titles, "matrix": matrix.tolist(), "rows": "documents", "columns": "keys (same order)",
         **{name: [r[n + k] for r in rows] for k, name in enumerate(extra)},
+        "scored_tokens": [table.scored_tokens(d) for d in range(n)],
         "diagonal_mean": float(np.diag(matrix).mean()), "off_diagonal_mean": float(off.mean()) if off.size else None,
         "row_argmin": argmins, "diagonal_lowest_rows": sum(a == i for i, a in enumerate(argmins)),
         "diagonal_lowest_every_row": all(a == i for i, a in enumerate(argmins)),
