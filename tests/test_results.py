@@ -68,7 +68,8 @@ def test_a_marked_block_is_rendered_then_checked(tmp_path, capsys):
     text = page.read_text()
     assert text.startswith("# A page\n\nBefore.\n\n<!-- results: quickstart -->\n| command | wall time |")
     assert text.endswith("<!-- /results -->\n\nAfter.\n") and "stale text" not in text
-    assert "From `docs/results/quickstart.json` (transcribed from README.md, commit `" in text
+    source = json.loads((root / "docs" / "results" / "quickstart.json").read_text())["source"]
+    assert f"From `docs/results/quickstart.json` ({source}, commit `" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert [row.split("`")[1] for row in rows] == list(results.QUICKSTART)
     assert results.main(["--check", "--root", str(root)]) == 0
