@@ -34,6 +34,19 @@ wait_jobs() {
   return "$worst"
 }
 
+# check_methods VARIABLE KIND...: every KIND a method the sweeps know, or one line naming VARIABLE and exit 2
+check_methods() {
+  local variable="$1" kind
+  shift
+  for kind in "$@"; do
+    case "$kind" in
+      keyed|shared|lora|lora_shared) ;;
+      *) echo "run.sh: unknown method '$kind' in $variable (allowed: keyed, shared, lora, lora_shared)" >&2
+         exit 2 ;;
+    esac
+  done
+}
+
 # sweep LIMIT JOB NAME...: `JOB NAME` for each NAME in the background (JOB: a function of the preset), its
 # output in $root/NAME.log, at most LIMIT at once; $root/NAME joins the array `runs`. Returns wait_jobs's
 # status once all have ended.
@@ -209,13 +222,7 @@ case "$preset" in
     read -r -a docs_list <<<"${CAPACITY_DOCS:-10 50 200}"
     read -r -a entries_list <<<"${CAPACITY_ENTRIES:-32 256}"
     read -r -a kinds <<<"${CAPACITY_METHODS:-keyed shared lora}"
-    for kind in "${kinds[@]}"; do
-      case "$kind" in
-        keyed|shared|lora|lora_shared) ;;
-        *) echo "run.sh: unknown method '$kind' in CAPACITY_METHODS (allowed: keyed, shared, lora, lora_shared)" >&2
-           exit 2 ;;
-      esac
-    done
+    check_methods CAPACITY_METHODS "${kinds[@]}"
     mkdir -p "$root"
     extra=("$@")
     capacity_job() {  # one run, named KIND_mENTRIES_nDOCS: its training, then its evaluation
@@ -262,13 +269,7 @@ case "$preset" in
     root="${SCALE_DIR:-outputs/scale}"
     read -r -a docs_list <<<"${SCALE_DOCS:-100 300 1000}"
     read -r -a kinds <<<"${SCALE_METHODS:-keyed shared lora}"
-    for kind in "${kinds[@]}"; do
-      case "$kind" in
-        keyed|shared|lora|lora_shared) ;;
-        *) echo "run.sh: unknown method '$kind' in SCALE_METHODS (allowed: keyed, shared, lora, lora_shared)" >&2
-           exit 2 ;;
-      esac
-    done
+    check_methods SCALE_METHODS "${kinds[@]}"
     for n in "${docs_list[@]}"; do
       if ! [[ "$n" =~ ^[1-9][0-9]*$ ]]; then
         echo "run.sh: SCALE_DOCS holds '$n': each must be a positive whole number of documents" >&2
