@@ -37,13 +37,18 @@ def train_argv(args: argparse.Namespace, save_dir: Path) -> list[str]:
             "--seed", "1", "--save_dir", str(save_dir), *args.extra]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The run's shape, the flags train_argv reads (bench_retrain_shard shares them)."""
     parser.add_argument("--docs", type=int, default=1000)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--entries", type=int, default=256)
     parser.add_argument("--key_dim", type=int, default=8)
     parser.add_argument("--docs_per_step", type=int, default=16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(parser)
     parser.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
     parser.add_argument("--record", metavar="JSON", help="also write the figures, stamped, to this result file "
                                                           "(docs/results/many_documents.json)")

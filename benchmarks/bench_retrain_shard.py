@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from benchmarks.bench_many_documents import train_argv
+from benchmarks.bench_many_documents import add_shape_arguments, train_argv
 from benchmarks.record import table_cells, write_record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,12 +57,8 @@ def shard_tensors(run: Path) -> dict[str, torch.Tensor]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--docs", type=int, default=1000)
+    add_shape_arguments(parser)
     parser.add_argument("--shards", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--entries", type=int, default=256)
-    parser.add_argument("--key_dim", type=int, default=8)
-    parser.add_argument("--docs_per_step", type=int, default=16)
     parser.add_argument("--doc", type=int, default=0, help="the document forgotten (its index)")
     parser.add_argument("--no_attack", action="store_true", help="leave out the attack table")
     parser.add_argument("--keep", type=Path, help="write the runs here (default: a temporary folder)")
