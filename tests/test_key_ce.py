@@ -9,7 +9,9 @@ import torch
 from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.training.key_ce import (
+    MAX_EVAL_DOCUMENTS,
     MAX_EVAL_OTHER_KEYS,
+    batch_stride,
     ce_under_keys,
     drawn_other_documents,
     other_keys_per_document,
@@ -61,15 +63,37 @@ def test_a_few_documents_are_measured_under_every_other_key():
     assert result["ce_negative"] == pytest.approx(float(expected_negative), rel=1e-6)
 
 
-@pytest.mark.parametrize("n", [MAX_EVAL_OTHER_KEYS + 2, 40, 700])
+@pytest.mark.parametrize("n", [MAX_EVAL_OTHER_KEYS + 2, 40, MAX_EVAL_DOCUMENTS])
 def test_many_documents_are_measured_under_their_drawn_other_keys(n):
     engine = KeyEngine()
     result = ce_under_keys(engine, memory_of(n), batches_of(n, 16), TrainConfig(max_labels=n))
     ce = key_ce(n)
     drawn = drawn_other_documents(n, other_keys_per_document(n))
+    assert result["ce_positive"] == pytest.approx(float(ce.mean()), rel=1e-6)
     assert result["ce_negative"] == pytest.approx(float(ce[drawn].mean(1).mean()), rel=1e-6)
     # one call under the own key, one under the drawn keys: the work per row stays fixed
     assert set(engine.key_sets_per_call) == {1, other_keys_per_document(n)}
+
+
+@pytest.mark.parametrize("n, docs_per_batch", [(700, 16), (1000, 1), (1000, 16), (MAX_EVAL_DOCUMENTS + 1, 4)])
+def test_past_the_limit_every_kth_batch_is_measured(n, docs_per_batch):
+    engine = KeyEngine()
+    batches = batches_of(n, docs_per_batch)
+    result = ce_under_keys(engine, memory_of(n), batches, TrainConfig(max_labels=n))
+    stride = batch_stride(n)
+    assert stride > 1
+    measured = torch.cat([b.doc_ids.unique() for b in batches if b.index % stride == 0])
+    assert len(measured) <= MAX_EVAL_DOCUMENTS + docs_per_batch  # the cost stops growing with n
+    ce = key_ce(n)
+    drawn = drawn_other_documents(n, other_keys_per_document(n))
+    assert result["ce_positive"] == pytest.approx(float(ce[measured].mean()), rel=1e-6)
+    assert result["ce_negative"] == pytest.approx(float(ce[drawn[measured]].mean(1).mean()), rel=1e-6)
+    # two calls (own key, drawn keys) for each measured batch and none for the others
+    assert len(engine.key_sets_per_call) == 2 * len([b for b in batches if b.index % stride == 0])
+
+
+def test_up_to_the_limit_every_batch_is_measured():
+    assert batch_stride(MAX_EVAL_DOCUMENTS) == 1 and batch_stride(MAX_EVAL_DOCUMENTS + 1) == 2
 
 
 def test_the_draw_does_not_depend_on_the_batching():

@@ -15,12 +15,28 @@ from utils import negative_keys
 
 MAX_EVAL_OTHER_KEYS = 8  # up to this many other documents, `other` negatives are every other key
 EVAL_OTHER_SAMPLES = 512  # past it, about this many (document, other key) pairs in all
+MAX_EVAL_DOCUMENTS = 256  # past this many documents, about this many are measured (every k-th batch)
+
+
+def batch_stride(num_docs: int) -> int:
+    """Past MAX_EVAL_DOCUMENTS documents, only every `batch_stride`-th batch of the run's fixed list
+    is measured (about MAX_EVAL_DOCUMENTS documents), so the CE before and after training costs
+    what it costs at MAX_EVAL_DOCUMENTS however many documents the memory holds. A batch's index
+    counts global groups (docs_per_step x processes), so every process picks the same groups."""
+    return max(1, math.ceil(num_docs / MAX_EVAL_DOCUMENTS))
+
+
+def measured_batches(batches: list[Batch], num_docs: int) -> list[Batch]:
+    """The batches `ce_under_keys` measures: all of them up to MAX_EVAL_DOCUMENTS documents."""
+    stride = batch_stride(num_docs)
+    return [batch for batch in batches if batch.index % stride == 0]
 
 
 def other_keys_per_document(num_docs: int) -> int:
     """How many other documents' keys each document is measured under, past MAX_EVAL_OTHER_KEYS
     documents: enough that the run's mean rests on about EVAL_OTHER_SAMPLES pairs, at most
-    MAX_EVAL_OTHER_KEYS, at least one."""
+    MAX_EVAL_OTHER_KEYS, at least one (past MAX_EVAL_DOCUMENTS, where one, only the measured
+    documents count: fewer pairs, the same per-document definition)."""
     return max(1, min(MAX_EVAL_OTHER_KEYS, math.ceil(EVAL_OTHER_SAMPLES / num_docs)))
 
 
@@ -39,14 +55,15 @@ def ce_under_keys(engine: LossEngine, memory: DocumentMemory, batches: list[Batc
     `other`, every other document's key when there are at most MAX_EVAL_OTHER_KEYS others (the
     expectation of the training draw), else `other_keys_per_document` other keys drawn for each
     document (`drawn_other_documents`), so the pass stays linear in the documents; for the other
-    types, one draw from a fixed generator. Under torchrun every process evaluates its batches and
-    the sums are combined."""
+    types, one draw from a fixed generator. Past MAX_EVAL_DOCUMENTS documents both means are over
+    the documents of `measured_batches` only (about MAX_EVAL_DOCUMENTS of them), so the cost stops
+    growing. Under torchrun every process evaluates its batches and the sums are combined."""
     n_docs = memory.config.num_docs
     sums = [0.0, 0.0, 0.0, 0.0]  # positive CE x tokens, tokens, negative CE x tokens, tokens
     generator = torch.Generator().manual_seed(12345)
     sampled = config.negative_key_type == "other" and n_docs - 1 > MAX_EVAL_OTHER_KEYS
     drawn_others = drawn_other_documents(n_docs, other_keys_per_document(n_docs)) if sampled else None
-    for batch in batches:
+    for batch in measured_batches(batches, n_docs):
         doc_of_group = torch.unique_consecutive(batch.group_ids, return_inverse=True)[1]
         first_rows = torch.cat([torch.ones(1, dtype=torch.bool), batch.group_ids[1:] != batch.group_ids[:-1]])
         group_docs = batch.doc_ids[first_rows]
