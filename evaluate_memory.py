@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "held-out texts per scoring batch in attribution")
     parser.add_argument("--key_sets_per_pass", type=int, default=defaults.key_sets_per_pass,
                         help="CE: key sets batched into one pass over the upper blocks")
+    parser.add_argument("--ce_other_keys", type=int, default=defaults.ce_other_keys,
+                        help="CE matrix: 0 = every document under every key (N^2 passes); K = under its own key and "
+                             "K other documents' keys drawn for it (linear in N; matrix null, sampled_ce instead)")
+    parser.add_argument("--attribution_docs", type=int, default=defaults.attribution_docs,
+                        help="attribution: 0 = every document's texts; Q = the texts of Q documents spread evenly, "
+                             "each still ranked against every document's key")
     parser.add_argument("--device", default=defaults.device, help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=defaults.threads,
                         help="CPU threads for torch; 0 = torch's default (on a busy machine 1 can be much faster)")
@@ -101,7 +107,7 @@ def evaluate(args: argparse.Namespace) -> None:
     options = EvalOptions(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, grid=args.grid,
                           l0_threshold=args.l0_threshold, max_docs=args.max_docs, max_other_keys=args.max_other_keys,
                           gen_batch_size=args.gen_batch_size, key_sets_per_pass=args.key_sets_per_pass,
-                          device=args.device, threads=args.threads).validate()
+                          ce_other_keys=args.ce_other_keys, attribution_docs=args.attribution_docs, device=args.device, threads=args.threads).validate()
     if options.threads:
         torch.set_num_threads(options.threads)
     if args.compare:

@@ -259,8 +259,9 @@ case "$preset" in
     # parameters, at least 1) get the same flags. Every cell makes 16 documents' steps (--docs_per_step 16, all
     # documents below 16) for SCALE_EPOCHS epochs (default max(3, 3000 / N): about 200 steps in every cell,
     # which keeps its training near half an hour on a 2-core CPU at 1,000 documents), at SCALE_LR (3e-3;
-    # SCALE_LORA_LR for LoRA). Each cell is one training and its evaluation (evaluate_memory.py, EVAL_ARGS as run.sh
-    # capacity's) in SCALE_DIR/<kind>_n<N> (outputs/scale) with its log: a cell whose newest run has
+    # SCALE_LORA_LR for LoRA). Each cell is one training and its evaluation (evaluate_memory.py; default EVAL_ARGS
+    # linear in N: 1 other key in generation, the CE under the own key and 4 drawn others, the texts of 10
+    # documents attributed against every key) in SCALE_DIR/<kind>_n<N> (outputs/scale) with its log: a cell whose newest run has
     # eval/summary.json is skipped, one trained but not evaluated is only evaluated, so a cut-off sweep goes on
     # where it stopped. Then python -m benchmarks.capacity_report joins every cell of the grid and any other in
     # SCALE_DIR (the missing ones marked) into SCALE_DIR/report: recall, CE, attribution top-1 and bits stored per
@@ -309,7 +310,8 @@ case "$preset" in
             --seed 1 --document_memory "$kind" --save_dir "$root/$1" "${extra[@]}" || return $?
       fi
       # shellcheck disable=SC2086  # EVAL_ARGS are meant to split into words
-      "$PYTHON" evaluate_memory.py --run_dir "$root/$1" ${EVAL_ARGS:---grid 0 --max_other_keys 2 --new_tokens 32 --gen_batch_size 256}
+      "$PYTHON" evaluate_memory.py --run_dir "$root/$1" ${EVAL_ARGS:---grid 0 --max_other_keys 1 --new_tokens 32 \
+          --gen_batch_size 256 --ce_other_keys 4 --attribution_docs 10}
     }
     names=(); todo=()
     for n in "${docs_list[@]}"; do

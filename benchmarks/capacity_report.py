@@ -35,6 +35,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from benchmarks.record import table_cells, write_record
+from docmem.evaluation.ce_table import own_ce
 from docmem.evaluation.methods_report import memory_cost
 
 COLUMNS = ("kind", "entries", "key_dim", "documents", "parameters", "recall_own", "recall_other", "recall_no_memory",
@@ -76,7 +77,7 @@ def bits_stored(ce: dict[str, Any], own_per_document: bool) -> dict[str, Any] | 
     if tokens is None:
         return None
     if own_per_document:
-        own = [row[d] for d, row in enumerate(ce["matrix"])]
+        own = own_ce(ce)
     else:
         own = ce["memory"]
     nats = sum(t * (plain - mine) for t, plain, mine in zip(tokens, ce["no_memory"], own))
@@ -125,6 +126,12 @@ def read_row(path: Path) -> dict[str, Any]:
         "attribution_held_out": attribution.get("held_out"),
         "documents_evaluated": summary.get("documents"),
     })
+    settings = summary.get("settings") or {}
+    sampled = [f"CE other keys over {settings['ce_other_keys']} drawn per document" if settings.get("ce_other_keys")
+               else "", f"attribution of {settings['attribution_docs']} documents' texts" if settings.get("attribution_docs")
+               else ""]
+    if any(sampled):  # evaluate_memory.py --ce_other_keys / --attribution_docs: linear in the documents
+        row["sampling_note"] = ", ".join(s for s in sampled if s) + " (every document still a candidate)"
     ce_path = run / "eval" / "ce_matrix.json"
     stored = bits_stored(json.loads(ce_path.read_text()), keyed) if ce_path.is_file() else None
     if stored is not None and row["documents_evaluated"] != row["documents"]:
@@ -167,6 +174,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
              + " and ".join(f"{v:g} bits per parameter ({k})" for k, v in ANCHORS.items()) + "."]
     notes += [f"- missing: {row['run_dir']}: {row['missing']}" for row in rows if "missing" in row]
     notes += [f"- no bits / parameter: {row['run_dir']}: {row['bits_note']}" for row in rows if "bits_note" in row]
+    notes += [f"- sampled: {row['run_dir']}: {row['sampling_note']}" for row in rows if "sampling_note" in row]
     return "\n".join(lines + notes) + "\n"
 
 

@@ -290,6 +290,56 @@ def test_max_docs_measures_the_first_documents(trained_runs, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_sampled_ce_matrix_and_attribution_are_the_full_ones_entries(trained_runs, tmp_path, capsys):
+    """--ce_other_keys K scores each document under its own key and K drawn others (linear in N), and
+    --attribution_docs Q attributes Q documents' texts against every key: the figures they keep are the
+    full evaluation's."""
+    import shutil
+
+    from docmem.other_documents import drawn_other_documents
+
+    full_run = shutil.copytree(trained_runs["keyed"], tmp_path / "full" / "run_0")
+    sampled_run = shutil.copytree(trained_runs["keyed"], tmp_path / "sampled" / "run_0")
+    for run in (full_run, sampled_run):  # another test may have evaluated the fixture's run
+        shutil.rmtree(run / "eval", ignore_errors=True)
+    assert em.main(["--run_dir", str(full_run), *EVAL_ARGS, "--grid", "0"]) == 0
+    assert em.main(["--run_dir", str(sampled_run), *EVAL_ARGS, "--grid", "0", "--ce_other_keys", "1",
+                    "--attribution_docs", "2"]) == 0
+    full = json.loads((full_run / "eval" / "ce_matrix.json").read_text())
+    sampled = json.loads((sampled_run / "eval" / "ce_matrix.json").read_text())
+    matrix = np.array(full["matrix"])
+    assert sampled["matrix"] is None and not (sampled_run / "eval" / "ce_matrix.png").exists()
+    drawn = drawn_other_documents(3, 1).tolist()
+    assert sampled["sampled_columns"] == drawn
+    np.testing.assert_allclose(sampled["diagonal"], np.diag(matrix), rtol=1e-5)
+    np.testing.assert_allclose(sampled["sampled_ce"], [[matrix[d][j] for j in drawn[d]] for d in range(3)], rtol=1e-5)
+    np.testing.assert_allclose(sampled["no_memory"], full["no_memory"], rtol=1e-5)
+    assert sampled["off_diagonal_mean"] == pytest.approx(np.mean([matrix[d][drawn[d][0]] for d in range(3)]), rel=1e-5)
+    assert sampled["scored_tokens"] == full["scored_tokens"]
+
+    full_attr = json.loads((full_run / "eval" / "attribution.json").read_text())
+    attr = json.loads((sampled_run / "eval" / "attribution.json").read_text())
+    assert attr["attributed_documents"] == [0, 1] and full_attr["attributed_documents"] == "all"
+    for part in ("training_segments", "held_out"):
+        mine = attr[part]["items"]
+        theirs = [i for i in full_attr[part]["items"] if i["document"] in (0, 1)]
+        assert [i["document"] for i in mine] == [i["document"] for i in theirs] and mine
+        for a, b in zip(mine, theirs):  # every document is still a candidate: the same ranks
+            assert a["rank"] == b["rank"] and a["top1"] == b["top1"]
+            assert a["ce_right_key"] == pytest.approx(b["ce_right_key"], rel=1e-5)
+    summary = json.loads((sampled_run / "eval" / "summary.json").read_text())
+    assert summary["settings"]["ce_other_keys"] == 1 and summary["ce"]["diagonal_mean"] == pytest.approx(
+        float(np.diag(matrix).mean()), rel=1e-5)
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("flag", ["--ce_other_keys", "--attribution_docs"])
+def test_sampling_flags_refuse_negative_counts(flag, capsys):
+    assert em.main(["--run_dir", "unused", flag, "-1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert flag in err and len(err.splitlines()) == 1
+
+
 def test_mismatched_documents_fail_clearly(trained_runs, tmp_path, capsys):
     import shutil
 

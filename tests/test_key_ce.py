@@ -8,12 +8,12 @@ import torch
 
 from docmem.batching import Batch
 from docmem.config import TrainConfig
+from docmem.other_documents import drawn_other_documents
 from docmem.training.key_ce import (
     MAX_EVAL_DOCUMENTS,
     MAX_EVAL_OTHER_KEYS,
     batch_stride,
     ce_under_keys,
-    drawn_other_documents,
     other_keys_per_document,
 )
 from document_memories import DocumentMemory, MemoryConfig

@@ -121,16 +121,27 @@ def score_columns(engine: LossEngine, scorer: Scorer, texts: Sequence[str], colu
     return counts, sums / counts[:, None]
 
 
-def table_scores(table: CETable, documents: Sequence, doc_columns: Sequence[Any], no_key: Any = NO_MEMORY
-                 ) -> list[list[TextScores]]:
-    """Each document's training segments (in order) scored from the CE table: per segment its scored
-    tokens and its CE under each document's column (key, adapter), `no_key` and the plain LM, as
-    training's loss scores that row of its batch (tests/test_attribute.py checks them against the
-    engine on training's batch); no pass runs that the CE matrix has not already run."""
+def table_scores(table: CETable, documents: Sequence, doc_columns: Sequence[Any], no_key: Any = NO_MEMORY,
+                 chosen: Sequence[int] | None = None) -> list[list[TextScores]]:
+    """Each chosen document's training segments (in order; every document by default) scored from the
+    CE table: per segment its scored tokens and its CE under each document's column (key, adapter),
+    `no_key` and the plain LM, as training's loss scores that row of its batch (tests/test_attribute.py
+    checks them against the engine on training's batch); with the full CE matrix no pass runs that it
+    has not already run."""
     n = len(doc_columns)
     columns = list(doc_columns) + [no_key, NO_MEMORY]
     return [[TextScores(int(tokens), ce[:n], ce[n], ce[n + 1]) for tokens, ce in table.row_ce(d, columns)]
-            for d in range(len(documents))]
+            for d in (range(len(documents)) if chosen is None else chosen)]
+
+
+def attributed_documents(num_docs: int, limit: int) -> list[int]:
+    """The documents whose texts attribution ranks (against every document as a candidate): all of them
+    for limit 0 or limit >= num_docs, else `limit` spread evenly over the documents (0, N/limit, ...)."""
+    if limit < 0:
+        raise ValueError(f"limit {limit}: must be >= 0 (0: every document)")
+    if limit == 0 or limit >= num_docs:
+        return list(range(num_docs))
+    return [(i * num_docs) // limit for i in range(limit)]
 
 
 def own_targets(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -179,33 +190,38 @@ def attribution_accuracy(texts: Sequence[str], truth: Sequence[int], scores: Seq
 
 
 def evaluate_attribution(run: LoadedRun, documents: Sequence, rows_per_batch: int, key_sets_per_pass: int,
-                         table: CETable) -> dict[str, Any]:
+                         table: CETable, limit: int = 0) -> dict[str, Any]:
     """Attribution accuracy on training segments (from `table`, the run's CE table of `documents`) and
-    held-out continuations (run: LoadedRun)."""
+    held-out continuations (run: LoadedRun) of `attributed_documents(len(documents), limit)`, each ranked
+    against every document's key."""
     scorer = Scorer(run.foundation, run.memory, run.config.hook_memory_layer, run.dtype, run.config.max_length,
                     rows_per_batch, key_sets_per_pass, head_dtype=run.head_dtype)
     keys = run.memory.doc_keys.detach()
-    training = table_scores(table, documents, [keys[j] for j in range(keys.shape[0])], no_key=None)
+    chosen = attributed_documents(len(documents), limit)
+    training = table_scores(table, documents, [keys[j] for j in range(keys.shape[0])], no_key=None, chosen=chosen)
     return attribution_report(run.config, documents, lambda texts, label: score_texts(replace(scorer, progress=label),
-                                                                                      texts), training)
+                                                                                      texts), training, chosen)
 
 
 def attribution_report(config: TrainConfig, documents: Sequence, score: Callable[[list[str], str], list[TextScores]],
-                       training: list[list[TextScores]]) -> dict[str, Any]:
-    """Top-1 attribution of the training segments (`training`: each document's segments scored, table_scores)
-    and the held-out continuations; score(texts, label) gives each held-out text's CE under every document's
-    condition (a key, an adapter, the document in the prompt)."""
-    segments = [s for d in documents for s in d.segments]
+                       training: list[list[TextScores]], chosen: Sequence[int] | None = None) -> dict[str, Any]:
+    """Top-1 attribution of the chosen documents' (default: every document's) training segments (`training`:
+    each chosen document's segments scored, table_scores) and held-out continuations; score(texts, label)
+    gives each held-out text's CE under every document's condition (a key, an adapter, the document in the
+    prompt): every document stays a candidate."""
+    chosen = list(range(len(documents))) if chosen is None else list(chosen)
+    segments = [s for d in chosen for s in documents[d].segments]
     segment_scores = [s for doc_scores in training for s in doc_scores]
     if len(segment_scores) != len(segments):
         raise ValueError(f"{len(segment_scores)} training segment scores for {len(segments)} segments")
-    held_out = load_held_out(config, documents)
+    held_out = load_held_out(config, [documents[d] for d in chosen])
     held_texts = [t for doc_texts in held_out for t in doc_texts]
     return {"documents": [d.title for d in documents],
+            "attributed_documents": chosen if len(chosen) < len(documents) else "all",
             "rule": "top-1 = the document whose key gives the text the lowest mean token CE",
             "training_segments_scored": "as in training: each segment's tokens in its training batch "
                                         "(the CE matrix's rows)",
-            "training_segments": attribution_accuracy(segments, [d for d, doc in enumerate(documents)
-                                                                 for _ in doc.segments], segment_scores),
-            "held_out": attribution_accuracy(held_texts, [d for d, doc_texts in enumerate(held_out) for _ in doc_texts],
+            "training_segments": attribution_accuracy(segments, [d for d in chosen for _ in documents[d].segments],
+                                                      segment_scores),
+            "held_out": attribution_accuracy(held_texts, [d for d, doc_texts in zip(chosen, held_out) for _ in doc_texts],
                                              score(held_texts, "attribution: held_out") if held_texts else [])}

@@ -25,7 +25,14 @@ from docmem.baselines.prompt import PromptEngine, context_ids, training_text
 from docmem.config import load_run_config
 from docmem.engines import NO_MEMORY, KeySet, LossEngine
 from docmem.errors import ConfigError
-from docmem.evaluation.attribution import Scorer, TextScores, attribution_report, score_columns, table_scores
+from docmem.evaluation.attribution import (
+    Scorer,
+    TextScores,
+    attributed_documents,
+    attribution_report,
+    score_columns,
+    table_scores,
+)
 from docmem.evaluation.ce_table import CETable, ce_matrix, shared_ce
 from docmem.evaluation.generation import Prompt, RecallInputs, greedy_rows, plan_conditions, prompts_of, recall_report
 from docmem.evaluation.options import EVAL_DIR, EvalOptions, write_json
@@ -127,14 +134,17 @@ def evaluate_method(run: LoadedRun, method: Method, options: EvalOptions, out: P
         table = CETable(run, documents, options, engine=method.engine)
         attribution = None
         if method.kind == "per_document":
-            ce = ce_matrix(table, titles, method.doc_columns[: len(documents)], {"no_memory": NO_MEMORY})
-            pictures.draw(analysis_plots.plot_ce_matrix, np.array(ce["matrix"]), titles, out / "ce_matrix.png")
+            ce = ce_matrix(table, titles, method.doc_columns[: len(documents)], {"no_memory": NO_MEMORY},
+                           options.ce_other_keys)
+            if ce["matrix"] is not None:
+                pictures.draw(analysis_plots.plot_ce_matrix, np.array(ce["matrix"]), titles, out / "ce_matrix.png")
             ce_part = {k: ce[k] for k in ("diagonal_mean", "off_diagonal_mean", "diagonal_lowest_rows",
                                            "diagonal_lowest_every_row")}
             ce_part["no_memory_mean"] = float(np.mean(ce["no_memory"]))
-            training = table_scores(table, documents, method.doc_columns[: len(documents)])
+            chosen = attributed_documents(len(documents), options.attribution_docs)
+            training = table_scores(table, documents, method.doc_columns[: len(documents)], chosen=chosen)
             report = attribution_report(run.config, documents, _text_scorer(run, method, options, len(documents)),
-                                        training)
+                                        training, chosen)
             write_json(out / "attribution.json", report)
             attribution = {k: report[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
         else:

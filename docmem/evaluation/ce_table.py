@@ -18,6 +18,7 @@ import wikitext
 from docmem.batching import Batch, make_batches
 from docmem.engines import NO_MEMORY, FastEngine, KeySet, LossEngine
 from docmem.evaluation.options import EvalOptions
+from docmem.other_documents import drawn_other_documents
 from docmem.run_folder import LoadedRun
 
 Column = tuple[float, ...] | str  # a key's values, "no_key" or NO_MEMORY: what a score is cached under
@@ -111,13 +112,16 @@ class CETable:
         return [s / max(total, 1.0) for s in sums]
 
 
-def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikitext.Document]) -> dict[str, Any]:
-    """The keyed memory's document x key CE matrix (a shared memory: memory and no_memory per document)."""
+def evaluate_ce_matrix(table: CETable, run: LoadedRun, documents: Sequence[wikitext.Document],
+                       other_keys: int = 0) -> dict[str, Any]:
+    """The keyed memory's document x key CE matrix (a shared memory: memory and no_memory per document);
+    other_keys: 0 for every key, K for the own key and K drawn others per document (`ce_matrix`)."""
     titles = [d.title for d in documents]
     if not run.config.uses_keys:
         return shared_ce(table, titles, None)
     keys = run.memory.doc_keys.detach()[:len(documents)]
-    return ce_matrix(table, titles, [keys[j] for j in range(len(documents))], {"no_key": None, "no_memory": NO_MEMORY})
+    return ce_matrix(table, titles, [keys[j] for j in range(len(documents))], {"no_key": None, "no_memory": NO_MEMORY},
+                     other_keys)
 
 
 def shared_ce(table: CETable, titles: list[str], memory_column: KeySet) -> dict[str, Any]:
@@ -129,24 +133,60 @@ def shared_ce(table: CETable, titles: list[str], memory_column: KeySet) -> dict[
             "note": "a shared memory has no keys: one CE per document with the memory and without it"}
 
 
-def ce_matrix(table: CETable, titles: list[str], doc_columns: Sequence[KeySet], extra: dict[str, KeySet]
-              ) -> dict[str, Any]:
+def ce_matrix(table: CETable, titles: list[str], doc_columns: Sequence[KeySet], extra: dict[str, KeySet],
+              other_keys: int = 0) -> dict[str, Any]:
     """Documents x conditions: doc_columns[j] is document j's condition (its key, adapter, text in the
     prompt); `extra` adds named columns (no_key, no_memory) as one list each; scored_tokens: the tokens each
-    document's means are over (a row's CE times its tokens is the nats it costs)."""
+    document's means are over (a row's CE times its tokens is the nats it costs); `diagonal`: each document's
+    CE under its own condition.
+
+    other_keys K > 0 with K < documents - 1 scores each document under its own condition and K other
+    documents' only, drawn uniformly for each document from a fixed generator (key_ce.drawn_other_documents),
+    so the cost is linear in the documents: `matrix` is then null, `sampled_columns` and `sampled_ce` hold
+    each document's drawn documents and its CE under them, and the off-diagonal mean, the row argmin and
+    `diagonal_lowest_rows` are over the drawn columns."""
     n = len(titles)
-    columns = list(doc_columns) + list(extra.values())
-    with tqdm(total=sum(table.pending(d, columns) for d in range(n)), desc="CE matrix", unit="key",
+    if other_keys < 0:
+        raise ValueError(f"other_keys {other_keys}: must be >= 0 (0: every document's condition)")
+    sampled = 0 < other_keys < n - 1
+    drawn = drawn_other_documents(n, other_keys).tolist() if sampled else None
+    extras = list(extra.values())
+
+    def columns_of(d: int) -> list[KeySet]:
+        if drawn is None:
+            return list(doc_columns) + extras
+        return [doc_columns[d]] + [doc_columns[j] for j in drawn[d]] + extras
+
+    with tqdm(total=sum(table.pending(d, columns_of(d)) for d in range(n)), desc="CE matrix", unit="key",
               dynamic_ncols=True) as bar:
-        rows = [table.ce(d, columns, bar) for d in range(n)]
-    matrix = np.array([r[:n] for r in rows])
-    off = matrix[~np.eye(n, dtype=bool)]
-    argmins = [int(np.argmin(matrix[i])) for i in range(n)]
-    return {
-        "titles": titles, "matrix": matrix.tolist(), "rows": "documents", "columns": "keys (same order)",
-        **{name: [r[n + k] for r in rows] for k, name in enumerate(extra)},
-        "scored_tokens": [table.scored_tokens(d) for d in range(n)],
-        "diagonal_mean": float(np.diag(matrix).mean()), "off_diagonal_mean": float(off.mean()) if off.size else None,
-        "row_argmin": argmins, "diagonal_lowest_rows": sum(a == i for i, a in enumerate(argmins)),
-        "diagonal_lowest_every_row": all(a == i for i, a in enumerate(argmins)),
-    }
+        rows = [table.ce(d, columns_of(d), bar) for d in range(n)]
+    width = len(rows[0]) - len(extras) if rows else 0
+    named = {name: [r[width + k] for r in rows] for k, name in enumerate(extra)}
+    common = {"titles": titles, **named, "scored_tokens": [table.scored_tokens(d) for d in range(n)]}
+    if drawn is None:
+        matrix = np.array([r[:n] for r in rows])
+        off = matrix[~np.eye(n, dtype=bool)]
+        argmins = [int(np.argmin(matrix[i])) for i in range(n)]
+        return {**common, "matrix": matrix.tolist(), "rows": "documents", "columns": "keys (same order)",
+                "diagonal": np.diag(matrix).tolist(),
+                "diagonal_mean": float(np.diag(matrix).mean()), "off_diagonal_mean": float(off.mean()) if off.size else None,
+                "row_argmin": argmins, "diagonal_lowest_rows": sum(a == i for i, a in enumerate(argmins)),
+                "diagonal_lowest_every_row": all(a == i for i, a in enumerate(argmins))}
+    own = np.array([r[0] for r in rows])
+    others = np.array([r[1:width] for r in rows])  # (n, K)
+    candidates = [[d] + drawn[d] for d in range(n)]
+    argmins = [candidates[d][int(np.argmin([own[d], *others[d]]))] for d in range(n)]
+    return {**common, "matrix": None, "rows": "documents",
+            "columns": f"sampled: each document's own key and {other_keys} drawn other documents' keys",
+            "other_keys_per_document": other_keys, "sampled_columns": drawn, "sampled_ce": others.tolist(),
+            "diagonal": own.tolist(), "diagonal_mean": float(own.mean()), "off_diagonal_mean": float(others.mean()),
+            "row_argmin": argmins, "diagonal_lowest_rows": sum(a == i for i, a in enumerate(argmins)),
+            "diagonal_lowest_every_row": all(a == i for i, a in enumerate(argmins))}
+
+
+def own_ce(ce: dict[str, Any]) -> list[float]:
+    """Each document's CE under its own condition, from a ce_matrix.json (sampled or full; an older file
+    has only the matrix)."""
+    if ce.get("diagonal") is not None:
+        return list(ce["diagonal"])
+    return [row[d] for d, row in enumerate(ce["matrix"])]

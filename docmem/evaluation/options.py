@@ -23,6 +23,8 @@ class EvalOptions:
     max_other_keys: int = 4  # other_keys: at most this many other documents' keys per document
     gen_batch_size: int = 128  # rows decoded together (each row leaves its batch when it has its tokens)
     key_sets_per_pass: int = 16  # CE: key sets batched into one suffix pass
+    ce_other_keys: int = 0  # CE matrix: 0 = every key; K = each document's own key and K drawn others (linear)
+    attribution_docs: int = 0  # attribution: 0 = every document's texts; Q = Q documents' (all N candidates)
     device: str = "auto"  # auto: the run's GPU if it had one and one is here, else cpu
     threads: int = 0  # CPU threads for torch (0: torch's default)
 
@@ -34,6 +36,9 @@ class EvalOptions:
             raise EvalError(f"--grid {self.grid}: must be >= 2 (or 0: no landscape)")
         if self.max_other_keys < 1:
             raise EvalError(f"--max_other_keys {self.max_other_keys}: must be >= 1")
+        for name in ("ce_other_keys", "attribution_docs"):
+            if getattr(self, name) < 0:
+                raise EvalError(f"--{name} {getattr(self, name)}: must be >= 0 (0: every document)")
         if self.max_docs is not None and self.max_docs < 1:
             raise EvalError(f"--max_docs {self.max_docs}: must be >= 1")
         if self.threads < 0:

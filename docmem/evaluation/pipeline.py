@@ -62,7 +62,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
         # 2. CE matrix (token level, no generation)
         t0 = time.time()
         table = CETable(run, documents, options)
-        ce = evaluate_ce_matrix(table, run, documents)
+        ce = evaluate_ce_matrix(table, run, documents, options.ce_other_keys)
         write_json(out / "ce_matrix.json", ce)
         if ce["matrix"] is not None:
             pictures.draw(analysis_plots.plot_ce_matrix, np.array(ce["matrix"]), titles, out / "ce_matrix.png")
@@ -92,7 +92,7 @@ def evaluate_loaded(run: LoadedRun, options: EvalOptions) -> dict[str, Any]:
         if run.config.uses_keys:  # which document a text came from: training segments and held-out continuations
             t0 = time.time()
             attribution = evaluate_attribution(run, documents, options.gen_batch_size, options.key_sets_per_pass,
-                                               table)
+                                               table, options.attribution_docs)
             write_json(out / "attribution.json", attribution)
             attribution = {k: attribution[k]["top1_accuracy"] for k in ("training_segments", "held_out")}
             log.info(f"attribution top-1 accuracy: {attribution} (in {time.time() - t0:.1f}s)")

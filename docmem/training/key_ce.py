@@ -10,6 +10,7 @@ from docmem.batching import Batch
 from docmem.config import TrainConfig
 from docmem.distributed import DistContext
 from docmem.engines import LossEngine
+from docmem.other_documents import drawn_other_documents
 from document_memories import DocumentMemory
 from utils import negative_keys
 
@@ -38,14 +39,6 @@ def other_keys_per_document(num_docs: int) -> int:
     MAX_EVAL_OTHER_KEYS, at least one (past MAX_EVAL_DOCUMENTS, where one, only the measured
     documents count: fewer pairs, the same per-document definition)."""
     return max(1, min(MAX_EVAL_OTHER_KEYS, math.ceil(EVAL_OTHER_SAMPLES / num_docs)))
-
-
-def drawn_other_documents(num_docs: int, per_document: int, seed: int = 12345) -> torch.Tensor:
-    """(num_docs, per_document) other documents' ids, drawn uniformly for each document from a
-    fixed generator: the same table in every process and for every batching."""
-    generator = torch.Generator().manual_seed(seed)
-    draw = torch.randint(0, num_docs - 1, (num_docs, per_document), generator=generator)
-    return draw + (draw >= torch.arange(num_docs).unsqueeze(1)).long()  # skip the document itself
 
 
 @torch.no_grad()
