@@ -35,6 +35,19 @@ def test_the_attack_descends_and_never_ends_above_its_starts(tiny_run):  # noqa:
     assert found.best_ce < min(found.start_ce[4:])  # descent improves on the random starts
 
 
+def test_past_max_key_starts_the_lowest_ce_keys_start_the_descent():
+    keys = torch.arange(20.0).reshape(10, 2)
+    key_ce = torch.tensor([5.0, 1.0, 9.0, 0.5, 7.0, 3.0, 8.0, 2.0, 6.0, 4.0])
+    settings = AttackSettings(random_starts=1, grid=0, max_key_starts=3)
+    starts, labels = attack_starts(keys[0], keys, settings, key_ce)
+    assert labels[:4] == ["old_key", "key_1", "key_3", "key_7"] and len(labels) == 5  # + one random start
+    assert torch.equal(starts[1:4], keys[[1, 3, 7]])
+    with pytest.raises(ValueError, match="max_key_starts"):
+        attack_starts(keys[0], keys, settings)  # past the cap the starts need the document's CE under each key
+    everything, _ = attack_starts(keys[0], keys, AttackSettings(random_starts=1, grid=0, max_key_starts=10))
+    assert torch.equal(everything[1:11], keys)  # up to the cap every key starts, as before
+
+
 def test_unlearn_then_the_attack_table(tiny_run, tiny_lm_dir, tmp_path):  # noqa: F811
     run = copy_run(tiny_run, tmp_path)
     out = tmp_path / "unlearned"

@@ -13,6 +13,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from docmem.atomic import write_atomic
 from docmem.engines import NO_MEMORY
 from docmem.errors import EvalError
@@ -38,11 +40,12 @@ def _memory_row(run: LoadedRun, memory: Any, titles: list[str], doc: int, option
     old_key = run.memory.doc_keys.detach()[doc].to(keys)
     others = [rows[d.title] for j, d in enumerate(documents) if j != doc and d.title in rows]
     out: dict[str, Any] = {"old_key_ce": table.ce(doc, [old_key])[0]}
-    out["other_keys_ce_min"] = min(table.ce(doc, [keys[r] for r in others])) if others else None
+    key_ce = torch.tensor(table.ce(doc, [keys[j] for j in range(keys.shape[0])]))  # every key of this memory
+    out["other_keys_ce_min"] = float(key_ce[others].min()) if others else None
     if keys.shape[1] == 2 and options.grid:
         axis = landscape_axis(run.memory.doc_keys.detach().float().cpu().numpy(), options.grid)
         out["grid_ce_min"] = min(table.ce(doc, list(grid_keys(axis).to(keys))))
-    starts, labels = attack_starts(old_key, keys, settings)
+    starts, labels = attack_starts(old_key, keys, settings, key_ce)
     found = attack(table.engine, table.by_doc[doc], starts, labels, settings)
     out.update(attack_ce=found.best_ce, attack_key=found.best_key.tolist(),
                attack_ce_at_old_key_start=found.start_ce[0])

@@ -27,6 +27,7 @@ class AttackSettings:
     grid: int = 2  # key_dim 2: grid x grid starts over the keys' square (0: none)
     per_pass: int = 8  # key sets per pass over the upper blocks
     seed: int = 0
+    max_key_starts: int = 64  # the memory's keys that start a descent: all up to this many, else those of lowest CE
 
 
 @dataclass
@@ -37,13 +38,23 @@ class AttackResult:
     labels: list[str]  # what each start was
 
 
-def attack_starts(old_key: torch.Tensor, keys: torch.Tensor, settings: AttackSettings) -> tuple[torch.Tensor, list[str]]:
-    """(starts, key_dim) and a label per start."""
+def attack_starts(old_key: torch.Tensor, keys: torch.Tensor, settings: AttackSettings,
+                  key_ce: torch.Tensor | None = None) -> tuple[torch.Tensor, list[str]]:
+    """(starts, key_dim) and a label per start: the old key, the memory's keys, random keys and a grid.
+    Past settings.max_key_starts keys, only that many of the memory's keys start a descent: those that
+    give the document the lowest CE already (key_ce: the document's CE under each key), the attacker's
+    best openings, so the attack's cost stops growing with the number of documents."""
     generator = torch.Generator().manual_seed(settings.seed)
     keys = keys.detach().float().cpu()
     spread = float(keys.std()) if keys.numel() > 1 else 1.0
-    starts = [old_key.detach().float().cpu().reshape(1, -1), keys]
-    labels = ["old_key"] + [f"key_{j}" for j in range(keys.shape[0])]
+    chosen = list(range(keys.shape[0]))
+    if len(chosen) > settings.max_key_starts:
+        if key_ce is None or len(key_ce) != len(chosen):
+            raise ValueError(f"{len(chosen)} keys, more than max_key_starts {settings.max_key_starts}: "
+                             "the document's CE under each key (key_ce) picks the starts")
+        chosen = sorted(torch.argsort(key_ce.float(), stable=True)[: settings.max_key_starts].tolist())
+    starts = [old_key.detach().float().cpu().reshape(1, -1), keys[chosen]]
+    labels = ["old_key"] + [f"key_{j}" for j in chosen]
     randoms = torch.randn(settings.random_starts, keys.shape[1], generator=generator) * spread
     starts.append(randoms)
     labels += [f"random_{i}" for i in range(settings.random_starts)]
