@@ -28,7 +28,6 @@ import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from docmem import optimizer_step as optimizer_steps
 from docmem.batching import Batch
 from docmem.cli import run_command
 from docmem.config import TrainConfig, parse_args
+from docmem.cuda_graphs import CudaRecorder, EagerRecorder, GraphedSteps, StepFunctions, Trainables
 from docmem.distributed import DistContext, init_distributed, shutdown
 from docmem.engines import LossEngine
 from docmem.errors import NonFiniteLoss
@@ -51,25 +51,16 @@ from docmem.training.lora_runs import train_lora
 from docmem.training.run_state import LOSS_PARTS, RunState, finish_run, start_run
 from docmem.training.shard_runs import train_sharded
 from docmem.training.signals import StopOnSignal
+from docmem.training.step_loss import StepResult, losses_under_keys, refuse_non_finite_loss, step_keys
 from document_memories import DocumentMemory
 from foundations.placement import resolve_device
-from utils import guidance_term, negative_keys, selection_stats
+from utils import selection_stats
 
 log = logging.getLogger("docmem.train")
 EXIT_NON_FINITE = NonFiniteLoss.exit_code
 
 
 # ---- the loss of one step ----------------------------------------------------------------------
-
-@dataclass
-class StepResult:
-    """The parts of a batch's loss as 0-dim tensors, left on the device until the optimizer step
-    reads them (a float where a caller put one); None: not part of this run's loss."""
-    loss: torch.Tensor | float
-    ce_positive: torch.Tensor | float
-    ce_negative: torch.Tensor | float | None
-    guidance_term: torch.Tensor | float | None
-
 
 def train_step_losses(engine: LossEngine, memory: DocumentMemory, batch: Batch, config: TrainConfig,
                       generator: torch.Generator) -> tuple[torch.Tensor, StepResult]:
@@ -78,30 +69,7 @@ def train_step_losses(engine: LossEngine, memory: DocumentMemory, batch: Batch, 
     A batch holds one or more chunks (a chunk: one document's segments); each chunk has its own
     key and its own negative, and the loss is the mean over chunks of CE_pos + alpha * term, so
     P processes with K chunks each give the gradient of one process with K x P."""
-    if not config.uses_keys:
-        (ce_pos,) = engine.losses(batch, [None], per_document=True)
-        loss = ce_pos.mean()
-        return loss, StepResult(loss.detach(), loss.detach(), None, None)
-    pos = memory.keys_for(batch.doc_ids)
-    if not config.guidance_active:
-        (ce_pos,) = engine.losses(batch, [pos], per_document=True)
-        loss = ce_pos.mean()
-        return loss, StepResult(loss.detach(), loss.detach(), None, None)
-    if batch.chunk_doc_ids is not None:  # one draw per chunk of the global batch, every process alike
-        drawn = negative_keys(config.negative_key_type, batch.chunk_doc_ids, memory.doc_keys, generator, config.delta)
-        neg = drawn[batch.chunk_of_row.to(drawn.device)]
-    else:
-        neg = negative_keys(config.negative_key_type, batch.doc_ids, memory.doc_keys, generator, config.delta)
-    ce_pos, ce_neg = engine.losses(batch, [pos, neg], per_document=True)
-    term = guidance_term(ce_pos, ce_neg, config.target_negative_ce, config.guidance_loss)
-    loss = (ce_pos + config.guidance * term).mean()
-    return loss, StepResult(loss.detach(), ce_pos.mean().detach(), ce_neg.mean().detach(), term.mean().detach())
-
-
-def refuse_non_finite_loss(parts: dict[str, float | None], where: str) -> None:
-    bad = [f"{k} = {v}" for k, v in parts.items() if v is not None and not math.isfinite(v)]
-    if bad:
-        raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) {where}")
+    return losses_under_keys(engine, batch, config, *step_keys(memory, batch, config, generator))
 
 
 def optimizer_step(state: RunState, where: str, pending: Sequence[tuple[str, StepResult]] = ()
@@ -121,6 +89,34 @@ def optimizer_step(state: RunState, where: str, pending: Sequence[tuple[str, Ste
 
 # ---- the epoch loop ----------------------------------------------------------------------------
 
+def graphed_steps(state: RunState) -> GraphedSteps:
+    """--cuda_graphs: the run's steps captured per batch (docmem/cuda_graphs.py), with this script's key
+    draw, loss and eager step."""
+    config = state.config
+
+    def eager_step(batch: Batch, pos: torch.Tensor | None, neg: torch.Tensor | None, where: str
+                   ) -> list[float | None]:
+        loss, parts = losses_under_keys(state.engine, batch, config, pos, neg)
+        loss.backward()
+        read = optimizer_step(state, where, [(where, parts)])[0]
+        return [read[k] for k in LOSS_PARTS]
+
+    def losses(batch: Batch, pos: torch.Tensor | None, neg: torch.Tensor | None
+               ) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+        loss, parts = losses_under_keys(state.engine, batch, config, pos, neg)
+        return loss, [getattr(parts, k) for k in LOSS_PARTS]
+
+    engine = state.engine
+    recorder = CudaRecorder(state.device) if state.device.startswith("cuda") else EagerRecorder()
+    num_sets = 1 if not config.uses_keys or not config.guidance_active else 2
+    trainables = Trainables(state.optimizer, state.scheduler, list(state.memory.trainable_parameters()),
+                            config.grad_clip_coeff)
+    functions = StepFunctions(keys=lambda batch: step_keys(state.memory, batch, config, state.generator),
+                              losses=losses, prepare=lambda batch: engine.prepare(batch, num_sets, True),
+                              eager_step=eager_step)
+    return GraphedSteps(trainables, functions, recorder, config.cuda_graphs)
+
+
 def train_epoch(state: RunState) -> None:
     """The batches of epoch progress.epoch + 1, from batch progress.batch on (a mid-epoch resume).
     On a signal: finish the optimizer step, write a checkpoint, raise Interrupted."""
@@ -130,27 +126,33 @@ def train_epoch(state: RunState) -> None:
     pending: list[tuple[str, StepResult]] = []  # this step's batches, their loss parts not yet read
     for i in range(progress.batch, len(batches)):
         where = f"at epoch {epoch}, step {progress.step + 1} (batch {i + 1} of {len(batches)})"
-        loss, parts = train_step_losses(state.engine, state.memory, batches[i], config, state.generator)
-        pending.append((where, parts))
-        if config.detect_anomaly:  # read now: anomaly mode would stop in the backward of a non-finite loss
-            refuse_non_finite_loss(dict(zip(LOSS_PARTS, read_on_host([getattr(parts, k) for k in LOSS_PARTS]))), where)
-        try:
-            (loss / acc).backward()
-        except RuntimeError as err:  # --detect_anomaly: a backward that produced NaN
-            if not config.detect_anomaly:
-                raise
-            raise NonFiniteLoss(f"non-finite gradient {where} ({str(err).splitlines()[0]})") from err
-        progress.batch = i + 1
-        if (i + 1) % acc == 0 or i + 1 == len(batches):
-            for read in optimizer_step(state, where, pending):
-                for key, value in read.items():
-                    progress.sums[key] += value if value is not None else float("nan")
-            pending = []
-            progress.step += 1
-            if state.stop.signum and progress.batch < len(batches):
-                state.save_checkpoint()
-                raise state.stop.interrupted(f"at epoch {epoch}, step {progress.step} (batch {progress.batch} of "
-                                             f"{len(batches)})", state.run_dir)
+        if state.graphs is not None:  # one batch a step (no accumulation): the whole step is one replay
+            reads = [dict(zip(LOSS_PARTS, state.graphs.step(batches[i], where)))]
+            progress.batch = i + 1
+        else:
+            loss, parts = train_step_losses(state.engine, state.memory, batches[i], config, state.generator)
+            pending.append((where, parts))
+            if config.detect_anomaly:  # read now: anomaly mode would stop in the backward of a non-finite loss
+                refuse_non_finite_loss(dict(zip(LOSS_PARTS, read_on_host([getattr(parts, k) for k in LOSS_PARTS]))),
+                                       where)
+            try:
+                (loss / acc).backward()
+            except RuntimeError as err:  # --detect_anomaly: a backward that produced NaN
+                if not config.detect_anomaly:
+                    raise
+                raise NonFiniteLoss(f"non-finite gradient {where} ({str(err).splitlines()[0]})") from err
+            progress.batch = i + 1
+            if (i + 1) % acc != 0 and i + 1 != len(batches):
+                continue
+            reads, pending = optimizer_step(state, where, pending), []
+        for read in reads:
+            for key, value in read.items():
+                progress.sums[key] += value if value is not None else float("nan")
+        progress.step += 1
+        if state.stop.signum and progress.batch < len(batches):
+            state.save_checkpoint()
+            raise state.stop.interrupted(f"at epoch {epoch}, step {progress.step} (batch {progress.batch} of "
+                                         f"{len(batches)})", state.run_dir)
 
 
 def end_of_epoch(state: RunState) -> dict:
@@ -177,6 +179,8 @@ def train(state: RunState) -> None:
     """Epochs progress.epoch + 1 .. num_epochs: a metrics.jsonl line each, a summary and a
     checkpoint every save_freq epochs and at the end (rank 0 alone writes under torchrun)."""
     config, progress = state.config, state.progress
+    if state.cuda_graphs and state.graphs is None:
+        state.graphs = graphed_steps(state)
     bar = tqdm(total=config.num_epochs, initial=progress.epoch, desc="epochs", unit="epoch", dynamic_ncols=True,
                disable=not state.dist_ctx.is_main)
     try:

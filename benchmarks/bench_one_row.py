@@ -84,7 +84,8 @@ def one_row_state(shape: str, args: argparse.Namespace) -> SimpleNamespace:
     state = SimpleNamespace(config=config, progress=Progress(), batches=batches, memory=memory,
                             engine=FastEngine(foundation, memory, layer, torch.float32), optimizer=optimizer,
                             scheduler=make_scheduler(optimizer, config, 1 << 20),
-                            generator=torch.Generator().manual_seed(args.seed + 3), stop=SimpleNamespace(signum=0))
+                            generator=torch.Generator().manual_seed(args.seed + 3), stop=SimpleNamespace(signum=0),
+                            device="cpu", graphs=None)
     step(state)  # fills the prefix cache and the optimizer's state
     return state
 

@@ -35,7 +35,7 @@ import platform
 import resource
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -52,7 +52,7 @@ from docmem.step_values import read_on_host
 from docmem.training.run_state import Progress, make_scheduler
 from document_memories import DocumentMemory, MemoryConfig
 from foundations import Foundation, block_device, from_model
-from train_guidance import train_epoch, train_step_losses
+from train_guidance import graphed_steps, train_epoch, train_step_losses
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PATHS = ("released", "frozen_two_pass", "fast")
@@ -415,7 +415,19 @@ def fast_run_state(args: argparse.Namespace) -> SimpleNamespace:
                            engine=FastEngine(foundation, memory, layer, DTYPES[args.precision],
                                              chunk_size=args.fast_chunk_size),
                            optimizer=optimizer, scheduler=make_scheduler(optimizer, config, 1 << 20),
-                           generator=torch.Generator().manual_seed(args.seed + 3), stop=SimpleNamespace(signum=0))
+                           generator=torch.Generator().manual_seed(args.seed + 3), stop=SimpleNamespace(signum=0),
+                           device=args.device, graphs=None)
+
+
+def use_cuda_graphs(state: SimpleNamespace) -> SimpleNamespace:
+    """The state's steps captured per batch (--cuda_graphs on; on a CPU replayed by calling the step,
+    docmem/cuda_graphs.py's EagerRecorder): AdamW made capturable on CUDA, as train_guidance.py makes it."""
+    cuda = str(state.device).startswith("cuda")
+    state.config = replace(state.config, cuda_graphs="on")
+    state.optimizer = adamw(state.memory.trainable_parameters(), state.config.lr, capturable=cuda)
+    state.scheduler = make_scheduler(state.optimizer, state.config, 1 << 20)
+    state.graphs = graphed_steps(state)
+    return state
 
 
 def host_tensors(state: SimpleNamespace) -> list[torch.Tensor]:

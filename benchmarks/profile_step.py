@@ -9,8 +9,10 @@ fills the prefix cache: the wall time per step, the time the device is busy (the
 kernels' intervals, from torch.profiler), the kernels (CUDA) or operations (CPU) per step, and the
 operations that make the host wait for the device (benchmarks/host_syncs.py, counted in a separate
 epoch so the count does not slow the timed one). A step whose busy time is far below its wall time
-waits on the host: launches, Python, syncs. CUDA graphs are not implemented yet, so each shape is
-profiled with graphs off only. Lines first, one JSON object last.
+waits on the host: launches, Python, syncs. Each shape is profiled with CUDA graphs off and on
+(--cuda_graphs on: each batch's step captured and replayed, after warm-up epochs that hold the eager
+steps and every capture; on a CPU the replays call the step, which checks the code path, not its speed).
+Lines first, one JSON object last.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 from benchmarks import bench_train_step as bench
 from benchmarks.host_syncs import HostSyncCounter
 from benchmarks.record import write_record
+from docmem.cuda_graphs import EAGER_STEPS
 from train_guidance import train_epoch
 
 # NAME:BATCHxSEQ; the paper's step is one document's 10 segments of 128 words (about 176 tokens)
@@ -51,15 +54,20 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
-def profile_shape(shape: tuple[str, int, int], args: argparse.Namespace) -> dict:
+def profile_shape(shape: tuple[str, int, int], args: argparse.Namespace, graphs: str = "off") -> dict:
     name, batch, seq = shape
     bench_args = bench.parse_args(["--shape", name, "--batch", str(batch), "--seq", str(seq), "--device", args.device,
                                    "--precision", args.precision])
     bench_args.num_batches = args.steps  # one epoch = the profiled steps
     state = bench.fast_run_state(bench_args)
+    if graphs == "on":
+        bench.use_cuda_graphs(state)
     cuda = bench_args.device.startswith("cuda")
-    train_epoch(state)  # warm-up: fills the prefix cache and the optimizer's state
-    state.progress.batch = 0
+    # warm-up: the prefix cache and the optimizer's state; with graphs, the eager steps and every capture
+    warm_epochs = -(-(EAGER_STEPS + args.steps) // args.steps) if graphs == "on" else 1
+    for _ in range(warm_epochs):
+        train_epoch(state)
+        state.progress.batch = 0
     with HostSyncCounter(bench.host_tensors(state)) as counter:
         train_epoch(state)
     state.progress.batch = 0
@@ -79,7 +87,8 @@ def profile_shape(shape: tuple[str, int, int], args: argparse.Namespace) -> dict
     busy = busy_seconds([(e.time_range.start, e.time_range.end) for e in work]) / 1e6
     steps = args.steps
     return {"shape": name, "batch": batch, "seq": seq, "device": bench.device_name(bench_args.device),
-            "precision": args.precision, "cuda_graphs": "off", "steps": steps,
+            "precision": args.precision, "cuda_graphs": graphs, "steps": steps,
+            "graphs_replayed": state.graphs.replays if graphs == "on" else None,
             "wall_ms_per_step": 1e3 * wall / steps, "busy_ms_per_step": 1e3 * busy / steps,
             "busy_share": busy / wall if wall else None,
             ("kernels_per_step" if cuda else "operations_per_step"): len(work) / steps,
@@ -93,13 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     parser.add_argument("--precision", default="bf16", choices=sorted(bench.DTYPES))
     parser.add_argument("--steps", type=int, default=5, help="profiled steps per shape")
+    parser.add_argument("--cuda_graphs", nargs="+", choices=("off", "on"), default=["off", "on"],
+                        help="profile each shape with CUDA graphs off, on, or both")
     parser.add_argument("--record", metavar="JSON", help="also write the rows, stamped, to this result file")
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error("--steps must be >= 1")
     rows = []
-    for shape in args.shapes:
-        row = profile_shape(shape, args)
+    for shape, graphs in ((shape, graphs) for shape in args.shapes for graphs in args.cuda_graphs):
+        row = profile_shape(shape, args, graphs)
         rows.append(row)
         count = row.get("kernels_per_step", row.get("operations_per_step"))
         print(f"{row['shape']} {row['batch']}x{row['seq']} {row['precision']} on {row['device']}: "

@@ -42,9 +42,10 @@ MEMORY_MODULES = ("linear",)
 # the documents of the run (num_epochs extends it; detect_anomaly and cache_budget_gb are speed
 # and debugging only).
 RESUME_MAY_CHANGE = ("resume", "num_epochs", "detect_anomaly", "cache_budget_gb", "eval_at_end", "report_to",
-                     "summary_process")
+                     "summary_process", "cuda_graphs")
 REPORT_TO = ("none", "tensorboard")  # --report_to: docmem/training/tensorboard_log.py
 SUMMARY_PROCESSES = ("auto", "on", "off")  # --summary_process: docmem/pictures/summary_drawing.py
+CUDA_GRAPH_MODES = ("auto", "on", "off")  # --cuda_graphs: docmem/cuda_graphs.py
 RUN_CONFIG_NAME = "config.yaml"
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
@@ -144,6 +145,9 @@ class TrainConfig:
     cache_budget_gb: float = _flag("memory allowed for the prefix cache on the LM's device (GiB); above it: pinned CPU, then recompute", default=8.0)
     docs_per_step: int = _flag("documents per optimizer step, each row with its own key and negative (1 = the released order); "
                                "under torchrun, per process", default=1)
+    cuda_graphs: str = _flag("capture each batch's training step in a CUDA graph and replay it (the host launches one "
+                             "graph instead of each kernel): auto (on for a CUDA run of the fast path that can be "
+                             "captured, else off), on (refused in one line where it cannot be), off", default="auto")
     # --- outputs ---
     save_dir: str = _flag("runs are written to save_dir/run_N (N = first free number)", default="outputs/pythia/1b")
     save_freq: int = _flag("write a summary (pictures, logit lens) and a checkpoint every this many epochs", default=10)
@@ -234,7 +238,8 @@ class TrainConfig:
                               ("memory_module", MEMORY_MODULES), ("memory_init", MEMORY_INITS),
                               ("document_key_module_type", MODULE_TYPES), ("negative_key_type", NEGATIVE_KEY_TYPES),
                               ("guidance_loss", GUIDANCE_LOSSES), ("lr_scheduler", LR_SCHEDULERS),
-                              ("report_to", REPORT_TO), ("summary_process", SUMMARY_PROCESSES)):
+                              ("report_to", REPORT_TO), ("summary_process", SUMMARY_PROCESSES),
+                              ("cuda_graphs", CUDA_GRAPH_MODES)):
             _choice(self, flag, allowed)
         if self.report_to == "tensorboard":
             if importlib.util.find_spec("tensorboard") is None:

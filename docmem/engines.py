@@ -208,6 +208,14 @@ class FastEngine:
         self.cached_bytes = 0
         self.scored.clear()
 
+    def prepare(self, batch: Batch, num_sets: int, per_document: bool) -> bool:
+        """Fill the caches a step on `batch` reads (its prefix, its scored tokens); True when both stay on
+        the block device, so a CUDA graph can read them where they are (docmem/cuda_graphs.py)."""
+        hidden = self.prefix(batch)
+        self._scored(batch, num_sets, per_document, hidden.device)
+        cached = self.cache.get(batch.index)
+        return cached is not None and cached.device == hidden.device
+
     def _scored(self, batch: Batch, num_sets: int, per_document: bool, device: torch.device) -> ScoredTokens:
         key = (batch.index, num_sets, per_document)
         found = self.scored.get(key)

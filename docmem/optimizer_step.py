@@ -15,18 +15,24 @@ from docmem.step_values import read_on_host
 ParameterGroup = tuple[str, Sequence[nn.Parameter]]  # (name in messages, "" for the memory; its parameters)
 
 
-def adamw(params: Sequence[nn.Parameter], lr: float) -> torch.optim.AdamW:
+def adamw(params: Sequence[nn.Parameter], lr: float, capturable: bool = False) -> torch.optim.AdamW:
     """The training's AdamW, with one operation per step for all parameters at once (foreach), as torch
     picks on a GPU: its CPU default is a Python loop over the parameters, which at one row a step costs
-    more than the arithmetic. Both give the same numbers, bit for bit."""
-    return torch.optim.AdamW(params, lr=lr, foreach=True)
+    more than the arithmetic. Both give the same numbers, bit for bit. capturable: its step counts kept on
+    the device, so a CUDA graph can hold the step (--cuda_graphs)."""
+    return torch.optim.AdamW(params, lr=lr, foreach=True, capturable=capturable)
 
 
 def keep_foreach(optimizer: torch.optim.Optimizer) -> None:
-    """After load_state_dict: the checkpoint's param groups carry the foreach choice of the run that
-    wrote it; keep this optimizer's own."""
+    """After load_state_dict: the checkpoint's param groups carry the foreach and capturable choices of
+    the run that wrote it; keep this optimizer's own."""
     for group in optimizer.param_groups:
         group["foreach"] = optimizer.defaults.get("foreach")
+        group["capturable"] = optimizer.defaults.get("capturable", False)
+    for param, state in optimizer.state.items():  # a capturable step counts on the device, else on the host
+        if isinstance(state.get("step"), torch.Tensor):
+            capturable = optimizer.defaults.get("capturable", False)
+            state["step"] = state["step"].to(device=param.device if capturable else "cpu", dtype=torch.float32)
 
 
 def group_norm(params: Sequence[nn.Parameter], clip: float) -> torch.Tensor | None:

@@ -249,7 +249,7 @@ def test_gradient_accumulation_is_a_mean_flushed_at_epoch_end(tmp_path):
     # the parts of a RunState the epoch loop reads
     train_epoch(SimpleNamespace(config=config, engine=engine, memory=memory, batches=batches, optimizer=optimizer,
                                 scheduler=scheduler, generator=torch.Generator().manual_seed(0), progress=Progress(),
-                                stop=StopOnSignal(), run_dir=tmp_path, save_checkpoint=lambda: None))
+                                stop=StopOnSignal(), run_dir=tmp_path, save_checkpoint=lambda: None, graphs=None))
 
     def grads(loss: torch.Tensor) -> list[torch.Tensor]:
         return torch.autograd.grad(loss, memory.trainable_parameters())

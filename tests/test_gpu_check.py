@@ -71,9 +71,12 @@ def test_smoke_runs_every_stage(tmp_path):
     assert set(b["tiny_fp32"]["peak_gib"]) == {"released", "frozen_two_pass", "fast"}
     assert set(b["tiny_bf16"]["peak_gib"]) == {"frozen_two_pass", "fast"}
     assert b["tiny_bf16"]["imitate_cuda_autocast"] is True and b["tiny_fp32"]["tf32"] is True
-    (profiled,) = b["profile_step"]  # the fast step profiled: busy against wall, operations, host syncs
-    assert 0 < profiled["busy_ms_per_step"] <= profiled["wall_ms_per_step"] and profiled["operations_per_step"] > 10
-    assert profiled["host_syncs_per_step"] <= 1
+    eager, graphed = b["profile_step"]  # the fast step profiled: busy against wall, operations, host syncs
+    for profiled in (eager, graphed):
+        assert 0 < profiled["busy_ms_per_step"] <= profiled["wall_ms_per_step"] and profiled["operations_per_step"] > 10
+        assert profiled["host_syncs_per_step"] <= 1
+    # CUDA graphs on: the captured step's code, each replay calling it on the CPU
+    assert (eager["cuda_graphs"], graphed["cuda_graphs"]) == ("off", "on") and graphed["graphs_replayed"] > 0
     c = stages["paper_run"]["figures"]
     assert c["bf16"]["epochs_done"] == 4 and c["bf16"]["wall_to_summary_s"] > 0
     summary = c["bf16"]["summary"]  # the step time without the summaries, beside the one with them

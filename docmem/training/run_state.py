@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 import wikitext
+from docmem import cuda_graphs, run_folder
 from docmem import optimizer_step as optimizer_steps
-from docmem import run_folder
 from docmem.batching import Batch, make_batches
 from docmem.config import RUN_CONFIG_NAME, TrainConfig, load_run_config, resume_config
 from docmem.distributed import DistContext, wrap_memory
@@ -75,6 +75,8 @@ class RunState:
     dist_ctx: DistContext
     progress: Progress = field(default_factory=Progress)
     tensorboard: TensorBoardLog | None = None  # --report_to tensorboard (rank 0)
+    cuda_graphs: bool = False  # --cuda_graphs resolved: the steps are captured (train_guidance.py builds them)
+    graphs: cuda_graphs.GraphedSteps | None = None  # the captured steps, once built
     started: float = field(default_factory=time.time)  # this session's start (wall_seconds)
 
     def wall_seconds(self) -> float:
@@ -148,6 +150,9 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
         device = f"cuda:{dist_ctx.local_rank}"
     precision = placement.resolve_precision(config, device)
     dtype = precision.lm
+    # refused before the LM loads: the device and the flags decide
+    why_not = cuda_graphs.refusal(config, device, dist_ctx.world_size)
+    graphs = cuda_graphs.resolve(config.cuda_graphs, why_not)
     foundation = placement.open_foundation(config, device, dtype)
     if stop.signum:
         raise stop.interrupted("while loading the model", None)
@@ -162,6 +167,7 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
         engine = FastEngine(foundation, trained, config.hook_memory_layer, dtype,
                             cache_budget_bytes=int(config.cache_budget_gb * (1 << 30)), head_dtype=precision.head)
 
+
     # -- the run folder (a new run_N, or the one being resumed) ------------------------------------
     if run_dir is None:
         run_dir = _new_or_locked_run_dir(config, lock, dist_ctx)
@@ -170,10 +176,13 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
                 "device": device, **precision.record(), "lm": foundation.name,
                 "num_blocks": foundation.num_blocks, "hidden_size": foundation.hidden_size,
                 "num_segments": sum(len(d.segments) for d in documents), "num_batches": len(batches),
+                "cuda_graphs_used": "on" if graphs else ("off (asked for)" if config.cuda_graphs == "off"
+                                                         else f"off: {why_not}"),
                 "run_dir": str(run_dir)}, documents)
 
     # -- optimizer, schedule and the negative keys' generator: restored from a checkpoint ----------
-    optimizer = optimizer_steps.adamw(memory.trainable_parameters(), config.lr)
+    optimizer = optimizer_steps.adamw(memory.trainable_parameters(), config.lr,
+                                      capturable=graphs and device.startswith("cuda"))  # AdamW's rule
     steps_per_epoch = math.ceil(len(batches) / config.num_accumulation_steps)
     state = RunState(config=config, run_dir=run_dir, device=device, dtype=dtype, foundation=foundation,
                      documents=documents, batches=batches, memory=memory, engine=engine, optimizer=optimizer,
@@ -181,7 +190,7 @@ def start_run(config: TrainConfig, stop: StopOnSignal, lock: run_folder.RunLock,
                      generator=torch.Generator().manual_seed(config.train_seed),
                      writer=SummaryWriter(run_dir, foundation, memory, [d.title for d in documents], config,
                                           background=draws_in_background(config.summary_process, device)),
-                     stop=stop, dist_ctx=dist_ctx, started=started,
+                     stop=stop, dist_ctx=dist_ctx, started=started, cuda_graphs=graphs,
                      tensorboard=open_tensorboard(config.report_to, run_dir, [d.title for d in documents],
                                                   config.key_activation) if dist_ctx.is_main else None)
     if ckpt is not None:  # continue from the checkpoint
