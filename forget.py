@@ -32,7 +32,7 @@ from docmem.trained_memory import (
     read_provenance,
     read_run_yaml,
 )
-from docmem.training.shard_runs import forget_by_retraining, unfinished_retrain
+from docmem.training.shard_runs import forget_by_retraining, retrained_shard, unfinished_retrain
 from train_guidance import train_and_finish
 
 PROG = "forget.py"
@@ -76,7 +76,10 @@ def forget_command(args) -> dict:
                              "unlearn, or train again with --exclude_docs")
         _, summary = forget_by_retraining(run_dir, position, out, train_and_finish)
         result["full_training_seconds"] = _training_seconds(run_dir)
-        result["retrained_seconds"] = summary["wall_seconds"] if summary else None
+        # the retrained shard's own time (the summary's wall_seconds also counts the shards copied unchanged)
+        shard = retrained_shard(run_dir, position)
+        retrained = ((summary or {}).get("shards") or {}).get(str(shard))
+        result["retrained_seconds"] = retrained["wall_seconds"] if retrained else None
     elif args.method == "unlearn":
         if run_dir is None:
             raise UsageError("--method unlearn needs the run folder (its LM and documents)")

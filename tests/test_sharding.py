@@ -2,6 +2,7 @@
 stable assignment and keys, bitwise equality with a fresh run without the document, and bad input."""
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -110,11 +111,16 @@ def _same_memory(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("shards", [2, 3])
-def test_retrain_shard_equals_a_fresh_run_without_the_document(tiny_lm_dir, tmp_path, shards):  # noqa: F811
+def test_retrain_shard_equals_a_fresh_run_without_the_document(tiny_lm_dir, tmp_path, shards, capsys):  # noqa: F811
     run = _train(tiny_lm_dir, tmp_path / "runs", "--memory_shards", str(shards))
     assert isinstance(load_any_memory(run / "memory"), ShardedMemory)
     out = tmp_path / "forgotten"
-    assert forget_cli.main(["--run_dir", str(run), "--doc", "0", "--method", "retrain_shard", "--out", str(out)]) == 0
+    assert forget_cli.main(["--run_dir", str(run), "--doc", "0", "--method", "retrain_shard", "--out", str(out),
+                            "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    summary = json.loads((out / "summary.json").read_text())
+    if shards == 2:  # the retrained shard's own time, not the copied shards' too
+        assert report["retrained_seconds"] == summary["shards"]["0"]["wall_seconds"] < summary["wall_seconds"]
     fresh = _train(tiny_lm_dir, tmp_path / "fresh", "--memory_shards", str(shards), "--exclude_docs", "0")
     _same_memory(out, fresh)
     if shards == 3:  # one document per shard: its shard is dropped, nothing is retrained

@@ -145,13 +145,19 @@ def forget_by_retraining(run_dir: Path, position: int, out: Path, train_one: Tra
         raise UsageError(f"--doc: draw position {position} is already forgotten in {run_dir}")
     new = replace(config, exclude_docs=",".join(str(p) for p in sorted([*excluded, position])),
                   save_dir=str(out.parent), resume=None)
-    shard = shard_assignment(config.max_labels, config.memory_shards)[position]
+    shard = retrained_shard(run_dir, position)
     out.mkdir(parents=True, exist_ok=True)
     for k in range(config.memory_shards):  # each copy appears whole; one already there was made by a killed retrain
         if k != shard and shard_dir(run_dir, k).is_dir() and not shard_dir(out, k).exists():
             with whole_folder(shard_dir(out, k)) as tmp:
                 shutil.copytree(shard_dir(run_dir, k), tmp, dirs_exist_ok=True)
     return train_sharded(new, DistContext(), train_one, run_dir=out)
+
+
+def retrained_shard(run_dir: Path, position: int) -> int:
+    """The shard that holds the document at draw `position` (the one forget_by_retraining trains again)."""
+    config, _ = load_run_config(run_dir, flag="run_dir")
+    return shard_assignment(config.max_labels, config.memory_shards)[position]
 
 
 def unfinished_retrain(out: Path, run_dir: Path, position: int) -> bool:
