@@ -189,6 +189,17 @@ SECTIONS: tuple[Section, ...] = (
     Section("retrain_shard", "Exact forgetting: retraining one shard",
             "`forget.py --method retrain_shard` on the demo trained with shards, against the training it forgets "
             "from."),
+    Section("retrain_shard_scale", "Exact forgetting at 1,000 documents",
+            "`bench_retrain_shard.py`: 1,000 fictional documents in 10 shards (`--memory_shards 10`, the many-document "
+            "shape: SmolLM2-135M, 256 entries, key_dim 8, 16 documents a step, 2 epochs); `forget.py --method "
+            "retrain_shard` on document 0 against the full training, and every shard's memory against a fresh run "
+            "with `--exclude_docs 0`. Measured beside the scale sweep (load average in the file); the retrain row's "
+            "`wall_seconds` was read again from the kept runs after forget.py's `retrained_seconds` was fixed (the "
+            "file's `correction`)."),
+    Section("retrain_shard_attack", "The key-searching attacker at 1,000 documents",
+            "`evaluate_memory.py --forget 0 --reference FRESH --forgotten FORGOTTEN --grid 0` on the runs above: "
+            "the attack starts from the old key, the 64 keys under which the document's CE is lowest, and random "
+            "keys. The forgotten memory equals the fresh run's, so its attack finds what the reference's finds."),
     Section("shard_cost", "What sharding costs",
             "Recall, CE matrix and attribution of the demo trained with one memory and with several shards, in fp32."),
     Section("precision", "Precision: the demo in fp32 and with `--precision auto`",
