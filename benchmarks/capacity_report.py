@@ -38,8 +38,9 @@ from benchmarks.record import table_cells, write_record
 from docmem.evaluation.ce_table import own_ce
 from docmem.evaluation.methods_report import memory_cost
 
-COLUMNS = ("kind", "entries", "key_dim", "documents", "parameters", "recall_own", "recall_other", "recall_no_memory",
-           "ce_own", "ce_other", "ce_no_memory", "attribution_training", "attribution_held_out", "bits_per_parameter")
+COLUMNS = ("kind", "entries", "key_dim", "documents", "epochs", "parameters", "recall_own", "recall_other",
+           "recall_no_memory", "ce_own", "ce_other", "ce_no_memory", "attribution_training", "attribution_held_out",
+           "bits_per_parameter", "cell_minutes")
 BITS_RULE = ("bits stored per trainable parameter: the sum over every document's scored training tokens of the "
              "plain LM's CE minus the CE under the document's own key or adapter (the memory, for a shared memory or "
              "shared adapter), in bits (nats / ln 2), over the run's trainable parameters (eval/ce_matrix.json: each "
@@ -95,6 +96,14 @@ def trainable_parameters(run: Path, config: dict[str, Any], summary: dict[str, A
     return memory_cost(run, config, summary, max(int(summary.get("documents") or 1), 1))["trainable_parameters"]
 
 
+def _cell_minutes(run: Path, eval_summary: dict[str, Any]) -> float | None:
+    """The cell's cost: its training's wall_seconds (summary.json) and its evaluation's, in minutes."""
+    train = run / "summary.json"
+    if not train.is_file() or eval_summary.get("wall_seconds") is None:
+        return None
+    return (json.loads(train.read_text())["wall_seconds"] + eval_summary["wall_seconds"]) / 60
+
+
 def read_row(path: Path) -> dict[str, Any]:
     """One run's figures; `missing` names what is absent when the run did not finish or was not evaluated."""
     try:
@@ -125,6 +134,8 @@ def read_row(path: Path) -> dict[str, Any]:
         "attribution_training": attribution.get("training_segments"),
         "attribution_held_out": attribution.get("held_out"),
         "documents_evaluated": summary.get("documents"),
+        "epochs": config.get("num_epochs"),
+        "cell_minutes": _cell_minutes(run, summary),
     })
     settings = summary.get("settings") or {}
     sampled = [f"CE other keys over {settings['ce_other_keys']} drawn per document" if settings.get("ce_other_keys")
@@ -149,9 +160,10 @@ def _cell(value: Any) -> str:
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    header = ["method", "entries", "key_dim", "documents", "trainable params (LoRA rank)", "R-L recall own key / memory",
-              "R-L recall other keys", "R-L recall no memory", "CE own key / memory", "CE other keys", "CE no memory",
-              "attribution top-1 training", "attribution top-1 held-out", "bits / parameter"]
+    header = ["method", "entries", "key_dim", "documents", "epochs", "trainable params (LoRA rank)",
+              "R-L recall own key / memory", "R-L recall other keys", "R-L recall no memory", "CE own key / memory", "CE other keys", "CE no memory",
+              "attribution top-1 training", "attribution top-1 held-out", "bits / parameter",
+              "training + evaluation (min)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         if "missing" in row:
@@ -163,6 +175,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 cells[COLUMNS.index("parameters")] = f"{row['parameters']} ({row['lora_rank']})"
             if row.get("bits_per_parameter") is not None:  # small where little is stored: significant figures
                 cells[COLUMNS.index("bits_per_parameter")] = f"{row['bits_per_parameter']:.3g}"
+            if row.get("cell_minutes") is not None:
+                cells[COLUMNS.index("cell_minutes")] = f"{row['cell_minutes']:.1f}"
         lines.append("| " + " | ".join(cells) + " |")
     notes = ["", "ROUGE-L recall of greedy continuations (mean over documents; evaluate_memory.py), CE in "
              "nats/token. A shared memory (or one shared LoRA adapter) has no keys: its own-key columns hold the "

@@ -82,6 +82,25 @@ def test_bits_per_parameter_is_the_hand_computation(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_a_sampled_cell_gives_the_same_bits_and_says_it_was_sampled(tmp_path, capsys):
+    """A cell evaluated with --ce_other_keys / --attribution_docs (ce_matrix.json without its matrix, the own
+    keys' CE in `diagonal`): the same bits as the full matrix, a note, and the cell's minutes."""
+    ce = {"matrix": None, "diagonal": [2.0, 1.5], "no_memory": [3.0, 4.0], "scored_tokens": [10, 20]}
+    run = fake_run(tmp_path / "keyed_n2", "keyed", ce, {"up.weight": (4, 8), "up.bias": (4,)})
+    summary = json.loads((run / "eval" / "summary.json").read_text())
+    summary.update(settings={"ce_other_keys": 4, "attribution_docs": 10}, wall_seconds=120.0)
+    (run / "eval" / "summary.json").write_text(json.dumps(summary))
+    (run / "summary.json").write_text(json.dumps({"wall_seconds": 60.0}))
+    out = tmp_path / "report"
+    assert capacity_report.main([str(run.parent), "--out", str(out)]) == 0
+    (row,) = json.loads((out / "capacity.json").read_text())["rows"]
+    assert row["bits_per_parameter"] == pytest.approx((10 * (3 - 2) + 20 * (4 - 1.5)) / math.log(2) / 36)
+    assert row["cell_minutes"] == pytest.approx(3.0)
+    table = (out / "capacity.md").read_text()
+    assert "| 3.0 |" in table and "CE other keys over 4 drawn per document, attribution of 10 documents" in table
+    capsys.readouterr()
+
+
 def test_scored_tokens_of_a_real_evaluation(tiny_run, tmp_path, capsys):  # noqa: F811
     """ce_matrix.json's scored_tokens are the tokens its means are over: the attribution's training segments
     (each row of the CE table, with its tokens) pool to the same; bits / parameter follow from them."""
