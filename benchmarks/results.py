@@ -210,6 +210,11 @@ SECTIONS: tuple[Section, ...] = (
     Section("capacity", "How many documents one memory holds",
             "Right-key and other-key recall and CE as documents are added: fictional documents of one segment each, "
             "one run per cell, with the settings of the command below."),
+    Section("scale", "Capacity past the paper: 100, 300 and 1,000 documents",
+            "`bash run.sh scale`, cell by cell, joined by `benchmarks.capacity_report`: recall, CE, attribution top-1 "
+            "(every document a candidate) and bits stored per trainable parameter, with each cell's epochs and "
+            "minutes on this CPU (the 100-document keyed cell ran beside other jobs at a load of 4; the others "
+            "alone). The cells ran at commit b49e105, the report at the commit below."),
     Section("demo_fast_path", "The demo, fast path against the reference loop",
             "Seconds per epoch of the demo's training with the prefix cache (the fast path) and with two full hooked "
             "passes per step (`--reference_loop`)."),
