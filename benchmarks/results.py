@@ -193,11 +193,10 @@ SECTIONS: tuple[Section, ...] = (
             "`bench_retrain_shard.py`: 1,000 fictional documents in 10 shards (`--memory_shards 10`, the many-document "
             "shape: SmolLM2-135M, 256 entries, key_dim 8, 16 documents a step, 2 epochs); `forget.py --method "
             "retrain_shard` on document 0 against the full training, and every shard's memory against a fresh run "
-            "with `--exclude_docs 0`. Measured beside the scale sweep (load average in the file); the retrain row's "
-            "`wall_seconds` was read again from the kept runs after forget.py's `retrained_seconds` was fixed (the "
-            "file's `correction`)."),
+            "with `--exclude_docs 0`, on an idle machine (`--no_attack`)."),
     Section("retrain_shard_attack", "The key-searching attacker at 1,000 documents",
-            "`evaluate_memory.py --forget 0 --reference FRESH --forgotten FORGOTTEN --grid 0` on the runs above: "
+            "`evaluate_memory.py --forget 0 --reference FRESH --forgotten FORGOTTEN --grid 0` on the same shape's "
+            "runs of an earlier measurement (commit `c86febf`, beside the scale sweep): "
             "the attack starts from the old key, the 64 keys under which the document's CE is lowest, and random "
             "keys. The forgotten memory equals the fresh run's, so its attack finds what the reference's finds."),
     Section("shard_cost", "What sharding costs",
