@@ -113,7 +113,8 @@ def graphed_steps(state: RunState) -> GraphedSteps:
                             config.grad_clip_coeff)
     functions = StepFunctions(keys=lambda batch: step_keys(state.memory, batch, config, state.generator),
                               losses=losses, prepare=lambda batch: engine.prepare(batch, num_sets, True),
-                              eager_step=eager_step)
+                              eager_step=eager_step,
+                              check=lambda parts, where: refuse_non_finite_loss(dict(zip(LOSS_PARTS, parts)), where))
     return GraphedSteps(trainables, functions, recorder, config.cuda_graphs)
 
 

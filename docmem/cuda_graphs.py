@@ -146,6 +146,7 @@ class StepFunctions:
     losses: LossFn  # the loss and its parts under given keys (no backward)
     prepare: Callable[[Batch], bool]  # fill the engine's caches; True when the batch's prefix stays on the device
     eager_step: Callable[[Batch, Keys, Keys, str], list[float | None]]  # loss, backward, optimizer step, eagerly
+    check: Callable[[list[float | None], str], None]  # the eager step's refusal of non-finite loss parts
 
 
 class GraphedSteps:
@@ -158,7 +159,7 @@ class GraphedSteps:
         self.optimizer, self.scheduler = trainables.optimizer, trainables.scheduler
         self.params, self.clip = list(trainables.params), trainables.clip
         self.keys, self.losses, self.prepare = functions.keys, functions.losses, functions.prepare
-        self.eager_step = functions.eager_step
+        self.eager_step, self.check = functions.eager_step, functions.check
         self.recorder, self.mode = recorder, mode
         self.graphs: dict[int, _Graph] = {}
         self.eager_left = EAGER_STEPS
@@ -209,9 +210,7 @@ class GraphedSteps:
                                        batch, pos, neg, where)
         present = iter(values[:-1])
         parts = [next(present) if here else None for here in graph.holder["present"]]
-        bad = [f"{v}" for v in parts if v is not None and not math.isfinite(v)]
-        if bad:
-            raise NonFiniteLoss(f"non-finite loss ({', '.join(bad)}) {where}")
+        self.check(parts, where)  # the weights were rolled back on the device; the message is the eager step's
         if not math.isfinite(values[-1]):
             raise NonFiniteLoss(f"non-finite gradient norm ({values[-1]}) {where}")
         self.scheduler.step()

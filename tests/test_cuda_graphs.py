@@ -18,6 +18,7 @@ from docmem.config import TrainConfig
 from docmem.cuda_graphs import EAGER_STEPS, CudaGraphError, EagerRecorder, GraphedSteps, StepFunctions, Trainables
 from docmem.errors import ConfigError, NonFiniteLoss
 from docmem.training.run_state import Progress
+from docmem.training.step_loss import refuse_non_finite_loss
 from fixtures_memory import exit_code
 from fixtures_tiny import tiny_argv, tiny_lm_dir  # noqa: F401
 
@@ -86,7 +87,9 @@ def toy_steps(losses_fn, recorder=None, mode="on") -> tuple[GraphedSteps, torch.
 
     steps = GraphedSteps(Trainables(optimizer, scheduler, list(layer.parameters()), 1.0),
                          StepFunctions(keys=lambda batch: (None, None), losses=counted, prepare=lambda batch: True,
-                                       eager_step=eager_step), recorder or EagerRecorder(), mode)
+                                       eager_step=eager_step,
+                                       check=lambda parts, where: refuse_non_finite_loss({"loss": parts[0]}, where)),
+                         recorder or EagerRecorder(), mode)
     return steps, layer, calls
 
 
@@ -102,7 +105,7 @@ def test_a_non_finite_step_is_rolled_back_on_the_device_and_refused():
     assert steps.replays == 5 - EAGER_STEPS
     poisoned["on"] = True
     before = [t.detach().clone() for t in steps.live]  # weights, exp_avg, exp_avg_sq, step counts
-    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(nan\) at step 6$"):
+    with pytest.raises(NonFiniteLoss, match=r"^non-finite loss \(loss = nan\) at step 6$"):
         steps.step(Batch1(), "at step 6")
     assert all(torch.equal(a, b) for a, b in zip(steps.live, before))  # the optimizer's step was undone
 
